@@ -1,0 +1,32 @@
+# Two entry points, each doing all set-up on a fresh machine:
+#   make run   - the S6 suite on MNIST (seed protocol, 1 seed) and its report in runs/s6
+#   make test  - lint and the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+SEEDS  ?= 1
+BIN    := $(VENV)/bin
+
+.PHONY: run test venv system-deps clean
+
+$(BIN)/normlab: pyproject.toml requirements-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-cpu.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(BIN)/normlab
+
+system-deps:
+	bash scripts/system-deps.sh
+
+run: venv
+	$(BIN)/normlab data fetch --dataset mnist
+	$(BIN)/normlab suite s6 --seeds $(SEEDS) --out runs/s6
+
+test: venv system-deps
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

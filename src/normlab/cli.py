@@ -1,0 +1,60 @@
+"""The ``normlab`` command: a thin dispatcher over the packages' own command modules.
+
+Each verb lives next to the code it drives (``normlab/<package>/cli.py``) and exposes
+``configure(parser)`` and ``run(args) -> int``; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from normlab import __version__
+
+# verb -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "summary": ("normlab.models.cli", "print a torchinfo table of a model and its parameter count"),
+    "data": ("normlab.data.cli", "fetch and verify datasets (works offline)"),
+    "train": ("normlab.training.cli", "train one model into a resumable run directory"),
+    "suite": ("normlab.experiments.cli", "run a suite of variants x seeds, then write its report"),
+    "report": ("normlab.reports.cli", "(re)build the report of a suite's run directories"),
+    "sheet": ("normlab.workbook.cli", "write the xlsx workbook that computes BN/LN/GN/IN"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normlab",
+        description="normlab: normalization and regularization experiments on small CNNs.",
+    )
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
+    verbs = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for verb, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = verbs.add_parser(
+            verb,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.configure(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    except ValueError as err:  # bad input: one clear line, no traceback
+        print(f"normlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Placeholder until this package lands."""
+
+
+def configure(parser):
+    pass
+
+
+def run(args):
+    raise ValueError("'normlab data' is not built yet")

@@ -1,0 +1,58 @@
+"""Print a torchinfo summary of a model: its layers, output shapes and parameter count.
+
+Examples:
+  normlab summary                      # the seed's default: BatchNorm, dropout 0.01
+  normlab summary --norm gn --groups 2
+  normlab summary --norm ln --dropout 0
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from normlab.models.net import ModelConfig, Net
+from normlab.models.norms import NORMS
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--norm", default="bn", choices=list(NORMS),
+        help="normalization after every conv block (default: %(default)s)",
+    )
+    group.add_argument(
+        "--groups", type=int, default=2,
+        help="GroupNorm groups; must divide 8, 16, 12 and 14 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--dropout", type=float, default=0.01,
+        help="dropout after every conv block, in [0, 1); 0 turns it off (default: %(default)s)",
+    )
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """Validate the model options through the same path as ``Net(...)``."""
+    return Net(norm=args.norm, groups=args.groups, dropout_value=args.dropout).config
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="batch size shown in the table (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from torchinfo import summary
+
+    cfg = model_config_from_args(args)
+    model = Net(norm=cfg.norms[0], groups=cfg.groups, dropout_value=cfg.dropout)
+    stats = summary(
+        model,
+        input_size=(args.batch_size, 1, 28, 28),
+        col_names=("input_size", "output_size", "num_params"),
+        depth=3,
+        verbose=0,
+    )
+    print(stats)
+    print(f"parameters: {stats.trainable_params:,}")
+    return 0

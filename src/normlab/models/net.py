@@ -1,0 +1,175 @@
+"""The seed's 5,760-parameter MNIST CNN, with its constructor flags and a ``norm=`` choice."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.models.norms import check_norm, make_norm
+
+# (name, in, out, kernel, padding, is_conv_block). A conv block is Conv -> ReLU -> norm ->
+# Dropout; a transition (1x1) is a bare convolution. The max-pool sits after convblock3.
+LAYOUT = (
+    ("convblock1", 1, 8, 3, 0, True),
+    ("convblock2", 8, 16, 3, 0, True),
+    ("convblock3", 16, 8, 1, 0, False),
+    ("convblock4", 8, 12, 3, 0, True),
+    ("convblock6", 12, 14, 3, 0, True),
+    ("convblock7", 14, 14, 3, 1, True),
+    ("convblock8", 14, 10, 1, 0, False),
+)
+POOL_AFTER = "convblock3"
+GAP_KERNEL = 6  # the seed's AvgPool2d(6) on an 8x8 map: it averages the top-left 6x6 window
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model as one value: which norm(s), GroupNorm's group count, and dropout.
+
+    ``norms`` is a tuple because the seed's flags may stack several norms in one block.
+    """
+
+    norms: tuple[str, ...] = ("bn",)
+    groups: int = 2
+    dropout: float = 0.01
+
+
+def resolve_seed_flags(
+    batch_norm: bool, layer_norm: bool, group_norm: bool
+) -> tuple[str, ...]:
+    """Map the seed's three booleans onto registry names (the one place this happens)."""
+    norms = tuple(
+        name
+        for name, on in (("bn", batch_norm), ("ln", layer_norm), ("gn", group_norm))
+        if on
+    )
+    if len(norms) > 1:
+        only = {"ln": "layer_norm=True", "gn": "group_norm=True"}
+        hint = "; ".join(
+            f"for {n.upper()} only pass batch_norm=False, {only[n]} (or norm={n!r})"
+            for n in norms
+            if n != "bn"
+        )
+        warnings.warn(
+            f"Net: several norms are on ({' + '.join(n.upper() for n in norms)}); they are "
+            f"stacked in every block as in the seed. batch_norm defaults to True: {hint}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return norms or ("none",)
+
+
+def build_config(
+    norm: str | None = None,
+    groups: int | None = None,
+    dropout_value: float = 0.01,
+    batch_norm: bool | None = None,
+    layer_norm: bool | None = None,
+    group_norm: bool | None = None,
+    group_norm_groups: int | None = None,
+) -> ModelConfig:
+    """Resolve either face of the API (``norm=`` or the seed flags) into a ModelConfig."""
+    if norm is not None:
+        check_norm(norm)
+        implied = {"bn": "batch_norm", "ln": "layer_norm", "gn": "group_norm"}.get(norm)
+        conflicts = [
+            flag
+            for flag, value in (
+                ("batch_norm", batch_norm),
+                ("layer_norm", layer_norm),
+                ("group_norm", group_norm),
+            )
+            if value is not None and value != (flag == implied)
+        ]
+        if conflicts:
+            raise ValueError(
+                f"norm={norm!r} conflicts with {', '.join(f'{c}={locals_value}' for c, locals_value in _flag_values(conflicts, batch_norm, layer_norm, group_norm))}; "
+                "pass either norm= or the seed flags, not both"
+            )
+        if group_norm_groups is not None and groups is not None and group_norm_groups != groups:
+            raise ValueError("pass groups= or group_norm_groups=, not two different values")
+        norms: tuple[str, ...] = (norm,)
+    else:
+        norms = resolve_seed_flags(
+            True if batch_norm is None else batch_norm,
+            bool(layer_norm),
+            bool(group_norm),
+        )
+    n_groups = groups if groups is not None else group_norm_groups
+    n_groups = 2 if n_groups is None else n_groups
+    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {n_groups!r}")
+    if isinstance(dropout_value, bool) or not isinstance(dropout_value, (int, float)):
+        raise ValueError(f"dropout_value must be a number in [0, 1), got {dropout_value!r}")
+    if not 0 <= dropout_value < 1:
+        raise ValueError(
+            f"dropout_value must be in [0, 1) (0 turns dropout off), got {dropout_value}"
+        )
+    if "gn" in norms:
+        for name, _, out, _, _, is_block in LAYOUT:
+            if is_block and out % n_groups:
+                widths = ", ".join(str(o) for _, _, o, _, _, b in LAYOUT if b)
+                raise ValueError(
+                    f"GroupNorm with {n_groups} groups does not divide {name}'s {out} channels; "
+                    f"choose a group count that divides every block width ({widths}), e.g. 1 or 2"
+                )
+    return ModelConfig(norms=norms, groups=n_groups, dropout=float(dropout_value))
+
+
+def _flag_values(names, batch_norm, layer_norm, group_norm):
+    values = {"batch_norm": batch_norm, "layer_norm": layer_norm, "group_norm": group_norm}
+    return [(n, values[n]) for n in names]
+
+
+class Net(nn.Module):
+    """The seed's CNN.
+
+    Seed API: ``Net(dropout_value=0.01, batch_norm=True, layer_norm=False, group_norm=False,
+    group_norm_groups=2)``. Cleaner API: ``Net(norm="gn", groups=2, dropout_value=0.0)`` with
+    ``norm`` one of ``bn``, ``gn``, ``ln``, ``in``, ``none``. Returns log-probabilities (N, 10).
+    """
+
+    def __init__(
+        self,
+        dropout_value: float = 0.01,
+        batch_norm: bool | None = None,
+        layer_norm: bool | None = None,
+        group_norm: bool | None = None,
+        group_norm_groups: int | None = None,
+        *,
+        norm: str | None = None,
+        groups: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = build_config(
+            norm, groups, dropout_value, batch_norm, layer_norm, group_norm, group_norm_groups
+        )
+        cfg = self.config
+        for name, c_in, c_out, kernel, padding, is_block in LAYOUT:
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False)]
+            if is_block:
+                layers.append(nn.ReLU())
+                layers += [make_norm(n, c_out, cfg.groups) for n in cfg.norms if n != "none"]
+                if cfg.dropout > 0:
+                    layers.append(nn.Dropout(cfg.dropout))
+            setattr(self, name, nn.Sequential(*layers))
+            if name == POOL_AFTER:
+                self.pool1 = nn.MaxPool2d(2, 2)
+        self.gap = nn.AvgPool2d(GAP_KERNEL)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name, *_ in LAYOUT[:-1]:
+            x = getattr(self, name)(x)
+            if name == POOL_AFTER:
+                x = self.pool1(x)
+        x = self.gap(x)
+        x = self.convblock8(x)
+        return F.log_softmax(x.flatten(1), dim=-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,1 @@
+"""normlab.training"""
