@@ -1,9 +1,107 @@
-"""Placeholder until this package lands."""
+"""Train one model into a run directory (resumable; a finished run is not retrained).
+
+The run directory gets config.json, metrics.jsonl (one line per epoch), checkpoint.pt
+(after every epoch) and predictions.pt (at the end). Rerunning the same command on an
+interrupted run continues from its last complete epoch with identical results.
+
+Examples:
+  normlab train --out runs/bn                          # the seed's BN model and protocol
+  normlab train --norm gn --groups 2 --l1 1e-4 --epochs 20 --seed 1 --out runs/gn2
+  normlab train --subset 2000 --epochs 1 --out /tmp/quick
+  normlab train --protocol fast --lr 0.1 --out runs/fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from normlab.models.cli import add_model_arguments
+from normlab.training.config import L1_SCOPES, RunConfig
+from normlab.training.protocols import PROTOCOLS, protocol_fields, resolve_protocol
 
 
-def configure(parser):
-    pass
+def _read_overrides(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"protocol file {path} does not exist")
+    if p.suffix == ".json":
+        return json.loads(p.read_text())
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(p.read_text())
 
 
-def run(args):
-    raise ValueError("'normlab training' is not built yet")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by everything that launches runs (train; suites reuse the device ones)."""
+    group = parser.add_argument_group("execution")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: torch's choice)")
+    group.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="run directory (created or resumed)")
+    parser.add_argument("--dataset", default="mnist", help="mnist or fashion-mnist")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="fixes init, data order, augmentation and dropout (default: 1)")
+    parser.add_argument("--subset", type=int, default=None,
+                        help="train on the first N training images only (quick checks)")
+    add_model_arguments(parser)
+    reg = parser.add_argument_group("regularizers")
+    reg.add_argument("--l1", type=float, default=0.0,
+                     help="L1 lambda: loss + lambda * sum|w|, added once per step")
+    reg.add_argument("--l1-scope", default="all", choices=L1_SCOPES,
+                     help="parameters the L1 term covers: all (the seed's) or conv weights")
+    reg.add_argument("--weight-decay", type=float, default=0.0, help="L2 via the optimiser")
+    proto = parser.add_argument_group("protocol (every field overrides the named protocol)")
+    proto.add_argument("--protocol", default="seed", choices=list(PROTOCOLS),
+                       help="named protocol (default: seed)")
+    proto.add_argument("--protocol-file", help="TOML or JSON file of protocol field overrides")
+    for f in protocol_fields():
+        kind = type(getattr(PROTOCOLS["seed"], f.name))
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            proto.add_argument(flag, dest=f"p_{f.name}", default=None,
+                               action=argparse.BooleanOptionalAction)
+        else:
+            proto.add_argument(flag, dest=f"p_{f.name}", type=kind, default=None,
+                               metavar=kind.__name__.upper())
+    add_run_arguments(parser)
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard scalars and a misclassified grid "
+                             "(needs: pip install 'normlab[tensorboard]')")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = _read_overrides(args.protocol_file) if args.protocol_file else {}
+    for f in protocol_fields():
+        value = getattr(args, f"p_{f.name}")
+        if value is not None:
+            overrides[f.name] = value
+    return RunConfig(
+        dataset=args.dataset, norm=args.norm, groups=args.groups, dropout=args.dropout,
+        protocol=resolve_protocol(args.protocol, overrides), l1=args.l1,
+        l1_scope=args.l1_scope, weight_decay=args.weight_decay, seed=args.seed,
+        subset=args.subset,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from normlab.training.run import train
+
+    result = train(
+        config_from_args(args), args.out, device=args.device, threads=args.threads,
+        quiet=args.quiet, tensorboard=args.tensorboard,
+    )
+    if result.skipped:
+        print(f"{args.out}: already finished ({len(result.history)} epochs); nothing to do")
+    if result.history:
+        last = result.history[-1]
+        print(f"{args.out}: {result.status}; final test accuracy {last['test_acc']:.2f}% "
+              f"after {last['epoch']} epochs")
+    return 0 if result.status == "ok" else 3
