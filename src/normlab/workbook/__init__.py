@@ -1,1 +1,32 @@
-"""normlab.workbook"""
+"""The normalization workbook: BatchNorm, LayerNorm, GroupNorm and InstanceNorm as live
+spreadsheet formulas over one small seeded tensor, checked against PyTorch."""
+
+from normlab.workbook.build import (
+    NORM_KEYS,
+    Grid,
+    Group,
+    Layout,
+    NormLayout,
+    SheetConfig,
+    build_workbook,
+    input_tensor,
+    reduction_groups,
+    torch_outputs,
+    workbook_layout,
+    write_workbook,
+)
+
+__all__ = [
+    "NORM_KEYS",
+    "Grid",
+    "Group",
+    "Layout",
+    "NormLayout",
+    "SheetConfig",
+    "build_workbook",
+    "input_tensor",
+    "reduction_groups",
+    "torch_outputs",
+    "workbook_layout",
+    "write_workbook",
+]
