@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         input_size=(args.batch_size, 1, 28, 28),
         col_names=("input_size", "output_size", "num_params"),
         depth=3,
+        row_settings=("var_names",),
         verbose=0,
     )
     print(stats)

@@ -76,18 +76,15 @@ def build_config(
     if norm is not None:
         check_norm(norm)
         implied = {"bn": "batch_norm", "ln": "layer_norm", "gn": "group_norm"}.get(norm)
+        flags = {"batch_norm": batch_norm, "layer_norm": layer_norm, "group_norm": group_norm}
         conflicts = [
-            flag
-            for flag, value in (
-                ("batch_norm", batch_norm),
-                ("layer_norm", layer_norm),
-                ("group_norm", group_norm),
-            )
+            f"{flag}={value}"
+            for flag, value in flags.items()
             if value is not None and value != (flag == implied)
         ]
         if conflicts:
             raise ValueError(
-                f"norm={norm!r} conflicts with {', '.join(f'{c}={locals_value}' for c, locals_value in _flag_values(conflicts, batch_norm, layer_norm, group_norm))}; "
+                f"norm={norm!r} conflicts with {', '.join(conflicts)}; "
                 "pass either norm= or the seed flags, not both"
             )
         if group_norm_groups is not None and groups is not None and group_norm_groups != groups:
@@ -118,11 +115,6 @@ def build_config(
                     f"choose a group count that divides every block width ({widths}), e.g. 1 or 2"
                 )
     return ModelConfig(norms=norms, groups=n_groups, dropout=float(dropout_value))
-
-
-def _flag_values(names, batch_norm, layer_norm, group_norm):
-    values = {"batch_norm": batch_norm, "layer_norm": layer_norm, "group_norm": group_norm}
-    return [(n, values[n]) for n in names]
 
 
 class Net(nn.Module):

@@ -32,12 +32,16 @@ class RunConfig:
         from normlab.data import DATASETS
 
         if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
+            )
         Net(norm=self.norm, groups=self.groups, dropout_value=self.dropout)  # validates
         if self.l1 < 0 or self.weight_decay < 0:
             raise ValueError("l1 and weight_decay must be >= 0")
         if self.l1_scope not in L1_SCOPES:
-            raise ValueError(f"l1_scope must be one of {', '.join(L1_SCOPES)}, got {self.l1_scope!r}")
+            raise ValueError(
+                f"l1_scope must be one of {', '.join(L1_SCOPES)}, got {self.l1_scope!r}"
+            )
         if self.subset is not None and self.subset < 1:
             raise ValueError(f"subset must be a positive number of images, got {self.subset}")
 

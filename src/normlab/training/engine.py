@@ -95,10 +95,8 @@ def train_one_epoch(
         optimizer.step()
         if step_scheduler is not None:
             step_scheduler.step()
-        detached = total.detach()
-        first_bad = torch.where(
-            (first_bad < 0) & ~torch.isfinite(detached), torch.tensor(step, device=device), first_bad
-        )
+        bad = (first_bad < 0) & ~torch.isfinite(total.detach())
+        first_bad = torch.where(bad, torch.tensor(step, device=device), first_bad)
         loss_sum += loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
         if progress is not None:
