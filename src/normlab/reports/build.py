@@ -1,0 +1,216 @@
+"""build_report(root): every artifact of a suite's report, written into the suite folder.
+
+ROOT/results.csv, summary.csv, analysis.md, report.html, figures/*.png and, when the
+workbook package provides ``write_workbook``, normalizations.xlsx.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from normlab import __version__
+from normlab.reports.analysis import COMMON_RANDOM_NUMBERS, analysis_blocks
+from normlab.reports.collect import MISSING, UNFINISHED, Suite, Variant, load_suite
+from normlab.reports.doc import Para, to_markdown
+from normlab.reports.figures import confusion_figure, curves_figure, mistakes_figure, palette
+from normlab.reports.normfig import norm_groups_figure
+from normlab.reports.page import Image, Section, blocks_html, figure_html, page_html
+from normlab.reports.stats import summarise
+from normlab.reports.tables import results_csv, summary_csv, summary_table
+
+ImageLoader = Callable[[str], tuple[np.ndarray, tuple[str, ...]]]
+WORKBOOK = "normalizations.xlsx"
+
+
+def load_test_images(dataset: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The test images (uint8 (N, 28, 28)) and class names of ``dataset``.
+
+    Tests replace this (``images=`` or monkeypatching this name) with synthetic images.
+    """
+    from normlab.data import load_dataset
+
+    ds = load_dataset(dataset)
+    return ds.test_images.numpy(), tuple(ds.classes)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write through a temp file and rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is for reading
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _curve_images(suite: Suite, figs: Path, colours: dict) -> list[Image]:
+    shown = [v for v in suite.variants if v.with_metrics]
+    no_l1 = [v for v in shown if v.l1 == 0]
+    sets = [("all", "all models", shown)]
+    if no_l1 and len(no_l1) < len(shown):
+        sets.append(("no_l1", "without the L1 models", no_l1))
+    plan = [("test_acc", s) for s in sets] + [("test_loss", s) for s in sets]
+    plan += [("train_acc", sets[0]), ("train_loss", sets[0])]
+    images = []
+    for metric, (key, words, variants) in plan:
+        if not variants:
+            continue
+        path = curves_figure(figs / f"{metric}_{key}.png", variants, metric, colours, words)
+        what = metric.replace("_acc", " accuracy").replace("_loss", " loss").capitalize()
+        images.append(Image(path, f"{what}, {words}", f"{what} per epoch, {words}."))
+    return images
+
+
+def _first_predictions(v: Variant):
+    for run in v.finished:
+        preds = run.predictions()
+        if preds is not None:
+            return run, preds
+    return None, None
+
+
+def _prediction_parts(suite: Suite, figs: Path, loader: ImageLoader,
+                      notes: list[str]) -> list[str]:
+    parts, images, classes = [], None, tuple(str(i) for i in range(10))
+    for v in suite.variants:
+        run, preds = _first_predictions(v)
+        if preds is None:
+            parts.append(f"<h3>{html.escape(v.label)}</h3><p>No finished run yet.</p>")
+            continue
+        if images is None:
+            try:
+                images, classes = loader(suite.dataset)
+                images = np.asarray(images)
+            except (ValueError, OSError, ImportError) as err:
+                images = False
+                notes.append(f"Test images unavailable ({err}): galleries skipped.")
+        figures = []
+        wrong = int((preds["pred"] != preds["target"]).sum())
+        if images is not False and len(images) == len(preds["target"]):
+            path = mistakes_figure(
+                figs / f"mistakes_{slug(v.name)}.png", images, classes, preds,
+                f"{v.label}, seed {run.seed}: the 10 most confident of {wrong} mistakes")
+            figures.append(Image(path, f"{v.label}: misclassified test images",
+                                 "Ties in confidence are broken by the lower test index (#).",
+                                 "wide"))
+        elif images is not False:
+            notes.append(f"{v.label}: {len(preds['target'])} predictions but {len(images)} "
+                         "test images: gallery skipped.")
+        path = confusion_figure(
+            figs / f"confusion_{slug(v.name)}.png", preds["pred"], preds["target"], classes,
+            f"{v.label}, seed {run.seed}: {wrong} errors of {len(preds['target'])}")
+        figures.append(Image(path, f"{v.label}: confusion matrix",
+                             "Rows: true class; columns: predicted class.", "narrow"))
+        parts.append(f"<h3>{html.escape(v.label)}</h3><div class=\"pair\">"
+                     + "".join(figure_html(f) for f in figures) + "</div>")
+    return parts
+
+
+def _workbook(root: Path) -> Path | None:
+    """normalizations.xlsx, if the workbook package offers write_workbook (else None)."""
+    try:
+        from normlab import workbook
+    except ImportError:
+        return None
+    write = getattr(workbook, "write_workbook", None)
+    if not callable(write):
+        return None
+    try:
+        return Path(write(root / WORKBOOK))
+    except Exception as err:  # the report must not fail on another package's error
+        print(f"normlab report: warning: workbook not written: {err}", file=sys.stderr)
+        return None
+
+
+def _status_notes(suite: Suite) -> list[str]:
+    notes = []
+    unfinished = [f"{r.variant}/seed{r.seed} ({len(r.metrics)} epochs so far)"
+                  for r in suite.by_state(UNFINISHED)]
+    missing = [f"{r.variant}/seed{r.seed}" for r in suite.by_state(MISSING)]
+    if unfinished:
+        notes.append("**Unfinished** (still training or stopped), plotted so far but not in the "
+                     f"tables: {', '.join(unfinished)}.")
+    if missing:
+        notes.append(f"**Missing** (not started): {', '.join(missing)}.")
+    return notes
+
+
+def _files_html(workbook: Path | None) -> str:
+    links = [("results.csv", "every metric of every epoch of every run"),
+             ("summary.csv", "the summary table, mean and std in separate columns"),
+             ("analysis.md", "the analysis above, as Markdown"),
+             ("figures/", "the figures as PNG files")]
+    if workbook is not None:
+        links.append((workbook.name, "the workbook that computes BN/LN/GN/IN with live formulas"))
+    items = "".join(f'<li><a href="{name}">{name}</a>: {text}</li>' for name, text in links)
+    return f"<p>Beside this page, in the suite folder:</p><ul>{items}</ul>"
+
+
+def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path:
+    """Build the report of the suite at ``root`` from whatever runs exist; return report.html.
+
+    ``images`` loads a dataset's test images and class names (default: ``load_test_images``).
+    """
+    root = Path(root)
+    suite = load_suite(root)
+    summaries = [summarise(v) for v in suite.variants]
+    write_text(root / "results.csv", results_csv(suite))
+    write_text(root / "summary.csv", summary_csv(summaries))
+    blocks = analysis_blocks(suite, summaries)
+    write_text(root / "analysis.md", to_markdown(blocks))
+
+    figs = root / "figures"
+    colours = palette(suite.variants)
+    notes = _status_notes(suite)
+    curves = _curve_images(suite, figs, colours)
+    galleries = _prediction_parts(suite, figs, images or load_test_images, notes)
+    norm = Image(norm_groups_figure(figs / "norm_groups.png"), "BN, LN, IN and GN groups",
+                 "Measured, not drawn from a description: each norm layer of normlab.models, "
+                 "in train mode, gets a random input; one element is perturbed and the outputs "
+                 "that change are shaded. They are exactly the values that share that element's "
+                 "mean and variance (cf. Wu & He, Group Normalization, 2018, Fig. 2).")
+    workbook = _workbook(root)
+
+    finished = sum(len(v.finished) for v in suite.variants)
+    header = [Para(f"{finished} of {len(suite.runs)} runs finished. Built by normlab "
+                   f"{__version__} from the run directories in this folder.")]
+    if suite.description:
+        header.insert(0, Para(suite.description))
+    if suite.source:
+        header.append(Para(f"Source: {suite.source}"))
+    sections = [
+        Section("summary", "Summary", blocks_html([
+            summary_table(summaries),
+            Para("Accuracies are test accuracies in %, mean ± sample std over finished seeds "
+                 "(the single value when one seed finished). Epochs to X%: the first epoch "
+                 "whose test accuracy reaches X, averaged over the seeds that reached it. "
+                 "s / epoch: training plus test time per epoch. " + COMMON_RANDOM_NUMBERS)])),
+        Section("curves", "Training curves", parts=[figure_html(i) for i in curves]),
+        Section("analysis", "Analysis",
+                blocks_html(analysis_blocks(suite, summaries, standalone=False))),
+        Section("mistakes", "Misclassified test images and confusion matrices", blocks_html([
+            Para("Per variant, its first finished seed: the ten mistakes made with the highest "
+                 "confidence, and the confusion matrix of all test images.")]), galleries),
+        Section("norms", "What BN, LN, IN and GN average over", parts=[figure_html(norm)]),
+        Section("files", "Files", _files_html(workbook)),
+    ]
+    page = page_html(f"normlab report: {suite.name}", header, notes, sections)
+    return write_text(root / "report.html", page)
+

@@ -1,0 +1,210 @@
+"""The report's PNGs: training curves, misclassified galleries and confusion matrices.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, no GUI
+backend). One helper, :func:`draw_curves`, draws a metric's mean over seeds with a min-max
+band for any set of variants; every curve figure goes through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+from normlab.reports.collect import Variant
+
+DPI = 110
+ZOOM_SPAN = 1.0  # accuracy points below the best model's late accuracy that the zoom keeps
+REFERENCE_LINES = (99.0, 99.4)
+LABELS = {
+    "test_acc": ("Test accuracy", "accuracy %"),
+    "train_acc": ("Train accuracy", "accuracy %"),
+    "test_loss": ("Test loss", "NLL loss (log scale)"),
+    "train_loss": ("Train loss", "NLL loss (log scale)"),
+}
+
+
+PLAIN = FuncFormatter(lambda y, _: f"{y:g}")
+
+
+def _decades(ax) -> float:
+    low, high = ax.get_ylim()
+    return float(np.log10(high / low))
+
+
+def palette(variants: list[Variant]) -> dict[str, tuple]:
+    """One colour per variant, fixed by suite order, shared by every figure."""
+    cmap = colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {v.name: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def mean_band(variant: Variant, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                       np.ndarray, np.ndarray]:
+    """(epochs, mean, min, max, count) over the seeds that reached each epoch so far."""
+    series = [r.series(metric) for r in variant.with_metrics]
+    length = max((len(s) for s in series), default=0)
+    grid = np.full((len(series), length), np.nan)
+    for i, s in enumerate(series):
+        grid[i, : len(s)] = s
+    count = np.sum(~np.isnan(grid), axis=0)
+    with np.errstate(all="ignore"):
+        return (np.arange(1, length + 1), np.nanmean(grid, axis=0), np.nanmin(grid, axis=0),
+                np.nanmax(grid, axis=0), count)
+
+
+def draw_curves(ax, variants: list[Variant], metric: str, colours: dict[str, tuple]) -> None:
+    """Mean over seeds per variant, with a shaded min-max band where >1 seed has the epoch."""
+    for v in variants:
+        epochs, m, lo, hi, count = mean_band(v, metric)
+        if not len(epochs):
+            continue
+        n = len(v.with_metrics)
+        ax.plot(epochs, m, color=colours[v.name], marker="o", markersize=3, linewidth=1.6,
+                label=f"{v.label} ({n} seed{'s' if n > 1 else ''})")
+        several = count > 1
+        if several.any():
+            ax.fill_between(epochs, lo, hi, where=several, color=colours[v.name], alpha=0.18,
+                            linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def zoom_limits(variants: list[Variant], metric: str) -> tuple[tuple[float, float], bool]:
+    """Accuracy y-limits that keep the high-accuracy region legible.
+
+    Each variant's "late" accuracy is the lowest mean over its last half of epochs; the zoom
+    starts just under the lowest late accuracy within ZOOM_SPAN points of the best one. The
+    flag says whether some variant's late accuracy lies below it (then a full-range panel is
+    drawn beside the zoom).
+    """
+    late, peak = [], []
+    for v in variants:
+        _, m, _, hi, _ = mean_band(v, metric)
+        if len(m):
+            late.append(float(np.min(m[len(m) // 2 :])))
+            peak.append(float(np.nanmax(hi)))
+    if not late:
+        return (0.0, 100.0), False
+    best = max(late)
+    low = min(x for x in late if x >= best - ZOOM_SPAN)
+    top = max(peak)
+    pad = max(0.12 * (top - low), 0.05)
+    bottom = low - pad
+    for y in REFERENCE_LINES:  # a reference line just below the zoom is worth showing
+        if y < bottom < y + 0.3:
+            bottom = y - pad / 2
+    limits = (bottom, min(100.0, top + pad))
+    return limits, any(x < limits[0] for x in late)
+
+
+def curves_figure(path: Path, variants: list[Variant], metric: str, colours: dict[str, tuple],
+                  subtitle: str) -> Path:
+    title, ylabel = LABELS[metric]
+    is_acc = metric.endswith("_acc")
+    limits, full_panel = zoom_limits(variants, metric) if is_acc else (None, False)
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
+    if full_panel:
+        full, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.3]})
+        draw_curves(full, variants, metric, colours)
+        full.set_ylim(0, 100.5)
+        full.axhspan(*limits, color="0.5", alpha=0.12, linewidth=0)
+        full.set_ylabel(ylabel)
+        full.set_title("full range (grey: zoomed area)", fontsize=10)
+    else:
+        ax = fig.subplots()
+    draw_curves(ax, variants, metric, colours)
+    ax.set_ylabel(ylabel)
+    if is_acc:
+        ax.set_ylim(*limits)
+        for y in REFERENCE_LINES:
+            if limits[0] < y < limits[1]:
+                ax.axhline(y, color="0.35", linestyle=":", linewidth=1)
+                ax.annotate(f"{y:g}%", (1, y), xycoords=("axes fraction", "data"),
+                            xytext=(3, 0), textcoords="offset points", va="center",
+                            fontsize=8, color="0.35")
+        if full_panel:
+            ax.set_title("zoom on the high-accuracy region", fontsize=10)
+    else:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(PLAIN)
+        ax.yaxis.set_minor_formatter(PLAIN if _decades(ax) < 1 else NullFormatter())
+    fig.suptitle(f"{title}: {subtitle} (line: mean over seeds; band: min–max)", fontsize=12)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:  # below the axes: never over the data, and long labels have room
+        fig.legend(handles, labels, loc="outside lower center", fontsize=9.5, frameon=False,
+                   ncols=min(len(handles), 3))
+    return save(fig, path)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return path
+
+
+def top_mistakes(pred: np.ndarray, target: np.ndarray, confidence: np.ndarray,
+                 k: int = 10) -> np.ndarray:
+    """Indices of the k most confident mistakes, ties broken by the lower index."""
+    wrong = np.flatnonzero(pred != target)
+    order = np.lexsort((wrong, -confidence[wrong].astype(np.float64)))
+    return wrong[order[:k]]
+
+
+def mistakes_figure(path: Path, images: np.ndarray, classes: tuple[str, ...], preds: dict,
+                    title: str) -> Path:
+    """A 2x5 grid of the most confident mistakes, each titled with truth, guess and p."""
+    idx = top_mistakes(preds["pred"], preds["target"], preds["confidence"])
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
+    axes = fig.subplots(2, 5).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, i in zip(axes, idx, strict=False):
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+        text = (f"true: {classes[preds['target'][i]]}  pred: {classes[preds['pred'][i]]}"
+                f" (p={preds['confidence'][i]:.2f})")
+        if len(text) > 30:
+            text = text.replace("  pred", "\npred")
+        ax.set_title(text, fontsize=9.5)
+        ax.text(0.5, -0.03, f"test image #{i}", transform=ax.transAxes, fontsize=7.5,
+                color="0.4", ha="center", va="top")
+    if not len(idx):
+        axes[0].text(0, 0.5, "no mistakes", fontsize=14)
+    fig.suptitle(title, fontsize=12)
+    return save(fig, path)
+
+
+def confusion(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
+    """Counts with rows = true class and columns = predicted class."""
+    return np.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+
+
+def confusion_figure(path: Path, pred: np.ndarray, target: np.ndarray,
+                     classes: tuple[str, ...], title: str) -> Path:
+    n = len(classes)
+    cm = confusion(pred, target, n)
+    fig = Figure(figsize=(6.2, 5.6), layout="constrained")
+    ax = fig.subplots()
+    # log colour scale: the off-diagonal counts (tens) stay visible beside the diagonal (~1000)
+    image = ax.imshow(np.ma.masked_equal(cm, 0), cmap="Blues",
+                      norm=LogNorm(vmin=1, vmax=max(int(cm.max()), 2)))
+    bar = fig.colorbar(image, ax=ax, shrink=0.8, label="count (log scale)")
+    bar.ax.yaxis.set_major_formatter(PLAIN)
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
+    threshold = np.sqrt(max(int(cm.max()), 2)) * 4
+    for t in range(n):
+        for p in range(n):
+            value = int(cm[t, p])
+            colour = "white" if value > threshold else ("0.6" if value == 0 else "black")
+            ax.text(p, t, str(value), ha="center", va="center", fontsize=7.5, color=colour)
+    ax.set_xticks(range(n), classes, rotation=45 if max(map(len, classes)) > 2 else 0,
+                  ha="right" if max(map(len, classes)) > 2 else "center")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10.5)
+    return save(fig, path)
