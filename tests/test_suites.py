@@ -1,0 +1,331 @@
+"""Suites: TOML loading and its error messages, the bundled s6 suites, running a small
+suite end to end (suite.json, run directories, report), resuming after a kill, common
+random numbers across variants. Real MNIST, 300 training images, one epoch per run."""
+
+import dataclasses
+import json
+import textwrap
+
+import pytest
+import torch
+
+import normlab.reports
+import normlab.training.engine as engine
+from normlab.cli import main
+from normlab.experiments import comparable_metrics, load_suite, run_suite
+from normlab.experiments import runner as suite_runner
+from normlab.experiments.suite import default_label
+from normlab.training import RunConfig, resolve_protocol
+
+SMALL = """\
+# a two-variant, two-seed suite for the tests
+description = "BN against GN on 300 images"
+dataset = "mnist"
+seeds = [1, 2]
+subset = 300
+
+[protocol]
+name = "seed"
+
+[protocol.overrides]
+epochs = 1
+
+[[variant]]
+name = "bn"
+label = "BN"
+norm = "bn"
+
+[[variant]]
+name = "gn-l1"
+norm = "gn"
+groups = 2
+l1 = 1e-4
+"""
+
+
+def no_report(monkeypatch):
+    """For tests of the runner alone: the report is checked once, on the uninterrupted suite."""
+    monkeypatch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
+
+
+def write(tmp_path, text, name="study.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_suite(tmp_path_factory):
+    return load_suite(write(tmp_path_factory.mktemp("suite"), SMALL))
+
+
+@pytest.fixture(scope="module")
+def done(mnist, small_suite, tmp_path_factory):
+    """The small suite run once, uninterrupted, recording each run's training batches
+    (the uint8 images and the rotation angles that reach ``to_input``)."""
+    out = tmp_path_factory.mktemp("done") / "small"
+    batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    current = []
+    log: list[str] = []
+    real_train, real_to_input = suite_runner.train, engine.to_input
+
+    def train(config, out_dir, **kw):
+        current[:] = [out_dir.relative_to(out).as_posix()]
+        return real_train(config, out_dir, **kw)
+
+    def to_input(images, mean, std, degrees=None):
+        if degrees is not None:  # training batches only (evaluation is not augmented)
+            batches.setdefault(current[0], []).append((images.clone(), degrees.clone()))
+        return real_to_input(images, mean, std, degrees)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(suite_runner, "train", train)
+        mp.setattr(engine, "to_input", to_input)
+        report = run_suite(small_suite, out, quiet=True, log=log.append)
+    return out, report, batches, log
+
+
+def test_suite_writes_manifest_runs_and_report(done, small_suite):
+    out, report, _, log = done
+    manifest = json.loads((out / "suite.json").read_text())
+    assert manifest["name"] == "study" and manifest["dataset"] == "mnist"
+    assert manifest["description"] == "BN against GN on 300 images"
+    assert manifest["source"] == str(small_suite.source) and manifest["seeds"] == [1, 2]
+    assert [v["name"] for v in manifest["variants"]] == ["bn", "gn-l1"]
+    assert [v["label"] for v in manifest["variants"]] == ["BN", "GN (2 groups) + L1 (λ=0.0001)"]
+    for v in manifest["variants"]:
+        assert "seed" not in v["config"]
+        config = RunConfig.from_dict({**v["config"], "seed": 1})
+        assert config == small_suite.variant(v["name"]).config
+    # variant-major within each seed: every variant for seed 1, then seed 2
+    assert manifest["runs"] == [
+        {"variant": "bn", "seed": 1, "dir": "bn/seed1"},
+        {"variant": "gn-l1", "seed": 1, "dir": "gn-l1/seed1"},
+        {"variant": "bn", "seed": 2, "dir": "bn/seed2"},
+        {"variant": "gn-l1", "seed": 2, "dir": "gn-l1/seed2"},
+    ]
+    for run in manifest["runs"]:
+        run_dir = out / run["dir"]
+        assert (run_dir / "predictions.pt").exists()
+        saved = json.loads((run_dir / "config.json").read_text())["run"]
+        assert saved["seed"] == run["seed"] and saved["subset"] == 300
+        assert len(comparable_metrics(run_dir)) == 1
+    assert report == out / "report.html" and report.exists()
+    assert log[0].startswith("[1/4] bn seed 1") and "estimating…" in log[0]
+    assert log[1].startswith("[2/4] gn-l1 seed 1") and "left)" in log[1]
+    assert "suite study: 4 runs (4 trained, 0 already finished)" in "\n".join(log)
+    assert log[-1] == f"report: {report}"
+
+
+def test_variants_see_the_same_batches_for_a_seed(done):
+    """Common random numbers: data order and augmentation depend on (seed, epoch) alone."""
+    batches = done[2]
+    assert set(batches) == {"bn/seed1", "gn-l1/seed1", "bn/seed2", "gn-l1/seed2"}
+    for seed in (1, 2):
+        a, b = batches[f"bn/seed{seed}"], batches[f"gn-l1/seed{seed}"]
+        assert len(a) == len(b) == 5  # 300 images in batches of 64
+        for (images_a, angles_a), (images_b, angles_b) in zip(a, b, strict=True):
+            assert torch.equal(images_a, images_b) and torch.equal(angles_a, angles_b)
+    assert not torch.equal(batches["bn/seed1"][0][1], batches["bn/seed2"][0][1])
+
+
+def test_killed_suite_resumes_skips_finished_and_matches(done, small_suite, tmp_path, monkeypatch):
+    reference = done[0]
+    out = tmp_path / "killed"
+    real_train = suite_runner.train
+    calls = []
+
+    def dies_on_second_run(config, out_dir, **kw):
+        calls.append(out_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(config, out_dir, **kw)
+
+    no_report(monkeypatch)
+    monkeypatch.setattr(suite_runner, "train", dies_on_second_run)
+    log: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(small_suite, out, quiet=True, log=log.append)
+    assert "1 of 4 runs are finished" in log[-1]
+    first = out / "bn/seed1/metrics.jsonl"
+    assert first.exists() and (out / "suite.json").exists()
+    stamp = first.stat().st_mtime_ns
+
+    monkeypatch.setattr(suite_runner, "train", real_train)
+    log.clear()
+    run_suite(small_suite, out, quiet=True, log=log.append)
+    assert log[0] == "[1/4] bn seed 1: skipped (finished)"
+    assert first.stat().st_mtime_ns == stamp
+    assert "suite study: 4 runs (3 trained, 1 already finished)" in "\n".join(log)
+    for run in ("bn/seed1", "gn-l1/seed1", "bn/seed2", "gn-l1/seed2"):
+        assert comparable_metrics(out / run) == comparable_metrics(reference / run), run
+    assert (out / "suite.json").read_text() == (reference / "suite.json").read_text()
+
+
+def test_cli_dry_run_shows_finished_runs_and_trains_nothing(done, small_suite, capsys, tmp_path):
+    out = done[0]
+    assert main(["suite", str(small_suite.source), "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "bn/seed1" in text and "finished (1 epochs" in text and "0 of 4 runs to train" in text
+    fresh = tmp_path / "fresh"
+    assert main(["suite", str(small_suite.source), "--out", str(fresh), "--dry-run",
+                 "--seeds", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "seeds 1, 2, 3" in text and "[6/6] gn-l1/seed3" in text
+    assert "6 of 6 runs to train" in text
+    assert not fresh.exists()
+
+
+def test_fewer_seeds_skip_everything_and_keep_the_earlier_seeds(done, small_suite, monkeypatch):
+    no_report(monkeypatch)
+    out = done[0]
+    before = (out / "suite.json").read_text()
+    log: list[str] = []
+    run_suite(small_suite, out, seeds=[1], quiet=True, log=log.append)
+    assert log[0] == f"{out / 'suite.json'} keeps seeds 2 of an earlier invocation"
+    assert log[1:3] == ["[1/2] bn seed 1: skipped (finished)",
+                        "[2/2] gn-l1 seed 1: skipped (finished)"]
+    assert (out / "suite.json").read_text() == before
+
+
+def test_a_different_suite_in_the_same_folder_is_refused(done, tmp_path):
+    out = done[0]
+    changed = load_suite(write(tmp_path, SMALL.replace("l1 = 1e-4", "l1 = 1e-3")))
+    with pytest.raises(ValueError, match=r"gn-l1/seed1 \(l1: 0.0001 -> 0.001\)"):
+        run_suite(changed, out, quiet=True)
+    # the same suite.json check also names added / removed variants
+    fewer = load_suite(write(tmp_path, SMALL.split("[[variant]]\nname = \"gn-l1\"")[0]))
+    before = (out / "suite.json").read_text()
+    with pytest.raises(ValueError, match="variants no longer in the suite: gn-l1"):
+        run_suite(fewer, out, quiet=True)
+    assert (out / "suite.json").read_text() == before
+
+
+# ----------------------------------------------------------------------------- bad files
+
+BAD = [
+    # (what to change in SMALL, the line the message must name, words it must contain)
+    (("label = \"BN\"\n", "label = \"BN\"\nnrom = \"ln\"\n"), 16,
+     ["variant 'bn'", "unknown key 'nrom'", "did you mean 'norm'?", "valid keys: name, label"]),
+    (("norm = \"gn\"", "norm = \"group\""), 20,
+     ["variant 'gn-l1'", "unknown norm 'group'", "choose one of bn, gn, ln, in, none"]),
+    (("groups = 2", "groups = 3"), 21,
+     ["variant 'gn-l1'", "does not divide", "choose a group count that divides"]),
+    (("epochs = 1", "epoch = 1"), 11,
+     ["unknown protocol field 'epoch'", "did you mean 'epochs'?", "batch_size"]),
+    (("epochs = 1", "epochs = 0"), 11, ["'epochs' must be >= 1"]),
+    (("[protocol.overrides]\nepochs = 1\n", "epochs = 1\n"), 10,
+     ["unknown key 'epochs' in [protocol]", "go in [protocol.overrides]"]),
+    (("name = \"seed\"", "name = \"slow\""), 8, ["unknown protocol 'slow'", "seed, fast"]),
+    (("dataset = \"mnist\"", "dataset = \"cifar\""), 3, ["unknown dataset 'cifar'", "mnist"]),
+    (("seeds = [1, 2]", "seeds = [1, 1]"), 4, ["seeds are repeated: 1"]),
+    (("subset = 300", "subst = 300"), 5, ["unknown key 'subst'", "did you mean 'subset'?"]),
+    (("l1 = 1e-4", "l1 = -1"), 22, ["l1 must be a number >= 0"]),
+    (("name = \"gn-l1\"", "name = \"bn\""), 19, ["duplicate variant name 'bn'"]),
+    (("name = \"gn-l1\"", "name = \"gn/l1\""), 19, ["name must be a slug"]),
+    (("l1 = 1e-4", "l1 = 1e-4\nl1_scope = \"bias\""), 23, ["l1_scope must be one of all, conv"]),
+    (("label = \"BN\"", "label = \"BN {lambda}\""), 15, ["bad placeholder", "{l1}"]),
+]
+
+
+@pytest.mark.parametrize(("change", "line", "words"), BAD, ids=[b[0][1][:18] for b in BAD])
+def test_bad_suite_files_name_file_line_and_choices(tmp_path, change, line, words):
+    old, new = change
+    assert old in SMALL
+    path = write(tmp_path, SMALL.replace(old, new, 1))
+    with pytest.raises(ValueError) as err:
+        load_suite(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    for word in words:
+        assert word in message, message
+
+
+def test_bad_file_fails_on_the_command_line_before_anything_trains(tmp_path, capsys):
+    path = write(tmp_path, SMALL.replace("norm = \"gn\"", "norm = \"gnn\""))
+    out = tmp_path / "out"
+    assert main(["suite", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"normlab suite: error: {path}:20: variant 'gn-l1': unknown norm 'gnn'")
+    assert "\n" not in err and not out.exists()
+
+
+def test_unknown_bundled_name_lists_the_bundled_suites():
+    with pytest.raises(ValueError, match="bundled: s6, s6-quick"):
+        load_suite("s7")
+
+
+def test_seed_count_labels_and_defaults(tmp_path):
+    suite = load_suite(write(tmp_path, """\
+        seeds = 3
+        [[variant]]
+        name = "ln-wd"
+        norm = "ln"
+        weight_decay = 5e-4
+        dropout = 0
+        [[variant]]
+        name = "in"
+        label = "IN, dropout {dropout}, λ={l1}"
+        norm = "in"
+    """))
+    assert suite.seeds == (1, 2, 3) and suite.name == "study" and suite.subset is None
+    assert suite.protocol == resolve_protocol("seed")
+    assert [v.label for v in suite.variants] == [
+        "LN + L2 (wd=0.0005), dropout 0", "IN, dropout 0.01, λ=0"]
+    assert suite.variant("ln-wd").config == RunConfig(norm="ln", weight_decay=5e-4, dropout=0.0)
+    assert [(v.name, s) for v, s in suite.runs()][:3] == [("ln-wd", 1), ("in", 1), ("ln-wd", 2)]
+
+
+# ----------------------------------------------------------------------------- bundled
+
+
+S6 = [  # name, label, RunConfig options: long runs train into runs/s6 with exactly these
+    ("bn", "BN", {"norm": "bn"}),
+    ("gn", "GN (2 groups)", {"norm": "gn", "groups": 2}),
+    ("ln", "LN", {"norm": "ln"}),
+    ("bn-l1", None, {"norm": "bn", "l1": None}),  # lambda: the lead's to set
+    ("bn-l1-seed", "BN + L1 (λ=0.001, the seed's)", {"norm": "bn", "l1": 0.001}),
+]
+
+
+@pytest.mark.parametrize("name", ["s6", "s6-quick"])
+def test_bundled_s6_suites_resolve_to_the_study_configs(name):
+    suite = load_suite(name)
+    quick = name == "s6-quick"
+    assert suite.name == name and suite.dataset == "mnist" and suite.seeds == (1,)
+    assert suite.source.name == f"{name}.toml" and suite.description
+    assert suite.subset == (2000 if quick else None)
+    protocol = resolve_protocol("seed", {"epochs": 2} if quick else {})
+    assert [v.name for v in suite.variants] == [n for n, _, _ in S6]
+    for variant, (_, label, options) in zip(suite.variants, S6, strict=True):
+        options = dict(options)
+        if options.get("l1", 0) is None:
+            options["l1"] = variant.config.l1
+            assert variant.config.l1 > 0
+            label = f"BN + L1 (λ={variant.config.l1:g})"
+        expected = RunConfig(protocol=protocol, subset=suite.subset, **options)
+        assert variant.config == expected
+        assert variant.config.to_dict() == expected.to_dict()
+        assert variant.label == label
+    assert suite.variant("bn-l1-seed").config.l1 == 0.001
+    assert suite.variant("bn").config == RunConfig(protocol=protocol, subset=suite.subset)
+
+
+def test_s6_quick_keeps_the_variants_of_s6():
+    s6, quick = load_suite("s6"), load_suite("s6-quick")
+    assert [(v.name, v.label) for v in s6.variants] == [(v.name, v.label) for v in quick.variants]
+    for a, b in zip(s6.variants, quick.variants, strict=True):
+        assert dataclasses.replace(b.config, protocol=a.config.protocol, subset=None) == a.config
+
+
+def test_default_label_names_the_options():
+    assert default_label(RunConfig(norm="gn", groups=1)) == "GN (1 group)"
+    assert default_label(RunConfig(l1=1e-4, l1_scope="conv")) == "BN + L1 (λ=0.0001, conv weights)"
+
+
+def test_help_describes_the_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["suite", "--help"])
+    text = capsys.readouterr().out
+    for word in ("s6-quick", "--seeds K", "--seed-list", "--dry-run", "--device", "suite.json"):
+        assert word in text
