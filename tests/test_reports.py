@@ -16,9 +16,17 @@ from matplotlib.image import imread
 from normlab.cli import main
 from normlab.reports import build as report_build
 from normlab.reports import build_report, load_suite, probe_norm
+from normlab.reports.analysis import analysis_blocks
 from normlab.reports.doc import Bullets, Heading, Para, Table, to_html, to_markdown
 from normlab.reports.figures import confusion, top_mistakes, zoom_limits
-from normlab.reports.stats import T975, paired_difference, sample_std, t975, t_cdf
+from normlab.reports.stats import (
+    T975,
+    paired_difference,
+    sample_std,
+    summarise,
+    t975,
+    t_cdf,
+)
 from normlab.reports.tables import METRIC_KEYS
 from normlab.training.config import RunConfig
 
@@ -189,11 +197,19 @@ def test_missing_and_unfinished_runs_are_reported(tmp_path, monkeypatch):
     assert len(read_csv(root / "results.csv")) == 3 + 2 + 3
 
 
+def analysis_md(root: Path) -> str:
+    """analysis.md's text without drawing the figures (faster than build_report)."""
+    suite = load_suite(root)
+    return to_markdown(analysis_blocks(suite, [summarise(v) for v in suite.variants]))
+
+
 def test_variant_with_no_finished_run_and_a_diverged_run(tmp_path):
     root = make_suite(tmp_path, skip=(("bn", 1), ("bn", 2)))
     metrics = root / "bn_l1" / "seed1" / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
-    lines[-1] = json.dumps(metrics_line(3, 9.8, "diverged"))
+    diverged = metrics_line(3, 9.8, "diverged")
+    diverged["train_loss"] = diverged["test_loss"] = float("nan")
+    lines[-1] = json.dumps(diverged)
     metrics.write_text("\n".join(lines) + "\n{\"epoch\": 4, \"lr")  # a half-written line
     build_report(root, images=synthetic_images)
     analysis = (root / "analysis.md").read_text()
@@ -209,19 +225,24 @@ def test_chance_level_run_is_flagged(tmp_path):
     lines = metrics.read_text().splitlines()
     lines[-1] = json.dumps(metrics_line(3, 11.35))
     metrics.write_text("\n".join(lines) + "\n")
-    build_report(root, images=synthetic_images)
-    analysis = (root / "analysis.md").read_text()
+    analysis = analysis_md(root)
     assert "BN + L1 seed 2 **sits at chance**: final test accuracy 11.35%" in analysis
 
 
 def test_seed_protocol_is_compared_with_the_seed_study(tmp_path):
-    root = make_suite(tmp_path, epochs=20)
-    build_report(root, images=synthetic_images)
-    analysis = (root / "analysis.md").read_text()
+    analysis = analysis_md(make_suite(tmp_path, epochs=20))
     assert "## Compared with the seed study" in analysis
     assert "| BN only | 99.36 | BN | 99.20 ± 0.14 | 2 | -0.16 |" in analysis
     assert "| BN + L1 λ=0.001 (buggy L1) | 92.70 | BN + L1 | 99.00 ± 0.00 | 2 | +6.30 |" in analysis
     assert "lead of 0.00 points over BN" in analysis
+
+
+def test_a_suite_with_no_run_yet_still_reports(tmp_path):
+    root = make_suite(tmp_path, skip=(("bn", 1), ("bn", 2), ("bn_l1", 1), ("bn_l1", 2)))
+    page = build_report(root, images=synthetic_images).read_text()
+    assert "0 of 4 runs finished" in page and "No variant has a finished run yet" in page
+    assert "bn/seed1" in page  # listed as missing
+    assert len(read_csv(root / "results.csv")) == 0
 
 
 def test_suite_without_manifest_is_discovered(tmp_path):

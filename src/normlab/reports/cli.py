@@ -2,7 +2,8 @@
 
 Reads ROOT/suite.json (or, without it, ROOT/<variant>/seed<k>/ run folders) and writes,
 into ROOT: results.csv (every metric of every epoch), summary.csv, analysis.md, report.html
-(one self-contained page, figures embedded) and figures/*.png. Missing and unfinished runs
+(one self-contained page, figures embedded), figures/*.png and normalizations.xlsx (the
+workbook that computes BN/LN/GN/IN with live formulas). Missing and unfinished runs
 are reported as such; rerun the command while a suite trains to see it so far.
 
 example:
@@ -16,7 +17,8 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", type=Path, help="the suite folder (holding suite.json)")
+    parser.add_argument("root", type=Path, metavar="ROOT",
+                        help="the suite folder (holding suite.json)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ band for any set of variants; every curve figure goes through it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from normlab.reports.collect import Variant
 
 DPI = 110
 ZOOM_SPAN = 1.0  # accuracy points below the best model's late accuracy that the zoom keeps
+MIN_SPAN = 1.0  # the zoom shows at least this many accuracy points (early in training too)
 REFERENCE_LINES = (99.0, 99.4)
 LABELS = {
     "test_acc": ("Test accuracy", "accuracy %"),
@@ -51,7 +53,8 @@ def mean_band(variant: Variant, metric: str) -> tuple[np.ndarray, np.ndarray, np
     for i, s in enumerate(series):
         grid[i, : len(s)] = s
     count = np.sum(~np.isnan(grid), axis=0)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # an all-NaN epoch (a diverged loss) is a gap, not news
+        warnings.simplefilter("ignore", RuntimeWarning)
         return (np.arange(1, length + 1), np.nanmean(grid, axis=0), np.nanmin(grid, axis=0),
                 np.nanmax(grid, axis=0), count)
 
@@ -62,9 +65,10 @@ def draw_curves(ax, variants: list[Variant], metric: str, colours: dict[str, tup
         epochs, m, lo, hi, count = mean_band(v, metric)
         if not len(epochs):
             continue
-        n = len(v.with_metrics)
+        n, done = len(v.with_metrics), len(v.finished)
+        note = f"{n} seed{'s' if n > 1 else ''}" + (f", {n - done} unfinished" if done < n else "")
         ax.plot(epochs, m, color=colours[v.name], marker="o", markersize=3, linewidth=1.6,
-                label=f"{v.label} ({n} seed{'s' if n > 1 else ''})")
+                label=f"{v.label} ({note})")
         several = count > 1
         if several.any():
             ax.fill_between(epochs, lo, hi, where=several, color=colours[v.name], alpha=0.18,
@@ -98,7 +102,8 @@ def zoom_limits(variants: list[Variant], metric: str) -> tuple[tuple[float, floa
     for y in REFERENCE_LINES:  # a reference line just below the zoom is worth showing
         if y < bottom < y + 0.3:
             bottom = y - pad / 2
-    limits = (bottom, min(100.0, top + pad))
+    top = min(100.0, top + pad)
+    limits = (min(bottom, top - MIN_SPAN), top)
     return limits, any(x < limits[0] for x in late)
 
 
@@ -191,7 +196,7 @@ def confusion_figure(path: Path, pred: np.ndarray, target: np.ndarray,
     ax = fig.subplots()
     # log colour scale: the off-diagonal counts (tens) stay visible beside the diagonal (~1000)
     image = ax.imshow(np.ma.masked_equal(cm, 0), cmap="Blues",
-                      norm=LogNorm(vmin=1, vmax=max(int(cm.max()), 2)))
+                      norm=LogNorm(vmin=0.6, vmax=max(int(cm.max()), 2)))  # 1 stays visible
     bar = fig.colorbar(image, ax=ax, shrink=0.8, label="count (log scale)")
     bar.ax.yaxis.set_major_formatter(PLAIN)
     bar.ax.yaxis.set_minor_formatter(NullFormatter())
