@@ -245,6 +245,16 @@ def test_a_suite_with_no_run_yet_still_reports(tmp_path):
     assert len(read_csv(root / "results.csv")) == 0
 
 
+def test_unavailable_test_images_skip_only_the_galleries(tmp_path):
+    def no_data(dataset: str):
+        raise ValueError(f"{dataset} is not here")
+
+    page = build_report(make_suite(tmp_path), images=no_data).read_text()
+    assert "Test images unavailable (mnist is not here): galleries skipped." in page
+    assert page.count("data:image/png;base64,") == 9  # no galleries, everything else
+    assert not list((tmp_path / "figures").glob("mistakes_*.png"))
+
+
 def test_suite_without_manifest_is_discovered(tmp_path):
     make_suite(tmp_path, skip=(("bn_l1", 2),))
     (tmp_path / "suite.json").unlink()

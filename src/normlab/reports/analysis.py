@@ -53,7 +53,7 @@ def _runs_section(suite: Suite) -> list[Block]:
         v = _variant(suite, r.variant)
         so_far = f"epoch {len(r.metrics)} of {v.epochs}" if r.metrics else "no epoch yet"
         items.append(f"{v.label} seed {r.seed}: **unfinished** (still training or stopped; "
-                     f"{so_far}); its curves are shown so far, it is left out of the tables.")
+                     f"{so_far}); its curves are shown so far, it is left out of the comparisons.")
     for r in suite.by_state(MISSING):
         v = _variant(suite, r.variant)
         items.append(f"{v.label} seed {r.seed}: **missing** (not started).")

@@ -86,31 +86,45 @@ def _first_predictions(v: Variant):
     return None, None
 
 
+class DatasetImages:
+    """A dataset's test images and class names, loaded on first use (at most once)."""
+
+    def __init__(self, loader: ImageLoader, dataset: str, notes: list[str]) -> None:
+        self.loader, self.dataset, self.notes = loader, dataset, notes
+        self.images: np.ndarray | None = None
+        self.classes = tuple(str(i) for i in range(10))
+        self.tried = False
+
+    def load(self) -> np.ndarray | None:
+        if not self.tried:
+            self.tried = True
+            try:
+                images, self.classes = self.loader(self.dataset)
+                self.images = np.asarray(images)
+            except (ValueError, OSError, ImportError) as err:  # no data here: say so, go on
+                self.notes.append(f"Test images unavailable ({err}): galleries skipped.")
+        return self.images
+
+
 def _prediction_parts(suite: Suite, figs: Path, loader: ImageLoader,
                       notes: list[str]) -> list[str]:
-    parts, images, classes = [], None, tuple(str(i) for i in range(10))
+    parts, test = [], DatasetImages(loader, suite.dataset, notes)
     for v in suite.variants:
         run, preds = _first_predictions(v)
         if preds is None:
             parts.append(f"<h3>{html.escape(v.label)}</h3><p>No finished run yet.</p>")
             continue
-        if images is None:
-            try:
-                images, classes = loader(suite.dataset)
-                images = np.asarray(images)
-            except (ValueError, OSError, ImportError) as err:
-                images = False
-                notes.append(f"Test images unavailable ({err}): galleries skipped.")
         figures = []
         wrong = int((preds["pred"] != preds["target"]).sum())
-        if images is not False and len(images) == len(preds["target"]):
+        images, classes = test.load(), test.classes
+        if images is not None and len(images) == len(preds["target"]):
             path = mistakes_figure(
                 figs / f"mistakes_{slug(v.name)}.png", images, classes, preds,
                 f"{v.label}, seed {run.seed}: the 10 most confident of {wrong} mistakes")
             figures.append(Image(path, f"{v.label}: misclassified test images",
                                  "Ties in confidence are broken by the lower test index (#).",
                                  "wide"))
-        elif images is not False:
+        elif images is not None:
             notes.append(f"{v.label}: {len(preds['target'])} predictions but {len(images)} "
                          "test images: gallery skipped.")
         path = confusion_figure(
@@ -145,8 +159,8 @@ def _status_notes(suite: Suite) -> list[str]:
                   for r in suite.by_state(UNFINISHED)]
     missing = [f"{r.variant}/seed{r.seed}" for r in suite.by_state(MISSING)]
     if unfinished:
-        notes.append("**Unfinished** (still training or stopped), plotted so far but not in the "
-                     f"tables: {', '.join(unfinished)}.")
+        notes.append("**Unfinished** (still training or stopped; plotted so far, left out of "
+                     f"the comparisons): {', '.join(unfinished)}.")
     if missing:
         notes.append(f"**Missing** (not started): {', '.join(missing)}.")
     return notes

@@ -148,7 +148,7 @@ def curves_figure(path: Path, variants: list[Variant], metric: str, colours: dic
 
 def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    fig.savefig(path, dpi=DPI, facecolor="white", bbox_inches="tight", pad_inches=0.12)
     return path
 
 
