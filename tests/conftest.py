@@ -1,0 +1,29 @@
+"""Shared fixtures. The real MNIST comes through normlab.data (offline: the PyPI copy),
+cached under $NORMLAB_DATA (CI sets it to a fresh folder) or ~/.cache/normlab."""
+
+import os
+
+import pytest
+import torch
+
+# One thread: the tests train tiny models, where a second OpenMP thread buys little and
+# oversubscribes a 2-core machine that also runs anything else.
+torch.set_num_threads(1)
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tool(available: bool, what: str) -> None:
+    """Skip when a test's tool is missing, except under CI, where that is a failure:
+    a skipped browser or spreadsheet test is a check that cannot fail."""
+    if not available:
+        if IN_CI:
+            pytest.fail(f"{what} is required under CI=true but is missing")
+        pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from normlab.data import load_dataset
+
+    return load_dataset("mnist")

@@ -1,0 +1,186 @@
+"""The engine: reproducibility, resume equality, the L1 gradient, divergence, config
+mismatch, augmentation. Small subsets of the real MNIST, one or two epochs."""
+
+import json
+
+import pytest
+import torch
+
+from normlab.cli import main
+from normlab.training import (
+    RunConfig,
+    TensorData,
+    l1_penalty,
+    read_metrics,
+    resolve_protocol,
+    train,
+)
+from normlab.training.augment import rotate, to_input
+from normlab.training.engine import l1_parameters
+
+TIMING = {"train_seconds", "test_seconds", "seconds", "images_per_second"}
+
+
+def without_timing(history):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    n = 1000
+    return (
+        TensorData(mnist.train_images[:n], mnist.train_labels[:n], mnist.mean, mnist.std),
+        TensorData(mnist.test_images[:1000], mnist.test_labels[:1000], mnist.mean, mnist.std),
+    )
+
+
+def config(**kw):
+    proto = resolve_protocol("seed", {"epochs": kw.pop("epochs", 2), "batch_size": 64})
+    return RunConfig(protocol=proto, subset=1000, **kw)
+
+
+def test_same_seed_same_metrics_other_seed_differs(small, tmp_path):
+    a = train(config(), tmp_path / "a", data=small, quiet=True)
+    b = train(config(), tmp_path / "b", data=small, quiet=True)
+    c = train(config(seed=2), tmp_path / "c", data=small, quiet=True)
+    assert without_timing(a.history) == without_timing(b.history)
+    assert without_timing(a.history) != without_timing(c.history)
+    assert a.history[-1]["test_acc"] > 50  # it learns
+    assert torch.equal(
+        torch.load(tmp_path / "a/predictions.pt", weights_only=True)["pred"],
+        torch.load(tmp_path / "b/predictions.pt", weights_only=True)["pred"],
+    )
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(small, tmp_path):
+    cfg = config(epochs=3, dropout=0.1)  # dropout: the RNG state must be restored too
+    whole = train(cfg, tmp_path / "whole", data=small, quiet=True)
+
+    def kill_after_epoch_1(line):
+        if line.startswith("epoch  1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", data=small, log=kill_after_epoch_1)
+    assert len(read_metrics(tmp_path / "cut")) == 1
+    assert not (tmp_path / "cut/predictions.pt").exists()
+    resumed = train(cfg, tmp_path / "cut", data=small, quiet=True)
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(whole.history)
+    again = train(cfg, tmp_path / "cut", data=small, quiet=True)  # finished: not retrained
+    assert again.skipped and without_timing(again.history) == without_timing(whole.history)
+
+
+def test_run_directory_contents(small, tmp_path):
+    train(config(epochs=1), tmp_path / "r", data=small, quiet=True)
+    saved = json.loads((tmp_path / "r/config.json").read_text())
+    assert saved["run"] == config(epochs=1).to_dict()
+    assert {"normlab", "torch", "device"} <= set(saved)
+    (line,) = read_metrics(tmp_path / "r")
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
+        assert isinstance(line[key], float)
+    ckpt = torch.load(tmp_path / "r/checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and "torch" in ckpt["rng"]
+    pred = torch.load(tmp_path / "r/predictions.pt", weights_only=True)
+    assert pred["pred"].shape == pred["target"].shape == pred["confidence"].shape == (1000,)
+    assert ((pred["confidence"] > 0) & (pred["confidence"] <= 1)).all()
+
+
+def test_config_mismatch_is_refused_naming_fields(small, tmp_path):
+    train(config(epochs=1), tmp_path / "r", data=small, quiet=True)
+    with pytest.raises(ValueError, match=r"l1: 0.0 -> 0.001.*norm: 'bn' -> 'gn'"):
+        train(config(epochs=1, norm="gn", l1=1e-3), tmp_path / "r", data=small, quiet=True)
+
+
+@pytest.mark.parametrize("scope", ["all", "conv"])
+def test_l1_gradient_is_lambda_sign_w(scope):
+    torch.manual_seed(0)
+    cfg = RunConfig(dropout=0.0, l1_scope=scope)
+    model = cfg.make_model()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    lam = 0.01
+
+    def grads(with_l1):
+        model.zero_grad()
+        loss = torch.nn.functional.nll_loss(model(x), y)
+        if with_l1:
+            loss = loss + lam * l1_penalty(l1_parameters(model, scope))
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    data, total = grads(False), grads(True)
+    covered = {id(p) for p in l1_parameters(model, scope)}
+    for name, p in model.named_parameters():
+        expected = data[name] + (lam * p.sign() if id(p) in covered else 0)
+        assert torch.allclose(total[name], expected, atol=1e-6), name
+    n_covered = sum(p.numel() for p in l1_parameters(model, scope))
+    assert n_covered == (5760 if scope == "all" else 5632)
+
+
+def test_l1_penalty_is_added_once():
+    params = [torch.tensor([1.0, -2.0]), torch.tensor([3.0]), torch.tensor([-4.0, 0.5])]
+    assert l1_penalty(params).item() == pytest.approx(10.5)  # not a running sum per tensor
+
+
+def test_nan_loss_is_detected_and_stops(small, tmp_path):
+    cfg = config(epochs=3, norm="none", dropout=0.0)
+    cfg = RunConfig(**{**cfg.__dict__, "protocol": resolve_protocol("seed", {"lr": 1e6})})
+    result = train(cfg, tmp_path / "nan", data=small, quiet=True)
+    assert result.status == "diverged"
+    assert "loss became nan/inf at epoch 1, step" in result.message
+    assert "smaller learning rate" in result.message
+    lines = read_metrics(tmp_path / "nan")
+    assert len(lines) == 1 and lines[0]["status"] == "diverged"
+    assert train(cfg, tmp_path / "nan", data=small, quiet=True).status == "diverged"  # kept
+
+
+def test_chance_accuracy_is_flagged(small, tmp_path, monkeypatch):
+    import normlab.training.run as run_mod
+
+    monkeypatch.setattr(run_mod, "CHANCE_MIN_STEPS", 1)
+    # lambda so large that every weight is driven to zero: the seed's L1 failure mode
+    result = train(config(epochs=3, l1=5.0), tmp_path / "l1", data=small, quiet=True)
+    assert result.status == "diverged" and "at chance level after epoch 1" in result.message
+    assert len(result.history) == 1
+
+
+def test_rotation_by_zero_is_identity(mnist):
+    x = to_input(mnist.train_images[:16], 0.0, 1.0)
+    assert torch.equal(rotate(x, torch.zeros(16)), x)
+
+
+def test_rotation_keeps_a_centred_digits_mass_in_place(mnist):
+    x = mnist.train_images[:64].unsqueeze(1).float() / 255
+    rotated = rotate(x, torch.full((64,), 7.0))
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+
+    def centre(img):
+        m = img.sum((1, 2, 3))
+        return torch.stack(((img[:, 0] * ys).sum((1, 2)) / m, (img[:, 0] * xs).sum((1, 2)) / m), 1)
+
+    assert (centre(rotated) - centre(x)).abs().max() < 1.5  # pixels
+    assert rotated.sum() == pytest.approx(x.sum().item(), rel=0.05)
+    assert not torch.equal(rotated, x)
+    # 90 degrees is counter-clockwise and exact on the pixel grid
+    quarter = rotate(x[:1], torch.tensor([90.0]))
+    assert torch.equal(quarter[0, 0], torch.rot90(x[0, 0], 1))
+
+
+def test_train_command(mnist, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--subset", "500", "--epochs", "1", "--norm", "gn", "--groups", "2",
+            "--l1", "1e-4", "--seed", "3", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / "config.json").read_text())["run"]
+    assert saved["norm"] == "gn" and saved["l1"] == 1e-4 and saved["protocol"]["epochs"] == 1
+    assert main(args) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main([*args[:-2], "--lr", "0.05", "--out", str(out)]) == 2
+    assert "protocol.lr: 0.1 -> 0.05" in capsys.readouterr().err
+
+
+def test_bad_protocol_field():
+    with pytest.raises(ValueError, match="unknown protocol field 'lrr'; valid fields: epochs"):
+        resolve_protocol("seed", {"lrr": 0.1})
+    with pytest.raises(ValueError, match="unknown protocol 'adam'; choose one of seed, fast"):
+        resolve_protocol("adam")
