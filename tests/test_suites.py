@@ -12,7 +12,7 @@ import torch
 import normlab.reports
 import normlab.training.engine as engine
 from normlab.cli import main
-from normlab.experiments import comparable_metrics, load_suite, run_suite
+from normlab.experiments import comparable_metrics, load_suite, manifest, run_suite
 from normlab.experiments import runner as suite_runner
 from normlab.experiments.suite import default_label
 from normlab.training import RunConfig, resolve_protocol
@@ -144,22 +144,23 @@ def test_killed_suite_resumes_skips_finished_and_matches(done, small_suite, tmp_
     no_report(monkeypatch)
     monkeypatch.setattr(suite_runner, "train", dies_on_second_run)
     log: list[str] = []
-    with pytest.raises(KeyboardInterrupt):
-        run_suite(small_suite, out, quiet=True, log=log.append)
-    assert "1 of 4 runs are finished" in log[-1]
+    with pytest.raises(KeyboardInterrupt):  # one seed: two runs, killed as the second starts
+        run_suite(small_suite, out, seeds=[1], quiet=True, log=log.append)
+    assert log[-1].startswith("stopped during [2/2] gn-l1 seed 1: 1 of 2 runs are finished")
+    assert not (out / "gn-l1/seed1/predictions.pt").exists()
     first = out / "bn/seed1/metrics.jsonl"
     assert first.exists() and (out / "suite.json").exists()
     stamp = first.stat().st_mtime_ns
 
     monkeypatch.setattr(suite_runner, "train", real_train)
     log.clear()
-    run_suite(small_suite, out, quiet=True, log=log.append)
-    assert log[0] == "[1/4] bn seed 1: skipped (finished)"
+    run_suite(small_suite, out, seeds=[1], quiet=True, log=log.append)
+    assert log[0] == "[1/2] bn seed 1: skipped (finished)"
     assert first.stat().st_mtime_ns == stamp
-    assert "suite study: 4 runs (3 trained, 1 already finished)" in "\n".join(log)
-    for run in ("bn/seed1", "gn-l1/seed1", "bn/seed2", "gn-l1/seed2"):
+    assert "suite study: 2 runs (1 trained, 1 already finished)" in "\n".join(log)
+    for run in ("bn/seed1", "gn-l1/seed1"):  # equal to the uninterrupted suite's runs
         assert comparable_metrics(out / run) == comparable_metrics(reference / run), run
-    assert (out / "suite.json").read_text() == (reference / "suite.json").read_text()
+    assert json.loads((out / "suite.json").read_text()) == manifest(small_suite, [1])
 
 
 def test_cli_dry_run_shows_finished_runs_and_trains_nothing(done, small_suite, capsys, tmp_path):
