@@ -184,3 +184,16 @@ def test_bad_protocol_field():
         resolve_protocol("seed", {"lrr": 0.1})
     with pytest.raises(ValueError, match="unknown protocol 'adam'; choose one of seed, fast"):
         resolve_protocol("adam")
+
+
+def test_a_run_directory_is_trained_by_one_process_at_a_time(small, tmp_path):
+    import os
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(ValueError, match="is being trained by process"):
+        train(config(epochs=1), out, data=small, quiet=True)
+    (out / ".lock").write_text("999999999")  # its process is gone: a stale lock
+    assert train(config(epochs=1), out, data=small, quiet=True).status == "ok"
+    assert not (out / ".lock").exists()

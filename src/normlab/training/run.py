@@ -8,11 +8,12 @@ config is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,37 @@ def _write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """One process trains a run directory at a time: a second one is refused, not let in to
+    interleave checkpoints. A lock left by a killed process (its pid is gone) is taken over."""
+    lock = out / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:
+                pass  # alive, someone else's
+            raise ValueError(
+                f"{out} is being trained by process {pid}; wait for it or stop it"
+            ) from None
+    else:
+        raise ValueError(f"could not lock {out}")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def _check_config(out: Path, config: RunConfig, meta: dict) -> None:
     path = out / CONFIG
     if path.exists():
@@ -153,6 +185,11 @@ def train(
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
+    with _run_lock(out):
+        return _train_locked(config, out, dev, quiet, writer, data, log)
+
+
+def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
     meta = {"normlab": __version__, "torch": torch.__version__, "device": str(dev),
             "threads": torch.get_num_threads()}
     _check_config(out, config, meta)
