@@ -7,6 +7,7 @@ band for any set of variants; every curve figure goes through it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, MultipleLocator, NullFormatter
 
 from normlab.reports.collect import Variant
 
@@ -61,10 +62,12 @@ def mean_band(variant: Variant, metric: str) -> tuple[np.ndarray, np.ndarray, np
 
 def draw_curves(ax, variants: list[Variant], metric: str, colours: dict[str, tuple]) -> None:
     """Mean over seeds per variant, with a shaded min-max band where >1 seed has the epoch."""
+    last = 1
     for v in variants:
         epochs, m, lo, hi, count = mean_band(v, metric)
         if not len(epochs):
             continue
+        last = max(last, len(epochs))
         n, done = len(v.with_metrics), len(v.finished)
         note = f"{n} seed{'s' if n > 1 else ''}" + (f", {n - done} unfinished" if done < n else "")
         ax.plot(epochs, m, color=colours[v.name], marker="o", markersize=3, linewidth=1.6,
@@ -74,7 +77,8 @@ def draw_curves(ax, variants: list[Variant], metric: str, colours: dict[str, tup
             ax.fill_between(epochs, lo, hi, where=several, color=colours[v.name], alpha=0.18,
                             linewidth=0)
     ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MultipleLocator(max(1, math.ceil(last / 10))))  # whole epochs
     ax.grid(True, alpha=0.3)
 
 
