@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -187,13 +188,13 @@ def test_missing_and_unfinished_runs_are_reported(tmp_path, monkeypatch):
     report = build_report(root)
     analysis = (root / "analysis.md").read_text()
     assert "BN + L1 seed 2: **missing**" in analysis
-    assert "BN seed 2: **unfinished**" in analysis and "epoch 2 of 3" in analysis
+    assert "BN seed 2: **unfinished** (stopped after epoch 2 of 3)" in analysis
     assert "2 of 4 runs finished" in analysis
     # one seed per variant finished: a single observation, no interval
     assert "a single observation (one seed), no interval possible" in analysis
     assert "| 1 | BN | 99.10 |" in analysis  # one seed: no ±
     page = report.read_text()
-    assert "bn_l1/seed2" in page and "bn/seed2 (2 epochs so far)" in page
+    assert "bn_l1/seed2" in page and "bn/seed2 (stopped after epoch 2 of 3)" in page
     assert len(read_csv(root / "results.csv")) == 3 + 2 + 3
 
 
@@ -201,6 +202,14 @@ def analysis_md(root: Path) -> str:
     """analysis.md's text without drawing the figures (faster than build_report)."""
     suite = load_suite(root)
     return to_markdown(analysis_blocks(suite, [summarise(v) for v in suite.variants]))
+
+
+def test_a_run_whose_lock_is_held_is_training(tmp_path):
+    root = make_suite(tmp_path, unfinished=(("bn", 2),))
+    (root / "bn" / "seed2" / ".lock").write_text(str(os.getpid()))
+    assert "BN seed 2: **training** (training now, 2 of 3 epochs done)" in analysis_md(root)
+    (root / "bn" / "seed2" / ".lock").write_text("999999999")  # a process that is gone
+    assert "BN seed 2: **unfinished** (stopped after epoch 2 of 3)" in analysis_md(root)
 
 
 def test_variant_with_no_finished_run_and_a_diverged_run(tmp_path):

@@ -51,9 +51,9 @@ def _runs_section(suite: Suite) -> list[Block]:
     items = [f"{len(done)} of {len(suite.runs)} runs finished."]
     for r in suite.by_state(UNFINISHED):
         v = _variant(suite, r.variant)
-        so_far = f"epoch {len(r.metrics)} of {v.epochs}" if r.metrics else "no epoch yet"
-        items.append(f"{v.label} seed {r.seed}: **unfinished** (still training or stopped; "
-                     f"{so_far}); its curves are shown so far, it is left out of the comparisons.")
+        state = "**training**" if r.training else "**unfinished**"
+        items.append(f"{v.label} seed {r.seed}: {state} ({r.progress(v.epochs)}); its curves "
+                     "are shown so far, it is left out of the comparisons.")
     for r in suite.by_state(MISSING):
         v = _variant(suite, r.variant)
         items.append(f"{v.label} seed {r.seed}: **missing** (not started).")

@@ -155,12 +155,13 @@ def _workbook(root: Path) -> Path | None:
 
 def _status_notes(suite: Suite) -> list[str]:
     notes = []
-    unfinished = [f"{r.variant}/seed{r.seed} ({len(r.metrics)} epochs so far)"
+    epochs = {v.name: v.epochs for v in suite.variants}
+    unfinished = [f"{r.variant}/seed{r.seed} ({r.progress(epochs[r.variant])})"
                   for r in suite.by_state(UNFINISHED)]
     missing = [f"{r.variant}/seed{r.seed}" for r in suite.by_state(MISSING)]
     if unfinished:
-        notes.append("**Unfinished** (still training or stopped; plotted so far, left out of "
-                     f"the comparisons): {', '.join(unfinished)}.")
+        notes.append("**Unfinished** (plotted so far, left out of the comparisons): "
+                     f"{', '.join(unfinished)}.")
     if missing:
         notes.append(f"**Missing** (not started): {', '.join(missing)}.")
     return notes

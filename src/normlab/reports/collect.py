@@ -7,6 +7,7 @@ unfinished (metrics so far, no predictions.pt: still training, or stopped) or fi
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +20,7 @@ import torch
 from normlab.training.run import CONFIG, METRICS, PREDICTIONS
 
 MISSING, UNFINISHED, FINISHED = "missing", "unfinished", "finished"
+LOCK = ".lock"  # normlab.training.run holds this (its pid inside) while a process trains the run
 
 
 @dataclass
@@ -34,6 +36,34 @@ class Run:
         if self.config is None:
             return MISSING
         return FINISHED if (self.dir / PREDICTIONS).exists() else UNFINISHED
+
+    @property
+    def training(self) -> bool:
+        """Whether a live process holds the run's lock (on this machine) right now."""
+        if self.state != UNFINISHED:
+            return False
+        try:
+            pid = int((self.dir / LOCK).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return False
+        if pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            return True
+        return True
+
+    def progress(self, epochs: int | None) -> str:
+        """'training now, epoch 3 of 20 done' / 'stopped after epoch 3 of 20'."""
+        of = f" of {epochs}" if epochs else ""
+        if self.training:
+            return f"training now, {len(self.metrics)}{of} epochs done"
+        if not self.metrics:
+            return "stopped before its first epoch"
+        return f"stopped after epoch {len(self.metrics)}{of}"
 
     @property
     def final(self) -> dict[str, Any] | None:
