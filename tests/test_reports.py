@@ -188,13 +188,13 @@ def test_missing_and_unfinished_runs_are_reported(tmp_path, monkeypatch):
     report = build_report(root)
     analysis = (root / "analysis.md").read_text()
     assert "BN + L1 seed 2: **missing**" in analysis
-    assert "BN seed 2: **unfinished** (stopped after epoch 2 of 3)" in analysis
+    assert "BN seed 2: **unfinished** (stopped after epoch 2 of 3, last written 0 min" in analysis
     assert "2 of 4 runs finished" in analysis
     # one seed per variant finished: a single observation, no interval
     assert "a single observation (one seed), no interval possible" in analysis
     assert "| 1 | BN | 99.10 |" in analysis  # one seed: no ±
     page = report.read_text()
-    assert "bn_l1/seed2" in page and "bn/seed2 (stopped after epoch 2 of 3)" in page
+    assert "bn_l1/seed2" in page and "bn/seed2 (stopped after epoch 2 of 3, last" in page
     assert len(read_csv(root / "results.csv")) == 3 + 2 + 3
 
 
@@ -209,7 +209,7 @@ def test_a_run_whose_lock_is_held_is_training(tmp_path):
     (root / "bn" / "seed2" / ".lock").write_text(str(os.getpid()))
     assert "BN seed 2: **training** (training now, 2 of 3 epochs done)" in analysis_md(root)
     (root / "bn" / "seed2" / ".lock").write_text("999999999")  # a process that is gone
-    assert "BN seed 2: **unfinished** (stopped after epoch 2 of 3)" in analysis_md(root)
+    assert "BN seed 2: **unfinished** (stopped after epoch 2 of 3, last" in analysis_md(root)
 
 
 def test_variant_with_no_finished_run_and_a_diverged_run(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -63,7 +64,10 @@ class Run:
             return f"training now, {len(self.metrics)}{of} epochs done"
         if not self.metrics:
             return "stopped before its first epoch"
-        return f"stopped after epoch {len(self.metrics)}{of}"
+        # a run trained by a process that holds no lock looks stopped: the age tells
+        age = time.time() - (self.dir / METRICS).stat().st_mtime
+        ago = f"{age / 60:.0f} min" if age < 5400 else f"{age / 3600:.1f} h"
+        return f"stopped after epoch {len(self.metrics)}{of}, last written {ago} ago"
 
     @property
     def final(self) -> dict[str, Any] | None:
