@@ -27,7 +27,7 @@ h2 { font-size: 1.3rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; paddi
 h3 { font-size: 1.08rem; margin-top: 1.5rem; }
 code { font: 0.92em ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
   background: #f3f3f3; padding: 0 .2em; border-radius: 3px; }
-nav { font-size: .92rem; }
+nav { font-size: .92rem; margin: .8rem 0; }
 nav a { margin-right: 1rem; }
 .meta { color: #555; font-size: .92rem; }
 .notice { border-left: 4px solid #d08700; background: #fff7e6; padding: .6rem .9rem; }
