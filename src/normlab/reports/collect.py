@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab.training.run import CONFIG, METRICS, PREDICTIONS
+from normlab.training.run import CONFIG, LOCK, METRICS, PREDICTIONS
 
 MISSING, UNFINISHED, FINISHED = "missing", "unfinished", "finished"
-LOCK = ".lock"  # normlab.training.run holds this (its pid inside) while a process trains the run
+
 
 
 @dataclass

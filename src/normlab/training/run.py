@@ -23,8 +23,8 @@ from normlab import __version__
 from normlab.training.config import RunConfig, config_diff
 from normlab.training.engine import TensorData, evaluate, l1_parameters, train_one_epoch
 
-CONFIG, METRICS, CHECKPOINT, PREDICTIONS = (
-    "config.json", "metrics.jsonl", "checkpoint.pt", "predictions.pt",
+CONFIG, METRICS, CHECKPOINT, PREDICTIONS, LOCK = (
+    "config.json", "metrics.jsonl", "checkpoint.pt", "predictions.pt", ".lock",
 )
 CHANCE_MIN_STEPS = 100  # the chance-level check needs a real first epoch, not a tiny subset
 
@@ -91,7 +91,7 @@ def _write_text(path: Path, text: str) -> None:
 def _run_lock(out: Path) -> Iterator[None]:
     """One process trains a run directory at a time: a second one is refused, not let in to
     interleave checkpoints. A lock left by a killed process (its pid is gone) is taken over."""
-    lock = out / ".lock"
+    lock = out / LOCK
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
