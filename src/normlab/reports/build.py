@@ -216,7 +216,8 @@ def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path
             Para("Accuracies are test accuracies in %, mean ± sample std over finished seeds "
                  "(the single value when one seed finished). Epochs to X%: the first epoch "
                  "whose test accuracy reaches X, averaged over the seeds that reached it. "
-                 "s / epoch: training plus test time per epoch. " + COMMON_RANDOM_NUMBERS)])),
+                 "s / epoch: the median over epochs of training plus test time. "
+                 + COMMON_RANDOM_NUMBERS)])),
         Section("curves", "Training curves", parts=[figure_html(i) for i in curves]),
         Section("analysis", "Analysis",
                 blocks_html(analysis_blocks(suite, summaries, standalone=False))),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 from normlab.reports.collect import Run, Variant
@@ -145,5 +146,6 @@ def summarise(variant: Variant) -> Summary:
         s.final_loss.append(r.final["test_loss"])
     s.reach = {t: [epochs_to(r, t) for r in runs] for t in THRESHOLDS}
     seconds = [m["seconds"] for r in runs for m in r.metrics if "seconds" in m]
-    s.seconds_per_epoch = mean(seconds) if seconds else None
+    # the median: one epoch slowed by other work on the machine should not move it
+    s.seconds_per_epoch = statistics.median(seconds) if seconds else None
     return s

@@ -62,7 +62,7 @@ def summary_csv(summaries: list[Summary]) -> str:
 
 def summary_table(summaries: list[Summary]) -> Table:
     header = ["variant", "parameters", "best test acc %", "final test acc %", "final test loss",
-              *(f"epochs to {t:.1f}%" for t in THRESHOLDS), "s / epoch", "seeds finished"]
+              *(f"epochs to {t:.1f}%" for t in THRESHOLDS), "s / epoch (median)", "seeds finished"]
     rows = []
     for s in summaries:
         v = s.variant
