@@ -252,8 +252,17 @@ def test_bad_file_fails_on_the_command_line_before_anything_trains(tmp_path, cap
 
 
 def test_unknown_bundled_name_lists_the_bundled_suites():
-    with pytest.raises(ValueError, match="bundled: s6, s6-quick"):
+    with pytest.raises(ValueError, match="bundled: l1-sweep, s6, s6-quick"):
         load_suite("s7")
+
+
+def test_l1_sweep_suite_is_bn_at_each_lambda_for_three_epochs():
+    sweep = load_suite("l1-sweep")
+    lambdas = [v.config.l1 for v in sweep.variants]
+    assert lambdas == [0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+    for v in sweep.variants:
+        assert v.config == RunConfig(norm="bn", l1=v.config.l1,
+                                     protocol=resolve_protocol("seed", {"epochs": 3}))
 
 
 def test_seed_count_labels_and_defaults(tmp_path):
