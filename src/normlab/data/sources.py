@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from normlab.data import idx, safe_pickle
+from normlab.files import write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +338,8 @@ def _write_cache(name: str, files: dict[str, bytes], origin: str) -> None:
     folder = cache_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     for file, data in files.items():
-        part = folder / f"{file}.part"
-        part.write_bytes(data)
-        os.replace(part, folder / file)
-    (folder / SOURCE_NOTE).write_text(origin + "\n")
+        write_bytes(folder / file, data)
+    write_text(folder / SOURCE_NOTE, origin + "\n")
 
 
 def _discard_corrupt(name: str, bad: list[str]) -> None:

@@ -9,9 +9,7 @@ before anything trains) tells the report which runs belong to the suite and how 
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.experiments.suite import Suite, Variant, run_dir
+from normlab.files import write_json
 from normlab.training.config import RunConfig, config_diff
 from normlab.training.run import (
     CONFIG,
@@ -121,19 +120,6 @@ def _merged_manifest(out: Path, suite: Suite, seeds: list[int]) -> tuple[dict, l
         )
     kept = [s for s in old.get("seeds", []) if s not in seeds]
     return manifest(suite, sorted({*seeds, *kept})), kept
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic: a temp file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def plan(suite: Suite, out: str | Path, seeds: list[int] | None = None) -> list[PlannedRun]:
@@ -273,7 +259,7 @@ def run_suite(
     _check_conflicts(runs)
     data_manifest, kept = _merged_manifest(out, suite, seeds)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / MANIFEST, data_manifest)
+    write_json(out / MANIFEST, data_manifest)
     if kept:
         log(f"{out / MANIFEST} keeps seeds {', '.join(map(str, kept))} of an earlier invocation")
 

@@ -7,16 +7,15 @@ workbook package provides ``write_workbook``, normalizations.xlsx.
 from __future__ import annotations
 
 import html
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from normlab import __version__
+from normlab.files import write_text
 from normlab.reports.analysis import COMMON_RANDOM_NUMBERS, analysis_blocks
 from normlab.reports.collect import MISSING, UNFINISHED, Suite, Variant, load_suite
 from normlab.reports.doc import Para, to_markdown
@@ -39,21 +38,6 @@ def load_test_images(dataset: str) -> tuple[np.ndarray, tuple[str, ...]]:
 
     ds = load_dataset(dataset)
     return ds.test_images.numpy(), tuple(ds.classes)
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write through a temp file and rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report is for reading
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def slug(name: str) -> str:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from normlab import __version__
+from normlab.files import atomic_write, write_text
 from normlab.training.config import RunConfig, config_diff
 from normlab.training.engine import TensorData, evaluate, l1_parameters, train_one_epoch
 
@@ -71,22 +71,6 @@ def is_finished(out: Path) -> bool:
     return (Path(out) / PREDICTIONS).exists()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename: never a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 @contextlib.contextmanager
 def _run_lock(out: Path) -> Iterator[None]:
     """One process trains a run directory at a time: a second one is refused, not let in to
@@ -129,7 +113,7 @@ def _check_config(out: Path, config: RunConfig, meta: dict) -> None:
                 "use another --out or delete that directory"
             )
     else:
-        _write_text(path, json.dumps({"run": config.to_dict(), **meta}, indent=2) + "\n")
+        write_text(path, json.dumps({"run": config.to_dict(), **meta}, indent=2) + "\n")
 
 
 def _divergence(record: dict, steps_done: int, n_classes: int = 10) -> str:
@@ -220,7 +204,7 @@ def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
         history = [json.loads(line) for line in ckpt["history"]]
         log(f"resuming {out} after epoch {len(history)}")
     # metrics.jsonl always equals the checkpoint's history (a kill between the two is safe)
-    _write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
     status, message = "ok", ""
     for epoch in range(len(history) + 1, p.epochs + 1):
@@ -261,7 +245,7 @@ def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
             break
 
     final = evaluate(model, test_data, p.eval_batch_size, predictions=True)["predictions"]
-    _atomic_write(out / PREDICTIONS, lambda tmp: torch.save(final, tmp))
+    atomic_write(out / PREDICTIONS, lambda tmp: torch.save(final, tmp))
     if writer is not None:
         _log_mistakes(writer, test_data, final, len(history))
         writer.close()
@@ -281,7 +265,7 @@ def _save_checkpoint(path, model, opt, per_epoch, per_step, history, dev) -> Non
     for sched, key in ((per_epoch, "per_epoch"), (per_step, "per_step")):
         if sched is not None:
             state[key] = sched.state_dict()
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _progress(total: int, desc: str, quiet: bool):

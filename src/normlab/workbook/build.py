@@ -30,6 +30,7 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.pagebreak import Break
 from openpyxl.worksheet.worksheet import Worksheet
 
+from normlab.files import atomic_write
 from normlab.models.norms import NORM_TITLES
 
 Index = tuple[int, int, int, int]  # (n, c, h, w)
@@ -689,11 +690,4 @@ def write_workbook(
         beta=None if beta is None else tuple(beta),
     )
     wb = build_workbook(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        wb.save(partial)
-        os.replace(partial, path)  # never leave a half-written workbook under the real name
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, wb.save)  # never a half-written workbook under the real name
