@@ -15,6 +15,10 @@ $(BIN)/normlab: pyproject.toml requirements-cpu.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
+$(BIN)/pytest: $(BIN)/normlab requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	touch $@
+
 venv: $(BIN)/normlab
 
 system-deps:
@@ -24,7 +28,7 @@ run: venv
 	$(BIN)/normlab data fetch --dataset mnist
 	$(BIN)/normlab suite s6 --seeds $(SEEDS) --out runs/s6
 
-test: venv system-deps
+test: venv $(BIN)/pytest system-deps
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
