@@ -293,7 +293,7 @@ S6 = [  # name, label, RunConfig options: long runs train into runs/s6 with exac
     ("bn", "BN", {"norm": "bn"}),
     ("gn", "GN (2 groups)", {"norm": "gn", "groups": 2}),
     ("ln", "LN", {"norm": "ln"}),
-    ("bn-l1", None, {"norm": "bn", "l1": None}),  # lambda: the lead's to set
+    ("bn-l1", "BN + L1 (λ=3e-05)", {"norm": "bn", "l1": 3e-5}),  # lambda: from l1-sweep
     ("bn-l1-seed", "BN + L1 (λ=0.001, the seed's)", {"norm": "bn", "l1": 0.001}),
 ]
 
@@ -309,10 +309,6 @@ def test_bundled_s6_suites_resolve_to_the_study_configs(name):
     assert [v.name for v in suite.variants] == [n for n, _, _ in S6]
     for variant, (_, label, options) in zip(suite.variants, S6, strict=True):
         options = dict(options)
-        if options.get("l1", 0) is None:
-            options["l1"] = variant.config.l1
-            assert variant.config.l1 > 0
-            label = f"BN + L1 (λ={variant.config.l1:g})"
         expected = RunConfig(protocol=protocol, subset=suite.subset, **options)
         assert variant.config == expected
         assert variant.config.to_dict() == expected.to_dict()
