@@ -79,6 +79,7 @@ def train_one_epoch(
     l1_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    step_ids = torch.arange(-(-n // batch_size), device=device)  # no host->device per step
     for step, begin in enumerate(range(0, n, batch_size)):
         idx = order[begin : begin + batch_size]
         x = to_input(data.images[idx], data.mean, data.std, angles[idx] if rotation else None)
@@ -96,7 +97,7 @@ def train_one_epoch(
         if step_scheduler is not None:
             step_scheduler.step()
         bad = (first_bad < 0) & ~torch.isfinite(total.detach())
-        first_bad = torch.where(bad, torch.tensor(step, device=device), first_bad)
+        first_bad = torch.where(bad, step_ids[step], first_bad)
         loss_sum += loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
         if progress is not None:
