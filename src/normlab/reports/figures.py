@@ -34,6 +34,18 @@ LABELS = {
 PLAIN = FuncFormatter(lambda y, _: f"{y:g}")
 
 
+def _minor_log_labels(decades: float) -> FuncFormatter:
+    """Label a log axis's minor ticks: all of them within one decade, the 2s, 3s and 5s
+    within three (so a loss of 0.02 can be read off), none beyond."""
+    keep = set(range(2, 10)) if decades < 1 else {2, 3, 5} if decades < 3 else set()
+
+    def label(y, _):
+        mantissa = round(y / 10 ** np.floor(np.log10(y)))
+        return f"{y:g}" if mantissa in keep else ""
+
+    return FuncFormatter(label)
+
+
 def _decades(ax) -> float:
     low, high = ax.get_ylim()
     return float(np.log10(high / low))
@@ -141,7 +153,7 @@ def curves_figure(path: Path, variants: list[Variant], metric: str, colours: dic
     else:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(PLAIN)
-        ax.yaxis.set_minor_formatter(PLAIN if _decades(ax) < 1 else NullFormatter())
+        ax.yaxis.set_minor_formatter(_minor_log_labels(_decades(ax)))
     fig.suptitle(f"{title}: {subtitle} (line: mean over seeds; band: min–max)", fontsize=12)
     handles, labels = ax.get_legend_handles_labels()
     if handles:  # below the axes: never over the data, and long labels have room
