@@ -333,7 +333,15 @@ def test_confusion_rows_are_true_classes():
 def test_zoom_keeps_high_region_and_flags_far_models(tmp_path):
     suite = load_suite(make_suite(tmp_path))
     limits, far = zoom_limits(suite.variants, "test_acc")
-    assert not far and 98.0 < limits[0] < 99.0 and 99.3 < limits[1] <= 100
+    assert 98.0 < limits[0] < 99.0 and 99.3 < limits[1] <= 100
+    lowest = min(m["test_acc"] for v in suite.variants for r in v.runs for m in r.metrics)
+    assert far == (lowest < limits[0])  # an early epoch under the zoom gets the full panel too
+    for v in suite.variants:  # every point inside the zoom: no full-range panel
+        for run in v.runs:
+            for m in run.metrics:
+                m["test_acc"] = max(m["test_acc"], 99.0)
+    limits, far = zoom_limits(suite.variants, "test_acc")
+    assert not far and limits[0] < 99.0
     for run in suite.variants[1].runs:
         for m in run.metrics:
             m["test_acc"] = 9.8

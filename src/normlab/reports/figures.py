@@ -99,15 +99,16 @@ def zoom_limits(variants: list[Variant], metric: str) -> tuple[tuple[float, floa
 
     Each variant's "late" accuracy is the lowest mean over its last half of epochs; the zoom
     starts just under the lowest late accuracy within ZOOM_SPAN points of the best one. The
-    flag says whether some variant's late accuracy lies below it (then a full-range panel is
-    drawn beside the zoom).
+    flag says whether any curve leaves the zoom anywhere (early epochs too): then a full-range
+    panel is drawn beside it, so no part of a curve is hidden.
     """
-    late, peak = [], []
+    late, peak, lowest = [], [], []
     for v in variants:
         _, m, _, hi, _ = mean_band(v, metric)
         if len(m):
             late.append(float(np.min(m[len(m) // 2 :])))
             peak.append(float(np.nanmax(hi)))
+            lowest.append(float(np.nanmin(m)))
     if not late:
         return (0.0, 100.0), False
     best = max(late)
@@ -120,7 +121,15 @@ def zoom_limits(variants: list[Variant], metric: str) -> tuple[tuple[float, floa
             bottom = y - pad / 2
     top = min(100.0, top + pad)
     limits = (min(bottom, top - MIN_SPAN), top)
-    return limits, any(x < limits[0] for x in late)
+    return limits, any(x < limits[0] for x in lowest)
+
+
+def _overview_bottom(variants: list[Variant], metric: str) -> float:
+    """0 when some curve sits far down (chance level, say); else a multiple of 5 just under
+    the lowest value, so a dip to 93% is not squashed against a 0-100 axis."""
+    lows = [float(np.nanmin(mean_band(v, metric)[2])) for v in variants if v.with_metrics]
+    lowest = min(lows, default=0.0)
+    return 0.0 if lowest < 50 else 5.0 * math.floor((lowest - 1) / 5)
 
 
 def curves_figure(path: Path, variants: list[Variant], metric: str, colours: dict[str, tuple],
@@ -132,10 +141,10 @@ def curves_figure(path: Path, variants: list[Variant], metric: str, colours: dic
     if full_panel:
         full, ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.3]})
         draw_curves(full, variants, metric, colours)
-        full.set_ylim(0, 100.5)
+        full.set_ylim(_overview_bottom(variants, metric), 100.5)
         full.axhspan(*limits, color="0.5", alpha=0.12, linewidth=0)
         full.set_ylabel(ylabel)
-        full.set_title("full range (grey: zoomed area)", fontsize=10)
+        full.set_title("every value (grey: zoomed area)", fontsize=10)
     else:
         ax = fig.subplots()
     draw_curves(ax, variants, metric, colours)
