@@ -163,6 +163,22 @@ def test_killed_suite_resumes_skips_finished_and_matches(done, small_suite, tmp_
     assert json.loads((out / "suite.json").read_text()) == manifest(small_suite, [1])
 
 
+def test_parallel_jobs_give_the_same_runs(done, small_suite, tmp_path, monkeypatch):
+    """--jobs 2: two worker processes, each run's metrics equal to the serial suite's (same
+    thread count: 1, as in the serial runs here)."""
+    no_report(monkeypatch)
+    out, log = tmp_path / "parallel", []
+    run_suite(small_suite, out, seeds=[1], jobs=2, threads=1, log=log.append)
+    for run in ("bn/seed1", "gn-l1/seed1"):
+        assert comparable_metrics(out / run) == comparable_metrics(done[0] / run), run
+    text = "\n".join(log)
+    assert "[1/2] bn seed 1 started" in text and "[2/2] gn-l1 seed 1 started" in text
+    assert "gn-l1 seed 1 done: final test accuracy" in text
+    assert "suite study: 2 runs (2 trained, 0 already finished)" in text
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_suite(small_suite, out, seeds=[1], jobs=0)
+
+
 def test_cli_dry_run_shows_finished_runs_and_trains_nothing(done, small_suite, capsys, tmp_path):
     out = done[0]
     assert main(["suite", str(small_suite.source), "--out", str(out), "--dry-run"]) == 0

@@ -54,6 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved plan (runs, configs, what is finished); "
                              "train nothing")
+    parser.add_argument("--jobs", type=_count, default=1, metavar="N",
+                        help="train N runs at once in worker processes (default: 1); with "
+                             "--threads unset each gets cores/N threads. On a 2-core CPU, "
+                             "--jobs 2 --threads 1 nearly halves a suite's wall time")
     add_run_arguments(parser)
 
 
@@ -68,5 +72,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(suite, out, seeds))
         check_out(suite, out, seeds)
         return 0
-    run_suite(suite, out, seeds, device=args.device, threads=args.threads, quiet=args.quiet)
+    run_suite(suite, out, seeds, device=args.device, threads=args.threads, quiet=args.quiet,
+              jobs=args.jobs)
     return 0

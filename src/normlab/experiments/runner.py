@@ -9,6 +9,7 @@ before anything trains) tells the report which runs belong to the suite and how 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -244,13 +245,18 @@ def run_suite(
     device: str = "auto",
     threads: int | None = None,
     quiet: bool = False,
+    jobs: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train every run of ``suite`` that is not finished, then build the report.
 
-    ``out`` defaults to runs/<suite name>; ``seeds`` overrides the suite's. Returns the path
-    of the report. Everything is checked before the first run trains.
+    ``out`` defaults to runs/<suite name>; ``seeds`` overrides the suite's. ``jobs`` > 1
+    trains that many runs at once in worker processes (each run's numbers are the same as
+    when trained alone with the same thread count). Returns the path of the report.
+    Everything is checked before the first run trains.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     log = log or (lambda msg: print(msg, flush=True))
     out = Path(out) if out is not None else default_out(suite)
     seeds = list(seeds or suite.seeds)
@@ -263,36 +269,20 @@ def run_suite(
     if kept:
         log(f"{out / MANIFEST} keeps seeds {', '.join(map(str, kept))} of an earlier invocation")
 
-    dev = resolve_device(device)
-    data = None  # loaded once, on the first run that trains: every run shares dataset and subset
-    n = len(runs)
-    train_seconds, epochs_trained = 0.0, 0
-    results: list[tuple[PlannedRun, str, list[dict]]] = []
-    for i, r in enumerate(runs, 1):
-        head = f"[{i}/{n}] {r.variant.name} seed {r.seed}"
+    to_train = [r for r in runs if r.state != "finished"]
+    for r in runs:
         if r.state == "finished":
-            log(f"{head}: skipped (finished)")
-            results.append((r, "skipped", read_metrics(r.dir)))
-            continue
-        left = sum(x.epochs_left for x in runs[i - 1:])
-        eta = (f"about {_duration(left * train_seconds / epochs_trained)} left"
-               if epochs_trained else "estimating…")
-        resume = f", resuming after epoch {r.epochs_done}" if r.state == "partial" else ""
-        log(f"{head}{resume} -> {r.dir}  ({eta})")
-        try:
-            if data is None:
-                data = load_split_tensors(r.config, dev)
-            t0 = time.perf_counter()
-            result = train(r.config, r.dir, device=device, threads=threads, quiet=quiet, data=data)
-        except KeyboardInterrupt:
-            done = sum(1 for x in runs if is_finished(x.dir))
-            log(f"stopped during {head}: {done} of {n} runs are finished and kept, and "
-                "every completed epoch is checkpointed")
-            raise
-        train_seconds += time.perf_counter() - t0
-        epochs_trained += max(len(result.history) - r.epochs_done, 0)
-        status = "diverged" if result.status == "diverged" else "trained"
-        results.append((r, status, result.history))
+            log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed}: "
+                "skipped (finished)")
+    if threads is None and jobs > 1:  # share the cores instead of oversubscribing them
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    train_args = {"device": device, "threads": threads, "quiet": quiet or jobs > 1}
+    if jobs > 1 and len(to_train) > 1:
+        trained = _train_parallel(runs, to_train, jobs, train_args, log)
+    else:
+        trained = _train_serial(runs, to_train, train_args, log)
+    results = [(r, *trained[r.rel]) if r.rel in trained else (r, "skipped", read_metrics(r.dir))
+               for r in runs]
 
     from normlab.reports import build_report
 
@@ -300,6 +290,92 @@ def run_suite(
     log(_summary(suite, results, time.perf_counter() - started))
     log(f"report: {report}")
     return Path(report)
+
+
+def _eta(left_epochs: int, seconds: float, epochs: int) -> str:
+    """Time left from the wall seconds per epoch trained so far in this invocation."""
+    if not epochs:
+        return "estimating…"
+    return f"about {_duration(left_epochs * seconds / epochs)} left"
+
+
+def _train_serial(runs, to_train, train_args, log) -> dict[str, tuple[str, list[dict]]]:
+    """One run after another in this process, the data loaded once for all of them."""
+    data = None
+    seconds, epochs, out = 0.0, 0, {}
+    for r in to_train:
+        i = runs.index(r) + 1
+        left = sum(x.epochs_left for x in to_train[to_train.index(r):])
+        resume = f", resuming after epoch {r.epochs_done}" if r.state == "partial" else ""
+        log(f"[{i}/{len(runs)}] {r.variant.name} seed {r.seed}{resume} -> {r.dir}  "
+            f"({_eta(left, seconds, epochs)})")
+        if data is None:
+            data = load_split_tensors(r.config, resolve_device(train_args["device"]))
+        t0 = time.perf_counter()
+        try:
+            result = train(r.config, r.dir, data=data, **train_args)
+        except KeyboardInterrupt:
+            _log_stop(runs, [r], log)
+            raise
+        seconds += time.perf_counter() - t0
+        epochs += max(len(result.history) - r.epochs_done, 0)
+        out[r.rel] = (_status(result), result.history)
+    return out
+
+
+def _train_one(config: RunConfig, directory: str, train_args: dict) -> tuple[str, int]:
+    """A worker process's job (module level, so that it pickles)."""
+    result = train(config, directory, **train_args)
+    return result.status, len(result.history)
+
+
+def _train_parallel(runs, to_train, jobs, train_args, log) -> dict[str, tuple[str, list[dict]]]:
+    """``jobs`` runs at a time in worker processes; a line as each one starts and ends."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    started = time.perf_counter()
+    epochs_done, out, pending = 0, {}, {}
+    queue = list(to_train)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        try:
+            while queue or pending:
+                while queue and len(pending) < jobs:
+                    r = queue.pop(0)
+                    left = sum(x.epochs_left for x in queue) + r.epochs_left + sum(
+                        x.epochs_left for x in pending.values())
+                    log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed} "
+                        f"started -> {r.dir}  "
+                        f"({_eta(left, time.perf_counter() - started, epochs_done)})")
+                    pending[pool.submit(_train_one, r.config, str(r.dir), train_args)] = r
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    r = pending.pop(future)
+                    status, n_epochs = future.result()
+                    epochs_done += n_epochs - r.epochs_done
+                    history = read_metrics(r.dir)
+                    out[r.rel] = ("diverged" if status == "diverged" else "trained", history)
+                    log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed} "
+                        f"done: final test accuracy {history[-1]['test_acc']:.2f}%")
+        except BaseException as err:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(err, KeyboardInterrupt):
+                _log_stop(runs, list(pending.values()), log)
+            raise
+    return out
+
+
+def _log_stop(runs: list[PlannedRun], current: list[PlannedRun], log) -> None:
+    names = ", ".join(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed}"
+                      for r in current)
+    done = sum(1 for x in runs if is_finished(x.dir))
+    log(f"stopped during {names}: {done} of {len(runs)} runs are finished and kept, and every "
+        "completed epoch is checkpointed; rerun the same command to continue")
+
+
+def _status(result) -> str:
+    return "diverged" if result.status == "diverged" else "trained"
 
 
 def _summary(
