@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 SEEDS  ?= 1
+JOBS   ?= 2
 BIN    := $(VENV)/bin
 
 .PHONY: run test venv system-deps clean
@@ -26,7 +27,7 @@ system-deps:
 
 run: venv
 	$(BIN)/normlab data fetch --dataset mnist
-	$(BIN)/normlab suite s6 --seeds $(SEEDS) --out runs/s6
+	$(BIN)/normlab suite s6 --seeds $(SEEDS) --out runs/s6 --jobs $(JOBS) --threads 1
 
 test: venv $(BIN)/pytest system-deps
 	$(BIN)/ruff check src tests benchmarks

@@ -222,3 +222,20 @@ def test_tensorboard_missing_says_how_to_install(small, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"pip install 'normlab\[tensorboard\]'"):
         train(config(epochs=1), tmp_path / "tb", data=small, quiet=True, tensorboard=True)
     assert not (tmp_path / "tb").exists()  # refused before anything is written
+
+
+def test_resuming_with_another_thread_count_warns(small, tmp_path, capsys):
+    cfg = config(epochs=2)
+
+    def kill_after_epoch_1(line):
+        if line.startswith("epoch  1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "r", data=small, threads=1, log=kill_after_epoch_1)
+    capsys.readouterr()
+    try:
+        train(cfg, tmp_path / "r", data=small, threads=2, quiet=True)
+    finally:
+        torch.set_num_threads(1)
+    assert "started with threads 1, resumed with 2" in capsys.readouterr().err

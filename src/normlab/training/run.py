@@ -105,7 +105,14 @@ def _run_lock(out: Path) -> Iterator[None]:
 def _check_config(out: Path, config: RunConfig, meta: dict) -> None:
     path = out / CONFIG
     if path.exists():
-        saved = json.loads(path.read_text())["run"]
+        stored = json.loads(path.read_text())
+        saved = stored["run"]
+        if (out / CHECKPOINT).exists() and not is_finished(out):
+            for key in ("device", "threads"):  # both change the floating-point sums
+                if key in stored and stored[key] != meta[key]:
+                    print(f"{out}: warning: started with {key} {stored[key]}, resumed with "
+                          f"{meta[key]}; the metrics will not equal an uninterrupted run's "
+                          f"(pass --{key} {stored[key]} for that)", file=sys.stderr)
         diffs = config_diff(saved, config.to_dict())
         if diffs:
             raise ValueError(
