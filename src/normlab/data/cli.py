@@ -88,9 +88,12 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"{name}: verified ({train:,} train / {test:,} test){origin}")
         else:
             ok = False
-            bad = sum(state != "verified" for state in check.status.values())
-            print(f"{name}: NOT verified ({bad} of {len(check.status)} files bad in "
-                  f"{check.location}); run `normlab data fetch --dataset {name}`")
+            states = list(check.status.values())
+            bad = sum(state != "verified" for state in states)
+            what = ("not fetched yet" if all(s == "missing" for s in states)
+                    else f"{bad} of {len(states)} files missing or bad")
+            print(f"{name}: NOT verified ({what} in {check.location}); "
+                  f"run `normlab data fetch --dataset {name}`")
         for file, state in check.status.items():
             print(f"  {file:<25} {state}")
     return 0 if ok else 1
