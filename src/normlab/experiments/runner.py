@@ -323,10 +323,20 @@ def _train_serial(runs, to_train, train_args, log) -> dict[str, tuple[str, list[
     return out
 
 
-def _train_one(config: RunConfig, directory: str, train_args: dict) -> tuple[str, int]:
-    """A worker process's job (module level, so that it pickles)."""
-    result = train(config, directory, **train_args)
-    return result.status, len(result.history)
+def _train_one(config: RunConfig, directory: str, train_args: dict) -> str:
+    """A worker process's job (module level, so that it pickles); returns the run's status."""
+    return train(config, directory, **train_args).status
+
+
+def _epochs_on_disk(runs: list[PlannedRun]) -> tuple[int, int]:
+    """(epochs trained by this invocation, epochs still to train), read from metrics.jsonl:
+    runs still in flight in worker processes count with the epochs they have finished."""
+    done = left = 0
+    for r in runs:
+        n = len(read_metrics(r.dir))
+        done += max(n - r.epochs_done, 0)
+        left += 0 if is_finished(r.dir) else max(r.config.protocol.epochs - n, 0)
+    return done, left
 
 
 def _train_parallel(runs, to_train, jobs, train_args, log) -> dict[str, tuple[str, list[dict]]]:
@@ -336,24 +346,22 @@ def _train_parallel(runs, to_train, jobs, train_args, log) -> dict[str, tuple[st
 
     ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
     started = time.perf_counter()
-    epochs_done, out, pending = 0, {}, {}
+    out, pending = {}, {}
     queue = list(to_train)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         try:
             while queue or pending:
                 while queue and len(pending) < jobs:
                     r = queue.pop(0)
-                    left = sum(x.epochs_left for x in queue) + r.epochs_left + sum(
-                        x.epochs_left for x in pending.values())
+                    done, left = _epochs_on_disk(to_train)
                     log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed} "
                         f"started -> {r.dir}  "
-                        f"({_eta(left, time.perf_counter() - started, epochs_done)})")
+                        f"({_eta(left, time.perf_counter() - started, done)})")
                     pending[pool.submit(_train_one, r.config, str(r.dir), train_args)] = r
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     r = pending.pop(future)
-                    status, n_epochs = future.result()
-                    epochs_done += n_epochs - r.epochs_done
+                    status = future.result()
                     history = read_metrics(r.dir)
                     out[r.rel] = ("diverged" if status == "diverged" else "trained", history)
                     log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed} "
