@@ -272,8 +272,7 @@ def run_suite(
     to_train = [r for r in runs if r.state != "finished"]
     for r in runs:
         if r.state == "finished":
-            log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed}: "
-                "skipped (finished)")
+            log(f"{_head(runs, r)}: skipped (finished)")
     if threads is None and jobs > 1:  # share the cores instead of oversubscribing them
         threads = max(1, (os.cpu_count() or 1) // jobs)
     train_args = {"device": device, "threads": threads, "quiet": quiet or jobs > 1}
@@ -304,11 +303,9 @@ def _train_serial(runs, to_train, train_args, log) -> dict[str, tuple[str, list[
     data = None
     seconds, epochs, out = 0.0, 0, {}
     for r in to_train:
-        i = runs.index(r) + 1
         left = sum(x.epochs_left for x in to_train[to_train.index(r):])
         resume = f", resuming after epoch {r.epochs_done}" if r.state == "partial" else ""
-        log(f"[{i}/{len(runs)}] {r.variant.name} seed {r.seed}{resume} -> {r.dir}  "
-            f"({_eta(left, seconds, epochs)})")
+        log(f"{_head(runs, r)}{resume} -> {r.dir}  ({_eta(left, seconds, epochs)})")
         if data is None:
             data = load_split_tensors(r.config, resolve_device(train_args["device"]))
         t0 = time.perf_counter()
@@ -319,7 +316,7 @@ def _train_serial(runs, to_train, train_args, log) -> dict[str, tuple[str, list[
             raise
         seconds += time.perf_counter() - t0
         epochs += max(len(result.history) - r.epochs_done, 0)
-        out[r.rel] = (_status(result), result.history)
+        out[r.rel] = (_status(result.status), result.history)
     return out
 
 
@@ -354,18 +351,16 @@ def _train_parallel(runs, to_train, jobs, train_args, log) -> dict[str, tuple[st
                 while queue and len(pending) < jobs:
                     r = queue.pop(0)
                     done, left = _epochs_on_disk(to_train)
-                    log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed} "
-                        f"started -> {r.dir}  "
+                    log(f"{_head(runs, r)} started -> {r.dir}  "
                         f"({_eta(left, time.perf_counter() - started, done)})")
                     pending[pool.submit(_train_one, r.config, str(r.dir), train_args)] = r
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     r = pending.pop(future)
-                    status = future.result()
                     history = read_metrics(r.dir)
-                    out[r.rel] = ("diverged" if status == "diverged" else "trained", history)
-                    log(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed} "
-                        f"done: final test accuracy {history[-1]['test_acc']:.2f}%")
+                    out[r.rel] = (_status(future.result()), history)
+                    log(f"{_head(runs, r)} done: final test accuracy "
+                        f"{history[-1]['test_acc']:.2f}%")
         except BaseException as err:
             pool.shutdown(wait=True, cancel_futures=True)
             if isinstance(err, KeyboardInterrupt):
@@ -375,15 +370,20 @@ def _train_parallel(runs, to_train, jobs, train_args, log) -> dict[str, tuple[st
 
 
 def _log_stop(runs: list[PlannedRun], current: list[PlannedRun], log) -> None:
-    names = ", ".join(f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed}"
-                      for r in current)
+    names = ", ".join(_head(runs, r) for r in current)
     done = sum(1 for x in runs if is_finished(x.dir))
     log(f"stopped during {names}: {done} of {len(runs)} runs are finished and kept, and every "
         "completed epoch is checkpointed; rerun the same command to continue")
 
 
-def _status(result) -> str:
-    return "diverged" if result.status == "diverged" else "trained"
+def _head(runs: list[PlannedRun], r: PlannedRun) -> str:
+    """'[3/10] ln seed 1': which run of how many."""
+    return f"[{runs.index(r) + 1}/{len(runs)}] {r.variant.name} seed {r.seed}"
+
+
+def _status(run_status: str) -> str:
+    """The summary's word for a run trained now: train()'s "ok" reads as "trained"."""
+    return "diverged" if run_status == "diverged" else "trained"
 
 
 def _summary(

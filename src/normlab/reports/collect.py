@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab.training.run import CONFIG, LOCK, METRICS, PREDICTIONS
+from normlab.training.run import CONFIG, LOCK, METRICS, PREDICTIONS, read_metrics
 
 MISSING, UNFINISHED, FINISHED = "missing", "unfinished", "finished"
 
@@ -142,21 +142,6 @@ class Suite:
         return [r for r in self.runs if r.state == state]
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl, tolerating a half-written last line (a run may be writing it now)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
 def _load_run(variant: str, seed: int, run_dir: Path) -> Run:
     run = Run(variant, seed, run_dir)
     cfg = run_dir / CONFIG
@@ -165,7 +150,7 @@ def _load_run(variant: str, seed: int, run_dir: Path) -> Run:
             run.config = json.loads(cfg.read_text())["run"]
         except (json.JSONDecodeError, KeyError):
             return run  # unreadable: treat as missing
-        run.metrics = read_metrics(run_dir / METRICS)
+        run.metrics = read_metrics(run_dir)
     return run
 
 

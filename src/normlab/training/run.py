@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from normlab import __version__
-from normlab.files import atomic_write, write_text
+from normlab.files import atomic_write, write_json, write_text
 from normlab.training.config import RunConfig, config_diff
 from normlab.training.engine import TensorData, evaluate, l1_parameters, train_one_epoch
 
@@ -60,11 +61,21 @@ def load_split_tensors(config: RunConfig, device: torch.device) -> tuple[TensorD
     return train, test
 
 
-def read_metrics(out: Path) -> list[dict]:
+def read_metrics(out: str | Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per epoch. The file is appended to while the run
+    trains, so a half-written last line ends the list instead of raising."""
     path = Path(out) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
 
 
 def is_finished(out: Path) -> bool:
@@ -120,12 +131,12 @@ def _check_config(out: Path, config: RunConfig, meta: dict) -> None:
                 "use another --out or delete that directory"
             )
     else:
-        write_text(path, json.dumps({"run": config.to_dict(), **meta}, indent=2) + "\n")
+        write_json(path, {"run": config.to_dict(), **meta})
 
 
 def _divergence(record: dict, steps_done: int, n_classes: int = 10) -> str:
-    if record["first_bad_step"] >= 0 or not all(
-        map(torch.isfinite, torch.tensor([record["train_loss"], record["test_loss"]]))
+    if record["first_bad_step"] >= 0 or not (
+        math.isfinite(record["train_loss"]) and math.isfinite(record["test_loss"])
     ):
         step = record["first_bad_step"]
         where = f", step {step}" if step >= 0 else ""
@@ -171,16 +182,17 @@ def train(
     """Train ``config`` into the run directory ``out`` (resuming or skipping as needed)."""
     out = Path(out)
     log = log or (lambda msg: None if quiet else print(msg, flush=True))
-    writer = _tensorboard_writer(out) if tensorboard else None
+    if tensorboard:
+        _summary_writer_class()  # fail before anything is written when it is missing
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
     out.mkdir(parents=True, exist_ok=True)
     with _run_lock(out):
-        return _train_locked(config, out, dev, quiet, writer, data, log)
+        return _train_locked(config, out, dev, quiet, tensorboard, data, log)
 
 
-def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
+def _train_locked(config, out, dev, quiet, tensorboard, data, log) -> RunResult:
     meta = {"normlab": __version__, "torch": torch.__version__, "device": str(dev),
             "threads": torch.get_num_threads()}
     _check_config(out, config, meta)
@@ -190,6 +202,7 @@ def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
         return RunResult(out, history, status, history[-1].get("message", ""), skipped=True)
 
     train_data, test_data = data or load_split_tensors(config, dev)
+    writer = _summary_writer_class()(str(out / "tensorboard")) if tensorboard else None
     p = config.protocol
     steps_per_epoch = -(-len(train_data) // p.batch_size)
     torch.manual_seed(config.seed)
@@ -213,7 +226,7 @@ def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
     # metrics.jsonl always equals the checkpoint's history (a kill between the two is safe)
     write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
-    status, message = "ok", ""
+    status, message, final = "ok", "", None
     for epoch in range(len(history) + 1, p.epochs + 1):
         lr = opt.param_groups[0]["lr"]
         bar = _progress(len(train_data), f"epoch {epoch}/{p.epochs}", quiet)
@@ -226,7 +239,8 @@ def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
             bar.close()
         if per_epoch is not None:
             per_epoch.step()
-        te = evaluate(model, test_data, p.eval_batch_size)
+        te = evaluate(model, test_data, p.eval_batch_size, predictions=True)
+        final = te.pop("predictions")  # kept from the last epoch trained
         record = {"epoch": epoch, "lr": lr, **tr, **te}
         record["seconds"] = tr["train_seconds"] + te["test_seconds"]
         record["images_per_second"] = len(train_data) / tr["train_seconds"]
@@ -251,7 +265,8 @@ def _train_locked(config, out, dev, quiet, writer, data, log) -> RunResult:
             print(f"{out}: {message}", file=sys.stderr, flush=True)
             break
 
-    final = evaluate(model, test_data, p.eval_batch_size, predictions=True)["predictions"]
+    if final is None:  # every epoch was done before a kill that came before predictions.pt
+        final = evaluate(model, test_data, p.eval_batch_size, predictions=True)["predictions"]
     atomic_write(out / PREDICTIONS, lambda tmp: torch.save(final, tmp))
     if writer is not None:
         _log_mistakes(writer, test_data, final, len(history))
@@ -283,14 +298,14 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
 
 
-def _tensorboard_writer(out: Path):
+def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise ValueError(
             "--tensorboard needs the tensorboard package: pip install 'normlab[tensorboard]'"
         ) from err
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter
 
 
 def _log_scalars(writer, record: dict) -> None:
