@@ -84,7 +84,7 @@ def test_layer_and_instance_norm_statistics():
 
 
 def test_unknown_norm_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown norm 'bx'.*'bn', 'gn', 'ln', 'in', 'none'"):
+    with pytest.raises(ValueError, match=r"unknown norm 'bx'.*'bn', 'ln', 'gn', 'in', 'none'"):
         Net(norm="bx")
 
 

@@ -10,7 +10,6 @@ saw (image sizes, resource timing entries, load errors, CSP violations) into the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
+from conftest import require_tool
 from normlab.reports import build_report
 from normlab.reports.page import CSP
 
@@ -46,10 +46,7 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    message = "headless Chromium is not installed (apt-get install chromium)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    require_tool(False, "headless Chromium (apt-get install chromium)")
 
 
 def run_chromium(tmp_path: Path, page: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -16,18 +16,11 @@ from matplotlib.image import imread
 
 from normlab.cli import main
 from normlab.reports import build as report_build
-from normlab.reports import build_report, load_suite, probe_norm
+from normlab.reports import build_report, load_results, probe_norm
 from normlab.reports.analysis import analysis_blocks
 from normlab.reports.doc import Bullets, Heading, Para, Table, to_html, to_markdown
 from normlab.reports.figures import confusion, top_mistakes, zoom_limits
-from normlab.reports.stats import (
-    T975,
-    paired_difference,
-    sample_std,
-    summarise,
-    t975,
-    t_cdf,
-)
+from normlab.reports.stats import paired_difference, sample_std, summarise, t975
 from normlab.reports.tables import METRIC_KEYS
 from normlab.training.config import RunConfig
 
@@ -177,9 +170,21 @@ def test_html_is_self_contained(built):
     assert "@media print" in page and "max-width: 1100px" in page
     for link in ("results.csv", "summary.csv", "analysis.md"):
         assert f'href="{link}"' in page
-    if (built / "normalizations.xlsx").exists():
-        assert 'href="normalizations.xlsx"' in page
-        assert "live formulas" in page
+    assert (built / "normalizations.xlsx").stat().st_size > 1000
+    assert 'href="normalizations.xlsx"' in page
+    assert "live formulas" in page
+
+
+def test_a_workbook_that_cannot_be_written_fails_the_report(tmp_path, monkeypatch):
+    import normlab.workbook
+
+    def broken(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(normlab.workbook, "write_workbook", broken)
+    root = make_suite(tmp_path)
+    with pytest.raises(ValueError, match=r"could not write the workbook .*No space left"):
+        build_report(root, images=synthetic_images)
 
 
 def test_missing_and_unfinished_runs_are_reported(tmp_path, monkeypatch):
@@ -200,7 +205,7 @@ def test_missing_and_unfinished_runs_are_reported(tmp_path, monkeypatch):
 
 def analysis_md(root: Path) -> str:
     """analysis.md's text without drawing the figures (faster than build_report)."""
-    suite = load_suite(root)
+    suite = load_results(root)
     return to_markdown(analysis_blocks(suite, [summarise(v) for v in suite.variants]))
 
 
@@ -267,7 +272,7 @@ def test_unavailable_test_images_skip_only_the_galleries(tmp_path):
 def test_suite_without_manifest_is_discovered(tmp_path):
     make_suite(tmp_path, skip=(("bn_l1", 2),))
     (tmp_path / "suite.json").unlink()
-    suite = load_suite(tmp_path)
+    suite = load_results(tmp_path)
     assert [v.name for v in suite.variants] == ["bn", "bn_l1"]
     assert suite.seeds == [1, 2]
     assert [r.state for r in suite.variants[1].runs] == ["finished", "missing"]
@@ -300,12 +305,13 @@ def test_norm_probe_finds_one_normalisation_group(name):
     assert torch.equal(mask, expect)
 
 
-def test_t_table_matches_the_t_distribution():
-    for df, t in enumerate(T975, start=1):
-        assert t_cdf(t, df) == pytest.approx(0.975, abs=5e-5), df
-    assert t975(1) == 12.7062
-    assert t975(60) == pytest.approx(2.0003, abs=1e-3)
-    assert t975(1000) == pytest.approx(1.9623, abs=1e-3)
+def test_t_quantiles_are_the_published_ones():
+    # two-sided 95% critical values as printed in t tables
+    for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423),
+                  (60, 2.0003), (1000, 1.9623)):
+        assert t975(df) == pytest.approx(t, abs=5e-5), df
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t975(0)
 
 
 def test_paired_difference():
@@ -331,7 +337,7 @@ def test_confusion_rows_are_true_classes():
 
 
 def test_zoom_keeps_high_region_and_flags_far_models(tmp_path):
-    suite = load_suite(make_suite(tmp_path))
+    suite = load_results(make_suite(tmp_path))
     limits, far = zoom_limits(suite.variants, "test_acc")
     assert 98.0 < limits[0] < 99.0 and 99.3 < limits[1] <= 100
     lowest = min(m["test_acc"] for v in suite.variants for r in v.runs for m in r.metrics)

@@ -3,7 +3,9 @@ suite end to end (suite.json, run directories, report), resuming after a kill, c
 random numbers across variants. Real MNIST, 300 training images, one epoch per run."""
 
 import dataclasses
+import io
 import json
+import re
 import textwrap
 
 import pytest
@@ -13,9 +15,10 @@ import normlab.reports
 import normlab.training.engine as engine
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, manifest, run_suite
-from normlab.experiments import runner as suite_runner
+from normlab.experiments.progress import ConsoleProgress
 from normlab.experiments.suite import default_label
-from normlab.training import RunConfig, resolve_protocol
+from normlab.training import RunConfig, RunDir, resolve_protocol
+from normlab.training.events import EpochFinished, RunFailed, RunStarted, StepsDone
 
 SMALL = """\
 # a two-variant, two-seed suite for the tests
@@ -65,28 +68,24 @@ def done(mnist, small_suite, tmp_path_factory):
     (the uint8 images and the rotation angles that reach ``to_input``)."""
     out = tmp_path_factory.mktemp("done") / "small"
     batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    current = []
+    events: list = []
     log: list[str] = []
-    real_train, real_to_input = suite_runner.train, engine.to_input
-
-    def train(config, out_dir, **kw):
-        current[:] = [out_dir.relative_to(out).as_posix()]
-        return real_train(config, out_dir, **kw)
+    real_to_input = engine.to_input
 
     def to_input(images, mean, std, degrees=None):
         if degrees is not None:  # training batches only (evaluation is not augmented)
-            batches.setdefault(current[0], []).append((images.clone(), degrees.clone()))
+            current = next(e.run for e in reversed(events) if isinstance(e, RunStarted))
+            batches.setdefault(current, []).append((images.clone(), degrees.clone()))
         return real_to_input(images, mean, std, degrees)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(suite_runner, "train", train)
         mp.setattr(engine, "to_input", to_input)
-        report = run_suite(small_suite, out, quiet=True, log=log.append)
-    return out, report, batches, log
+        report = run_suite(small_suite, out, listener=events.append, log=log.append)
+    return out, report, batches, log, events
 
 
 def test_suite_writes_manifest_runs_and_report(done, small_suite):
-    out, report, _, log = done
+    out, report, _, log, events = done
     manifest = json.loads((out / "suite.json").read_text())
     assert manifest["name"] == "study" and manifest["dataset"] == "mnist"
     assert manifest["description"] == "BN against GN on 300 images"
@@ -111,10 +110,31 @@ def test_suite_writes_manifest_runs_and_report(done, small_suite):
         assert saved["seed"] == run["seed"] and saved["subset"] == 300
         assert len(comparable_metrics(run_dir)) == 1
     assert report == out / "report.html" and report.exists()
-    assert log[0].startswith("[1/4] bn seed 1") and "estimating…" in log[0]
-    assert log[1].startswith("[2/4] gn-l1 seed 1") and "left)" in log[1]
+    # one event stream: each run starts, finishes its one epoch, and finishes, in plan order
+    kinds = [(type(e).__name__, e.run) for e in events if not isinstance(e, StepsDone)]
+    assert kinds == [(kind, run) for run in ("bn/seed1", "gn-l1/seed1", "bn/seed2", "gn-l1/seed2")
+                     for kind in ("RunStarted", "EpochFinished", "RunFinished")]
+    finished = [e for e in events if isinstance(e, EpochFinished)]
+    assert [e.record for e in finished] == [
+        json.loads((out / e.run / "metrics.jsonl").read_text()) for e in finished]
     assert "suite study: 4 runs (4 trained, 0 already finished)" in "\n".join(log)
     assert log[-1] == f"report: {report}"
+
+
+def test_console_lines_for_a_log_file(done):
+    """Not a terminal: a line per finished epoch with the suite's time left, no bar."""
+    events, stream = done[4], io.StringIO()
+    heads = {"bn/seed1": "[1/4] bn seed 1", "gn-l1/seed1": "[2/4] gn-l1 seed 1",
+             "bn/seed2": "[3/4] bn seed 2", "gn-l1/seed2": "[4/4] gn-l1 seed 2"}
+    console = ConsoleProgress(heads, epochs_left=4, out=stream, stream=stream)
+    for event in events:
+        console(event)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "[1/4] bn seed 1: started  (estimating time left)"
+    assert re.fullmatch(r"\[1/4\] bn seed 1  epoch 1/1  test acc \d+\.\d\d%  loss \d\.\d{4}  "
+                        r"\d+\.\d s  \(suite: about \d+ s left\)", lines[1]), lines[1]
+    assert re.fullmatch(r"\[1/4\] bn seed 1: done, final test accuracy \d+\.\d\d%", lines[2])
+    assert len(lines) == 12 and "\r" not in stream.getvalue()
 
 
 def test_variants_see_the_same_batches_for_a_seed(done):
@@ -132,27 +152,23 @@ def test_variants_see_the_same_batches_for_a_seed(done):
 def test_killed_suite_resumes_skips_finished_and_matches(done, small_suite, tmp_path, monkeypatch):
     reference = done[0]
     out = tmp_path / "killed"
-    real_train = suite_runner.train
-    calls = []
 
-    def dies_on_second_run(config, out_dir, **kw):
-        calls.append(out_dir)
-        if len(calls) == 2:
+    def ctrl_c_in_the_second_run(event):
+        if isinstance(event, StepsDone) and event.run == "gn-l1/seed1":
             raise KeyboardInterrupt
-        return real_train(config, out_dir, **kw)
 
     no_report(monkeypatch)
-    monkeypatch.setattr(suite_runner, "train", dies_on_second_run)
     log: list[str] = []
-    with pytest.raises(KeyboardInterrupt):  # one seed: two runs, killed as the second starts
-        run_suite(small_suite, out, seeds=[1], quiet=True, log=log.append)
-    assert log[-1].startswith("stopped during [2/2] gn-l1 seed 1: 1 of 2 runs are finished")
+    with pytest.raises(KeyboardInterrupt):  # one seed: two runs, killed in the second
+        run_suite(small_suite, out, seeds=[1], listener=ctrl_c_in_the_second_run,
+                  log=log.append)
+    assert log[-1].startswith("stopped: 1 of 2 runs are finished and kept")
     assert not (out / "gn-l1/seed1/predictions.pt").exists()
+    assert not (out / "gn-l1/seed1/.lock").exists()
     first = out / "bn/seed1/metrics.jsonl"
     assert first.exists() and (out / "suite.json").exists()
     stamp = first.stat().st_mtime_ns
 
-    monkeypatch.setattr(suite_runner, "train", real_train)
     log.clear()
     run_suite(small_suite, out, seeds=[1], quiet=True, log=log.append)
     assert log[0] == "[1/2] bn seed 1: skipped (finished)"
@@ -167,16 +183,41 @@ def test_parallel_jobs_give_the_same_runs(done, small_suite, tmp_path, monkeypat
     """--jobs 2: two worker processes, each run's metrics equal to the serial suite's (same
     thread count: 1, as in the serial runs here)."""
     no_report(monkeypatch)
-    out, log = tmp_path / "parallel", []
-    run_suite(small_suite, out, seeds=[1], jobs=2, threads=1, log=log.append)
+    out, log, events = tmp_path / "parallel", [], []
+    run_suite(small_suite, out, seeds=[1], jobs=2, threads=1, log=log.append,
+              listener=events.append)
     for run in ("bn/seed1", "gn-l1/seed1"):
         assert comparable_metrics(out / run) == comparable_metrics(done[0] / run), run
-    text = "\n".join(log)
-    assert "[1/2] bn seed 1 started" in text and "[2/2] gn-l1 seed 1 started" in text
-    assert "gn-l1 seed 1 done: final test accuracy" in text
-    assert "suite study: 2 runs (2 trained, 0 already finished)" in text
+        # the workers' epochs reach the parent's event stream, read from metrics.jsonl
+        kinds = [type(e).__name__ for e in events if e.run == run]
+        assert kinds == ["RunStarted", "EpochFinished", "RunFinished"], kinds
+    assert "suite study: 2 runs (2 trained, 0 already finished)" in "\n".join(log)
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         run_suite(small_suite, out, seeds=[1], jobs=0)
+
+
+def test_a_failing_run_is_reported_and_the_others_train(done, small_suite, tmp_path,
+                                                       monkeypatch):
+    """A run that raises is marked failed (in its folder, the summary and the report); the
+    others still train; rerunning the suite retries it."""
+    out, log, events = tmp_path / "failing", [], []
+
+    def broken_listener(event):
+        events.append(event)
+        if isinstance(event, StepsDone) and event.run == "bn/seed1":
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(ValueError, match=r"1 of 2 runs failed \(bn/seed1\)"):
+        run_suite(small_suite, out, seeds=[1], listener=broken_listener, log=log.append)
+    assert [e.run for e in events if isinstance(e, RunFailed)] == ["bn/seed1"]
+    assert RunDir(out / "bn/seed1").state() == "failed"
+    assert RunDir(out / "gn-l1/seed1").state() == "finished"
+    assert "1 FAILED" in "\n".join(log) and "seed 1    failed" in "\n".join(log)
+    assert "**failed** (RuntimeError: disk on fire)" in (out / "analysis.md").read_text()
+    assert "<strong>Failed</strong>" in (out / "report.html").read_text()
+    run_suite(small_suite, out, seeds=[1], quiet=True, log=log.append)  # retried
+    assert RunDir(out / "bn/seed1").state() == "finished"
+    assert comparable_metrics(out / "bn/seed1") == comparable_metrics(done[0] / "bn/seed1")
 
 
 def test_cli_dry_run_shows_finished_runs_and_trains_nothing(done, small_suite, capsys, tmp_path):
@@ -225,7 +266,7 @@ BAD = [
     (("label = \"BN\"\n", "label = \"BN\"\nnrom = \"ln\"\n"), 16,
      ["variant 'bn'", "unknown key 'nrom'", "did you mean 'norm'?", "valid keys: name, label"]),
     (("norm = \"gn\"", "norm = \"group\""), 20,
-     ["variant 'gn-l1'", "unknown norm 'group'", "choose one of bn, gn, ln, in, none"]),
+     ["variant 'gn-l1'", "unknown norm 'group'", "choose one of 'bn', 'ln', 'gn', 'in', 'none'"]),
     (("groups = 2", "groups = 3"), 21,
      ["variant 'gn-l1'", "does not divide", "choose a group count that divides"]),
     (("epochs = 1", "epoch = 1"), 11,
@@ -272,15 +313,6 @@ def test_unknown_bundled_name_lists_the_bundled_suites():
         load_suite("s7")
 
 
-def test_l1_sweep_suite_is_bn_at_each_lambda_for_three_epochs():
-    sweep = load_suite("l1-sweep")
-    lambdas = [v.config.l1 for v in sweep.variants]
-    assert lambdas == [0.0, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
-    for v in sweep.variants:
-        assert v.config == RunConfig(norm="bn", l1=v.config.l1,
-                                     protocol=resolve_protocol("seed", {"epochs": 3}))
-
-
 def test_seed_count_labels_and_defaults(tmp_path):
     suite = load_suite(write(tmp_path, """\
         seeds = 3
@@ -298,7 +330,8 @@ def test_seed_count_labels_and_defaults(tmp_path):
     assert suite.protocol == resolve_protocol("seed")
     assert [v.label for v in suite.variants] == [
         "LN + L2 (wd=0.0005), dropout 0", "IN, dropout 0.01, λ=0"]
-    assert suite.variant("ln-wd").config == RunConfig(norm="ln", weight_decay=5e-4, dropout=0.0)
+    assert suite.variant("ln-wd").config == RunConfig.from_dict(
+        {"norm": "ln", "weight_decay": 5e-4, "dropout": 0.0})
     assert [(v.name, s) for v, s in suite.runs()][:3] == [("ln-wd", 1), ("in", 1), ("ln-wd", 2)]
 
 
@@ -325,12 +358,13 @@ def test_bundled_s6_suites_resolve_to_the_study_configs(name):
     assert [v.name for v in suite.variants] == [n for n, _, _ in S6]
     for variant, (_, label, options) in zip(suite.variants, S6, strict=True):
         options = dict(options)
-        expected = RunConfig(protocol=protocol, subset=suite.subset, **options)
+        expected = RunConfig.from_dict({"protocol": protocol, "subset": suite.subset, **options})
         assert variant.config == expected
         assert variant.config.to_dict() == expected.to_dict()
         assert variant.label == label
     assert suite.variant("bn-l1-seed").config.l1 == 0.001
     assert suite.variant("bn").config == RunConfig(protocol=protocol, subset=suite.subset)
+    assert suite.variant("bn").config.make_model().config.norms == ("bn",)
 
 
 def test_s6_quick_keeps_the_variants_of_s6():
@@ -341,13 +375,6 @@ def test_s6_quick_keeps_the_variants_of_s6():
 
 
 def test_default_label_names_the_options():
-    assert default_label(RunConfig(norm="gn", groups=1)) == "GN (1 group)"
+    assert default_label(RunConfig.from_dict({"norm": "gn", "groups": 1})) == "GN (1 group)"
     assert default_label(RunConfig(l1=1e-4, l1_scope="conv")) == "BN + L1 (λ=0.0001, conv weights)"
 
-
-def test_help_describes_the_command(capsys):
-    with pytest.raises(SystemExit):
-        main(["suite", "--help"])
-    text = capsys.readouterr().out
-    for word in ("s6-quick", "--seeds K", "--seed-list", "--dry-run", "--device", "suite.json"):
-        assert word in text

@@ -1,6 +1,8 @@
 """The engine: reproducibility, resume equality, the L1 gradient, divergence, config
 mismatch, augmentation. Small subsets of the real MNIST, one or two epochs."""
 
+import copy
+import dataclasses
 import importlib.util
 import json
 
@@ -9,6 +11,7 @@ import torch
 
 from conftest import require_tool
 from normlab.cli import main
+from normlab.fields import ConfigError
 from normlab.training import (
     RunConfig,
     TensorData,
@@ -18,13 +21,12 @@ from normlab.training import (
     train,
 )
 from normlab.training.augment import rotate, to_input
-from normlab.training.engine import l1_parameters
-
-TIMING = {"train_seconds", "test_seconds", "seconds", "images_per_second"}
-
+from normlab.training.engine import epoch_generator, l1_parameters, train_one_epoch
+from normlab.training.events import EpochFinished, Notice
+from normlab.training.rundir import TIMING_FIELDS
 
 def without_timing(history):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in history]
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +40,19 @@ def small(mnist):
 
 def config(**kw):
     proto = resolve_protocol("seed", {"epochs": kw.pop("epochs", 2), "batch_size": 64})
-    return RunConfig(protocol=proto, subset=1000, **kw)
+    return RunConfig.from_dict({"protocol": proto, "subset": 1000, **kw})
+
+
+def kill_after_epoch_1(event):
+    """A listener that stops training (as Ctrl-C would) once epoch 1 is saved."""
+    if isinstance(event, EpochFinished) and event.record["epoch"] == 1:
+        raise KeyboardInterrupt
 
 
 def test_same_seed_same_metrics_other_seed_differs(small, tmp_path):
-    a = train(config(), tmp_path / "a", data=small, quiet=True)
-    b = train(config(), tmp_path / "b", data=small, quiet=True)
-    c = train(config(seed=2), tmp_path / "c", data=small, quiet=True)
+    a = train(config(), tmp_path / "a", data=small)
+    b = train(config(), tmp_path / "b", data=small)
+    c = train(config(seed=2), tmp_path / "c", data=small)
     assert without_timing(a.history) == without_timing(b.history)
     assert without_timing(a.history) != without_timing(c.history)
     assert a.history[-1]["test_acc"] > 50  # it learns
@@ -56,25 +64,20 @@ def test_same_seed_same_metrics_other_seed_differs(small, tmp_path):
 
 def test_interrupted_then_resumed_equals_uninterrupted(small, tmp_path):
     cfg = config(epochs=3, dropout=0.1)  # dropout: the RNG state must be restored too
-    whole = train(cfg, tmp_path / "whole", data=small, quiet=True)
-
-    def kill_after_epoch_1(line):
-        if line.startswith("epoch  1/"):
-            raise KeyboardInterrupt
-
+    whole = train(cfg, tmp_path / "whole", data=small)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", data=small, log=kill_after_epoch_1)
+        train(cfg, tmp_path / "cut", data=small, listener=kill_after_epoch_1)
     assert len(read_metrics(tmp_path / "cut")) == 1
     assert not (tmp_path / "cut/predictions.pt").exists()
-    resumed = train(cfg, tmp_path / "cut", data=small, quiet=True)
+    resumed = train(cfg, tmp_path / "cut", data=small)
     assert without_timing(resumed.history) == without_timing(whole.history)
     assert without_timing(read_metrics(tmp_path / "cut")) == without_timing(whole.history)
-    again = train(cfg, tmp_path / "cut", data=small, quiet=True)  # finished: not retrained
+    again = train(cfg, tmp_path / "cut", data=small)  # finished: not retrained
     assert again.skipped and without_timing(again.history) == without_timing(whole.history)
 
 
 def test_run_directory_contents(small, tmp_path):
-    train(config(epochs=1), tmp_path / "r", data=small, quiet=True)
+    train(config(epochs=1), tmp_path / "r", data=small)
     saved = json.loads((tmp_path / "r/config.json").read_text())
     assert saved["run"] == config(epochs=1).to_dict()
     assert {"normlab", "torch", "device"} <= set(saved)
@@ -89,15 +92,15 @@ def test_run_directory_contents(small, tmp_path):
 
 
 def test_config_mismatch_is_refused_naming_fields(small, tmp_path):
-    train(config(epochs=1), tmp_path / "r", data=small, quiet=True)
+    train(config(epochs=1), tmp_path / "r", data=small)
     with pytest.raises(ValueError, match=r"l1: 0.0 -> 0.001.*norm: 'bn' -> 'gn'"):
-        train(config(epochs=1, norm="gn", l1=1e-3), tmp_path / "r", data=small, quiet=True)
+        train(config(epochs=1, norm="gn", l1=1e-3), tmp_path / "r", data=small)
 
 
 @pytest.mark.parametrize("scope", ["all", "conv"])
 def test_l1_gradient_is_lambda_sign_w(scope):
     torch.manual_seed(0)
-    cfg = RunConfig(dropout=0.0, l1_scope=scope)
+    cfg = RunConfig.from_dict({"dropout": 0.0, "l1_scope": scope})
     model = cfg.make_model()
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     lam = 0.01
@@ -124,16 +127,54 @@ def test_l1_penalty_is_added_once():
     assert l1_penalty(params).item() == pytest.approx(10.5)  # not a running sum per tensor
 
 
+def test_train_one_epoch_step_is_loss_plus_lambda_l1_once(small):
+    """One step of the engine equals a step taken by hand with loss + λ·Σ|w| added once,
+    parameter for parameter, exactly; the seed's step (the penalty added inside the loop
+    over parameters) does not."""
+    images, labels = small[0].images[:64], small[0].labels[:64]
+    data = TensorData(images, labels, small[0].mean, small[0].std)
+    lam, seed = 1e-3, 5
+    torch.manual_seed(0)
+    engine_model = RunConfig.from_dict({"dropout": 0.0}).make_model()
+    by_hand, seed_bug = copy.deepcopy(engine_model), copy.deepcopy(engine_model)
+
+    def sgd(model):
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    train_one_epoch(engine_model, data, sgd(engine_model), seed=seed, epoch=1, batch_size=64,
+                    rotation=0.0, l1=lam, l1_params=list(engine_model.parameters()))
+    order = torch.randperm(64, generator=epoch_generator(seed, 1))  # the engine's batch order
+    x, y = to_input(images[order], data.mean, data.std), labels[order]
+    for model, buggy in ((by_hand, False), (seed_bug, True)):
+        model.train()
+        opt = sgd(model)
+        loss = torch.nn.functional.nll_loss(model(x), y)
+        if buggy:  # the seed: the running sum added to the loss once per parameter tensor
+            l1 = 0
+            for p in model.parameters():
+                l1 = l1 + p.abs().sum()
+                loss = loss + lam * l1
+        else:
+            loss = loss + lam * torch.stack([p.abs().sum() for p in model.parameters()]).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for (name, a), b in zip(engine_model.named_parameters(), by_hand.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in
+               zip(engine_model.parameters(), seed_bug.parameters(), strict=True))
+
+
 def test_nan_loss_is_detected_and_stops(small, tmp_path):
     cfg = config(epochs=3, norm="none", dropout=0.0)
-    cfg = RunConfig(**{**cfg.__dict__, "protocol": resolve_protocol("seed", {"lr": 1e6})})
-    result = train(cfg, tmp_path / "nan", data=small, quiet=True)
+    cfg = dataclasses.replace(cfg, protocol=resolve_protocol("seed", {"lr": 1e6}))
+    result = train(cfg, tmp_path / "nan", data=small)
     assert result.status == "diverged"
     assert "loss became nan/inf at epoch 1, step" in result.message
     assert "smaller learning rate" in result.message
     lines = read_metrics(tmp_path / "nan")
     assert len(lines) == 1 and lines[0]["status"] == "diverged"
-    assert train(cfg, tmp_path / "nan", data=small, quiet=True).status == "diverged"  # kept
+    assert train(cfg, tmp_path / "nan", data=small).status == "diverged"  # kept
 
 
 def test_chance_accuracy_is_flagged(small, tmp_path, monkeypatch):
@@ -141,7 +182,7 @@ def test_chance_accuracy_is_flagged(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_mod, "CHANCE_MIN_STEPS", 1)
     # lambda so large that every weight is driven to zero: the seed's L1 failure mode
-    result = train(config(epochs=3, l1=5.0), tmp_path / "l1", data=small, quiet=True)
+    result = train(config(epochs=3, l1=5.0), tmp_path / "l1", data=small)
     assert result.status == "diverged" and "at chance level after epoch 1" in result.message
     assert len(result.history) == 1
 
@@ -174,7 +215,8 @@ def test_train_command(mnist, tmp_path, capsys):
             "--l1", "1e-4", "--seed", "3", "--quiet", "--out", str(out)]
     assert main(args) == 0
     saved = json.loads((out / "config.json").read_text())["run"]
-    assert saved["norm"] == "gn" and saved["l1"] == 1e-4 and saved["protocol"]["epochs"] == 1
+    assert saved["model"]["norm"] == "gn" and saved["l1"] == 1e-4
+    assert saved["protocol"]["epochs"] == 1
     assert main(args) == 0
     assert "already finished" in capsys.readouterr().out
     assert main([*args[:-2], "--lr", "0.05", "--out", str(out)]) == 2
@@ -182,7 +224,7 @@ def test_train_command(mnist, tmp_path, capsys):
 
 
 def test_bad_protocol_field():
-    with pytest.raises(ValueError, match="unknown protocol field 'lrr'; valid fields: epochs"):
+    with pytest.raises(ConfigError, match="unknown protocol field 'lrr'.*; valid keys: epochs"):
         resolve_protocol("seed", {"lrr": 0.1})
     with pytest.raises(ValueError, match="unknown protocol 'adam'; choose one of seed, fast"):
         resolve_protocol("adam")
@@ -195,9 +237,9 @@ def test_a_run_directory_is_trained_by_one_process_at_a_time(small, tmp_path):
     out.mkdir()
     (out / ".lock").write_text(str(os.getppid()))  # a live process holds it
     with pytest.raises(ValueError, match="is being trained by process"):
-        train(config(epochs=1), out, data=small, quiet=True)
+        train(config(epochs=1), out, data=small)
     (out / ".lock").write_text("999999999")  # its process is gone: a stale lock
-    assert train(config(epochs=1), out, data=small, quiet=True).status == "ok"
+    assert train(config(epochs=1), out, data=small).status == "ok"
     assert not (out / ".lock").exists()
 
 
@@ -206,7 +248,7 @@ def test_tensorboard_writes_scalars_and_mistakes(small, tmp_path):
                  "tensorboard (pip install 'normlab[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(config(epochs=2), tmp_path / "tb", data=small, quiet=True, tensorboard=True)
+    train(config(epochs=2), tmp_path / "tb", data=small, tensorboard=True)
     events = EventAccumulator(str(tmp_path / "tb/tensorboard"))
     events.Reload()
     tags = events.Tags()
@@ -220,22 +262,18 @@ def test_tensorboard_missing_says_how_to_install(small, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
     with pytest.raises(ValueError, match=r"pip install 'normlab\[tensorboard\]'"):
-        train(config(epochs=1), tmp_path / "tb", data=small, quiet=True, tensorboard=True)
+        train(config(epochs=1), tmp_path / "tb", data=small, tensorboard=True)
     assert not (tmp_path / "tb").exists()  # refused before anything is written
 
 
-def test_resuming_with_another_thread_count_warns(small, tmp_path, capsys):
+def test_resuming_with_another_thread_count_warns(small, tmp_path):
     cfg = config(epochs=2)
-
-    def kill_after_epoch_1(line):
-        if line.startswith("epoch  1/"):
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "r", data=small, threads=1, log=kill_after_epoch_1)
-    capsys.readouterr()
+        train(cfg, tmp_path / "r", data=small, threads=1, listener=kill_after_epoch_1)
+    events = []
     try:
-        train(cfg, tmp_path / "r", data=small, threads=2, quiet=True)
+        train(cfg, tmp_path / "r", data=small, threads=2, listener=events.append)
     finally:
         torch.set_num_threads(1)
-    assert "started with threads 1, resumed with 2" in capsys.readouterr().err
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert len(notices) == 1 and "started with threads 1, resumed with 2" in notices[0]

@@ -62,7 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from normlab.experiments.runner import check_out, default_out, format_plan, run_suite
+    from normlab.experiments.plan import check_out, default_out, format_plan
+    from normlab.experiments.runner import run_suite
     from normlab.experiments.suite import load_suite
 
     suite = load_suite(args.suite)

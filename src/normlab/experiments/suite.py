@@ -26,28 +26,23 @@ bad value is reported with the file, the line and the valid choices.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from normlab.training.config import L1_SCOPES, RunConfig
-from normlab.training.protocols import PROTOCOLS, Protocol, protocol_fields, resolve_protocol
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
+from normlab.fields import ConfigError, check_keys
+from normlab.files import TomlLines, parse_toml
+from normlab.models import NORM_LABELS, ModelConfig
+from normlab.models.net import MODEL_KEYS
+from normlab.training.config import REGULARIZER_KEYS, RunConfig
+from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "protocol", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
-MODEL_KEYS = ("norm", "groups", "dropout")
-REGULARIZER_KEYS = ("l1", "l1_scope", "weight_decay")
 VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS)
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-NORM_LABELS = {"bn": "BN", "ln": "LN", "in": "IN", "none": "no norm"}
 
 
 @dataclass(frozen=True)
@@ -118,71 +113,7 @@ def load_suite(name_or_path: str | Path) -> Suite:
     """Load and fully resolve a suite (bundled name or path); raises ValueError on any error."""
     path = find_suite(name_or_path)
     text = path.read_text(encoding="utf-8")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not valid TOML: {err}") from err
-    return parse_suite(data, text, path)
-
-
-# ----------------------------------------------------------------------------- locating keys
-
-
-class _Locator:
-    """Finds the line of a key in the TOML text: tomllib keeps no positions, so scan the
-    text for ``key =`` within the right table ([protocol], the n-th [[variant]], ...)."""
-
-    HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-
-    def __init__(self, text: str, path: Path):
-        self.path = path
-        self.lines = text.splitlines()
-        # blocks: (table name, index among arrays of that name, first line no, end line no)
-        self.blocks: list[tuple[str, int, int, int]] = []
-        counts: dict[str, int] = {}
-        start, current, index = 0, "", 0
-        for i, line in enumerate(self.lines):
-            m = self.HEADER.match(line)
-            if m:
-                self.blocks.append((current, index, start, i))
-                current = m.group(2).replace(" ", "").replace('"', "")
-                if m.group(1) == "[[":
-                    index = counts.get(current, 0)
-                    counts[current] = index + 1
-                else:
-                    index = 0
-                start = i
-        self.blocks.append((current, index, start, len(self.lines)))
-
-    def line(self, key: str | None, table: str = "", index: int = 0) -> int | None:
-        """1-based line of ``key`` in ``table`` (the index-th for arrays of tables); with
-        key None the table's header line."""
-        for name, idx, start, end in self.blocks:
-            if name != table or idx != index:
-                continue
-            if key is None:
-                return start + 1 if table else None
-            k = re.escape(key)
-            pattern = re.compile(rf"^\s*(\"{k}\"|'{k}'|{k})\s*=")
-            for i in range(start, end):
-                if pattern.match(self.lines[i]):
-                    return i + 1
-            return start + 1 if table else None
-        return None
-
-    def where(self, key: str | None, table: str = "", index: int = 0) -> str:
-        line = self.line(key, table, index)
-        return f"{self.path}:{line}" if line else str(self.path)
-
-
-def _unknown(key: str, valid: tuple[str, ...] | list[str], what: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {what} {key!r}{hint}; valid keys: {', '.join(valid)}"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return parse_suite(parse_toml(text, path), text, path)
 
 
 def _is_int(value: Any) -> bool:
@@ -193,14 +124,17 @@ def _is_int(value: Any) -> bool:
 
 
 def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
-    loc = _Locator(text, path)
+    """Resolve a parsed TOML suite. Every value is checked by the config classes themselves;
+    their ConfigError names the field, which is mapped here to its line in the file."""
+    loc = TomlLines(text, path)
 
     def fail(message: str, key: str | None = None, table: str = "", index: int = 0):
         raise ValueError(f"{loc.where(key, table, index)}: {message}")
 
-    for key in data:
-        if key not in TOP_KEYS:
-            fail(_unknown(key, TOP_KEYS, "key"), key)
+    try:
+        check_keys(data, TOP_KEYS, "key")
+    except ConfigError as err:
+        fail(err.message, err.field)
 
     name = data.get("name", path.stem)
     if not isinstance(name, str) or not SLUG.match(name):
@@ -208,20 +142,14 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     description = data.get("description", "")
     if not isinstance(description, str):
         fail(f"description must be a string, got {description!r}", "description")
-
-    from normlab.data import DATASETS
-
-    dataset = data.get("dataset", "mnist")
-    if dataset not in DATASETS:
-        fail(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}", "dataset")
-
     seeds = parse_seeds(data.get("seeds", [1]), lambda msg: fail(msg, "seeds"))
-
-    subset = data.get("subset")
-    if subset is not None and (not _is_int(subset) or subset < 1):
-        fail(f"subset must be a positive number of training images, got {subset!r}", "subset")
-
-    protocol = _parse_protocol(data.get("protocol", "seed"), loc, fail)
+    protocol = _parse_protocol(data.get("protocol", "seed"), fail)
+    shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
+              "protocol": protocol}
+    try:  # the suite-wide options, checked once before the variants
+        RunConfig.from_dict(shared)
+    except ConfigError as err:
+        fail(err.message, err.field)
 
     variants_data = data.get("variant")
     if variants_data is None:
@@ -231,7 +159,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     variants: list[Variant] = []
     seen: dict[str, int] = {}
     for index, raw in enumerate(variants_data):
-        v = _parse_variant(raw, index, dataset, protocol, subset, loc, fail)
+        v = _parse_variant(raw, index, shared, fail)
         if v.name in seen:
             fail(
                 f"duplicate variant name {v.name!r} (variant #{seen[v.name] + 1} has it too); "
@@ -242,8 +170,9 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
         variants.append(v)
 
     return Suite(
-        name=name, description=description.strip(), source=path.resolve(), dataset=dataset,
-        protocol=protocol, seeds=tuple(seeds), subset=subset, variants=tuple(variants),
+        name=name, description=description.strip(), source=path.resolve(),
+        dataset=shared["dataset"], protocol=protocol, seeds=tuple(seeds),
+        subset=shared["subset"], variants=tuple(variants),
     )
 
 
@@ -264,7 +193,7 @@ def parse_seeds(value: Any, fail) -> list[int]:
     return list(value)
 
 
-def _parse_protocol(raw: Any, loc: _Locator, fail) -> Protocol:
+def _parse_protocol(raw: Any, fail) -> Protocol:
     if isinstance(raw, str):  # protocol = "fast": the shorthand for a name without overrides
         raw = {"name": raw}
     if not isinstance(raw, dict):
@@ -277,40 +206,28 @@ def _parse_protocol(raw: Any, loc: _Locator, fail) -> Protocol:
                     f"{', '.join(fields)})")
             fail(f"unknown key {key!r} in [protocol]; valid keys: {', '.join(PROTOCOL_KEYS)}"
                  f"{hint}", key, "protocol")
-    name = raw.get("name", "seed")
-    if name not in PROTOCOLS:
-        fail(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}", "name", "protocol")
     overrides = raw.get("overrides", {})
     if not isinstance(overrides, dict):
         fail("protocol overrides must be a table ([protocol.overrides])", "overrides", "protocol")
-    table = "protocol.overrides"
-    for key, value in overrides.items():  # one at a time, so an error points at its line
-        valid = [f.name for f in protocol_fields()]
-        if key not in valid:
-            fail(_unknown(key, valid, "protocol field"), key, table)
-        try:
-            resolve_protocol(name, {key: value})
-        except ValueError as err:
-            fail(str(err), key, table)
     try:
-        return resolve_protocol(name, overrides)
-    except ValueError as err:
-        fail(str(err), None, table if overrides else "protocol")
+        return resolve_protocol(raw.get("name", "seed"), overrides)
+    except ConfigError as err:
+        if err.field == "name":
+            fail(err.message, "name", "protocol")
+        fail(err.message, err.field, "protocol.overrides")
         raise  # unreachable: fail raises
 
 
-def _parse_variant(
-    raw: dict[str, Any], index: int, dataset: str, protocol: Protocol, subset: int | None,
-    loc: _Locator, fail,
-) -> Variant:
+def _parse_variant(raw: dict[str, Any], index: int, shared: dict[str, Any], fail) -> Variant:
     def vfail(message: str, key: str | None = None):
         who = raw.get("name")
         who = f"variant {who!r}" if isinstance(who, str) else f"variant #{index + 1}"
         fail(f"{who}: {message}", key, "variant", index)
 
-    for key in raw:
-        if key not in VARIANT_KEYS:
-            vfail(_unknown(key, VARIANT_KEYS, "key"), key)
+    try:
+        check_keys(raw, VARIANT_KEYS, "key")
+    except ConfigError as err:
+        vfail(err.message, err.field)
     name = raw.get("name")
     if name is None:
         vfail("has no name; every [[variant]] needs name = \"a-slug\"")
@@ -319,33 +236,11 @@ def _parse_variant(
             f"name must be a slug (letters, digits, '-', '_', '.', starting with a letter or "
             f"digit; it names the run directory), got {name!r}", "name",
         )
-    defaults = RunConfig.__dataclass_fields__
-    opts: dict[str, Any] = {
-        k: raw.get(k, defaults[k].default) for k in (*MODEL_KEYS, *REGULARIZER_KEYS)
-    }
-
-    from normlab.models import NORMS
-
-    if opts["norm"] not in NORMS:
-        vfail(f"unknown norm {opts['norm']!r}; choose one of {', '.join(NORMS)}", "norm")
-    if not _is_int(opts["groups"]) or opts["groups"] < 1:
-        vfail(f"groups must be a positive integer, got {opts['groups']!r}", "groups")
-    if not _is_number(opts["dropout"]) or not 0 <= opts["dropout"] < 1:
-        vfail(f"dropout must be a number in [0, 1) (0 turns it off), got {opts['dropout']!r}",
-              "dropout")
-    for key in ("l1", "weight_decay"):
-        if not _is_number(opts[key]) or opts[key] < 0:
-            vfail(f"{key} must be a number >= 0, got {opts[key]!r}", key)
-        opts[key] = float(opts[key])
-    opts["dropout"] = float(opts["dropout"])
-    if opts["l1_scope"] not in L1_SCOPES:
-        vfail(f"l1_scope must be one of {', '.join(L1_SCOPES)}, got {opts['l1_scope']!r}",
-              "l1_scope")
+    options = {k: v for k, v in raw.items() if k not in ("name", "label")}
     try:
-        config = RunConfig(dataset=dataset, protocol=protocol, subset=subset, **opts)
-    except ValueError as err:
-        key = "groups" if "group" in str(err).lower() and "groups" in raw else "norm"
-        vfail(str(err), key if key in raw else None)
+        config = RunConfig.from_dict({**shared, **options})
+    except ConfigError as err:
+        vfail(err.message, err.field if err.field in raw else None)
 
     label = raw.get("label")
     if label is None:
@@ -359,7 +254,8 @@ def _parse_variant(
 
 def _label_values(config: RunConfig) -> dict[str, str]:
     return {
-        "norm": config.norm, "groups": str(config.groups), "dropout": f"{config.dropout:g}",
+        "norm": config.norm, "groups": str(config.model.groups),
+        "dropout": f"{config.model.dropout:g}",
         "l1": f"{config.l1:g}", "l1_scope": config.l1_scope,
         "weight_decay": f"{config.weight_decay:g}",
     }
@@ -378,16 +274,15 @@ def _fill_label(label: str, config: RunConfig, fail) -> str:
 
 def default_label(config: RunConfig) -> str:
     """A human name from the options, e.g. ``GN (2 groups) + L1 (λ=0.0001)``."""
-    default = RunConfig.__dataclass_fields__
-    if config.norm == "gn":
-        label = f"GN ({config.groups} group{'s' if config.groups != 1 else ''})"
-    else:
-        label = NORM_LABELS.get(config.norm, config.norm.upper())
+    model = config.model
+    label = " + ".join(NORM_LABELS[n] for n in model.norms)
+    if "gn" in model.norms:
+        label = label.replace("GN", f"GN ({model.groups} group{'s' if model.groups != 1 else ''})")
     if config.l1:
         scope = ", conv weights" if config.l1_scope == "conv" else ""
         label += f" + L1 (λ={config.l1:g}{scope})"
     if config.weight_decay:
         label += f" + L2 (wd={config.weight_decay:g})"
-    if config.dropout != default["dropout"].default:
-        label += f", dropout {config.dropout:g}"
+    if model.dropout != ModelConfig().dropout:
+        label += f", dropout {model.dropout:g}"
     return label

@@ -1,11 +1,20 @@
 """Models: the seed's CNN and the registry of normalization layers."""
 
 from normlab.models.net import LAYOUT, ModelConfig, Net, build_config, count_parameters
-from normlab.models.norms import NORM_TITLES, NORMS, check_norm, make_norm
+from normlab.models.norms import (
+    NORM_LABELS,
+    NORM_TITLES,
+    NORMALIZING,
+    NORMS,
+    check_norm,
+    make_norm,
+)
 
 __all__ = [
     "LAYOUT",
+    "NORMALIZING",
     "NORMS",
+    "NORM_LABELS",
     "NORM_TITLES",
     "ModelConfig",
     "Net",

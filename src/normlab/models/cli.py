@@ -31,8 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """Validate the model options through the same path as ``Net(...)``."""
-    return Net(norm=args.norm, groups=args.groups, dropout_value=args.dropout).config
+    """The model options as a (validated) ModelConfig."""
+    return ModelConfig(norms=(args.norm,), groups=args.groups, dropout=args.dropout)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from torchinfo import summary
 
-    cfg = model_config_from_args(args)
-    model = Net(norm=cfg.norms[0], groups=cfg.groups, dropout_value=cfg.dropout)
+    model = Net.from_config(model_config_from_args(args))
     stats = summary(
         model,
         input_size=(args.batch_size, 1, 28, 28),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.fields import ConfigError, check_keys, coerce
 from normlab.models.norms import check_norm, make_norm
 
 # (name, in, out, kernel, padding, is_conv_block). A conv block is Conv -> ReLU -> norm ->
@@ -30,12 +32,53 @@ GAP_KERNEL = 6  # the seed's AvgPool2d(6) on an 8x8 map: it averages the top-lef
 class ModelConfig:
     """The model as one value: which norm(s), GroupNorm's group count, and dropout.
 
-    ``norms`` is a tuple because the seed's flags may stack several norms in one block.
+    ``norms`` is a tuple because the seed's flags may stack several norms in one block;
+    config.json writes it as one string (``"bn"``, or ``"bn+ln"`` when stacked). Built with
+    bad values it raises :class:`~normlab.fields.ConfigError` naming the field.
     """
 
     norms: tuple[str, ...] = ("bn",)
     groups: int = 2
     dropout: float = 0.01
+
+    def __post_init__(self) -> None:
+        norms = self.norms.split("+") if isinstance(self.norms, str) else tuple(self.norms)
+        object.__setattr__(self, "norms", tuple(check_norm(n) for n in norms))
+        groups = coerce("groups", self.groups, int)
+        if groups < 1:
+            raise ConfigError("groups", f"groups must be a positive integer, got {groups!r}")
+        dropout = coerce("dropout", self.dropout, float)
+        if not 0 <= dropout < 1:
+            raise ConfigError(
+                "dropout", f"dropout_value must be in [0, 1) (0 turns dropout off), got {dropout}"
+            )
+        object.__setattr__(self, "dropout", dropout)
+        if "gn" in self.norms:
+            for name, _, out, _, _, is_block in LAYOUT:
+                if is_block and out % groups:
+                    widths = ", ".join(str(o) for _, _, o, _, _, b in LAYOUT if b)
+                    raise ConfigError(
+                        "groups",
+                        f"GroupNorm with {groups} groups does not divide {name}'s {out} "
+                        f"channels; choose a group count that divides every block width "
+                        f"({widths}), e.g. 1 or 2",
+                    )
+
+    @property
+    def norm(self) -> str:
+        return "+".join(self.norms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"norm": self.norm, "groups": self.groups, "dropout": self.dropout}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        check_keys(data, MODEL_KEYS, "model key")
+        return cls(norms=data.get("norm", "bn"), groups=data.get("groups", 2),
+                   dropout=data.get("dropout", 0.01))
+
+
+MODEL_KEYS = ("norm", "groups", "dropout")
 
 
 def resolve_seed_flags(
@@ -83,12 +126,13 @@ def build_config(
             if value is not None and value != (flag == implied)
         ]
         if conflicts:
-            raise ValueError(
+            raise ConfigError("norm",
                 f"norm={norm!r} conflicts with {', '.join(conflicts)}; "
                 "pass either norm= or the seed flags, not both"
             )
         if group_norm_groups is not None and groups is not None and group_norm_groups != groups:
-            raise ValueError("pass groups= or group_norm_groups=, not two different values")
+            raise ConfigError("groups",
+                              "pass groups= or group_norm_groups=, not two different values")
         norms: tuple[str, ...] = (norm,)
     else:
         norms = resolve_seed_flags(
@@ -97,24 +141,8 @@ def build_config(
             bool(group_norm),
         )
     n_groups = groups if groups is not None else group_norm_groups
-    n_groups = 2 if n_groups is None else n_groups
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-        raise ValueError(f"groups must be a positive integer, got {n_groups!r}")
-    if isinstance(dropout_value, bool) or not isinstance(dropout_value, (int, float)):
-        raise ValueError(f"dropout_value must be a number in [0, 1), got {dropout_value!r}")
-    if not 0 <= dropout_value < 1:
-        raise ValueError(
-            f"dropout_value must be in [0, 1) (0 turns dropout off), got {dropout_value}"
-        )
-    if "gn" in norms:
-        for name, _, out, _, _, is_block in LAYOUT:
-            if is_block and out % n_groups:
-                widths = ", ".join(str(o) for _, _, o, _, _, b in LAYOUT if b)
-                raise ValueError(
-                    f"GroupNorm with {n_groups} groups does not divide {name}'s {out} channels; "
-                    f"choose a group count that divides every block width ({widths}), e.g. 1 or 2"
-                )
-    return ModelConfig(norms=norms, groups=n_groups, dropout=float(dropout_value))
+    return ModelConfig(norms=norms, groups=2 if n_groups is None else n_groups,
+                       dropout=dropout_value)
 
 
 class Net(nn.Module):
@@ -137,10 +165,20 @@ class Net(nn.Module):
         groups: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = build_config(
+        self._build(build_config(
             norm, groups, dropout_value, batch_norm, layer_norm, group_norm, group_norm_groups
-        )
-        cfg = self.config
+        ))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> Net:
+        """The network of a (validated) ModelConfig."""
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net._build(config)
+        return net
+
+    def _build(self, cfg: ModelConfig) -> None:
+        self.config = cfg
         for name, c_in, c_out, kernel, padding, is_block in LAYOUT:
             layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False)]
             if is_block:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from normlab.fields import ConfigError
+
 NormFactory = Callable[[int, int], nn.Module]
 
 
@@ -38,28 +40,31 @@ def _identity(channels: int, groups: int) -> nn.Module:
     return nn.Identity()
 
 
+# In teaching order (the workbook's sheets and the report's figure follow it).
 NORMS: dict[str, NormFactory] = {
     "bn": _batch,
-    "gn": _group,
     "ln": _layer,
+    "gn": _group,
     "in": _instance,
     "none": _identity,
 }
-
+# The one home of each norm's names: a title for prose and figures, a short label for tables.
 NORM_TITLES = {
     "bn": "BatchNorm",
-    "gn": "GroupNorm",
     "ln": "LayerNorm",
+    "gn": "GroupNorm",
     "in": "InstanceNorm",
     "none": "no normalization",
 }
+NORM_LABELS = {"bn": "BN", "ln": "LN", "gn": "GN", "in": "IN", "none": "no norm"}
+NORMALIZING = tuple(name for name in NORMS if name != "none")
 
 
 def check_norm(name: str) -> str:
-    """Return ``name`` if it is a registered norm, else raise a ValueError listing the choices."""
+    """Return ``name`` if it is a registered norm, else raise a ConfigError listing the choices."""
     if name not in NORMS:
         valid = ", ".join(repr(k) for k in NORMS)
-        raise ValueError(f"unknown norm {name!r}; choose one of {valid}")
+        raise ConfigError("norm", f"unknown norm {name!r}; choose one of {valid}")
     return name
 
 

@@ -5,24 +5,29 @@ from __future__ import annotations
 import dataclasses
 from itertools import combinations
 
-from normlab.reports.collect import MISSING, UNFINISHED, Suite, Variant
+from normlab.models import ModelConfig
+from normlab.reports.collect import (
+    FAILED,
+    FINISHED,
+    MISSING,
+    UNFINISHED,
+    SuiteResults,
+    VariantResults,
+)
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.stats import Paired, Summary, fmt_mean_std, paired_difference
-from normlab.training.protocols import PROTOCOLS
-
-CHANCE_ACC = 15.0  # final test accuracy (%) below which a 10-class run "sits at chance"
+from normlab.training.config import RunConfig
+from normlab.training.rundir import CHANCE_ACC
 
 # The seed study's published numbers (REFERENCE.md): one run each, MNIST, seed protocol.
-# (title, config it corresponds to, best, final). Its L1 runs carried the L1 bug.
+# (title, the config it corresponds to, best, final). Its L1 runs carried the L1 bug.
 SEED_RESULTS = (
-    ("BN only", {"norm": "bn", "l1": 0.0}, 99.38, 99.36),
-    ("GN only (2 groups)", {"norm": "gn", "groups": 2, "l1": 0.0}, 99.22, 99.21),
-    ("LN only", {"norm": "ln", "l1": 0.0}, 99.36, 99.36),
-    ("BN + L1 λ=0.01 (buggy L1)", {"norm": "bn", "l1": 0.01}, 11.35, 9.80),
-    ("BN + L1 λ=0.001 (buggy L1)", {"norm": "bn", "l1": 0.001}, 92.70, 92.70),
+    ("BN only", RunConfig(), 99.38, 99.36),
+    ("GN only (2 groups)", RunConfig(model=ModelConfig(norms=("gn",), groups=2)), 99.22, 99.21),
+    ("LN only", RunConfig(model=ModelConfig(norms=("ln",))), 99.36, 99.36),
+    ("BN + L1 λ=0.01 (buggy L1)", RunConfig(l1=0.01), 11.35, 9.80),
+    ("BN + L1 λ=0.001 (buggy L1)", RunConfig(l1=0.001), 92.70, 92.70),
 )
-SEED_PROTOCOL = {"dataset": "mnist", "dropout": 0.01, "weight_decay": 0.0, "subset": None,
-                 "l1_scope": "all", "protocol": dataclasses.asdict(PROTOCOLS["seed"])}
 COMMON_RANDOM_NUMBERS = (
     "Variants of one suite see **identical data order and augmentation for the same seed** "
     "(common random numbers): seed k shuffles and rotates the training images the same way "
@@ -46,9 +51,13 @@ def describe_pair(p: Paired, first: str, second: str) -> tuple[str, str]:
     return f"[{signed(lo)}, {signed(hi)}]", verdict
 
 
-def _runs_section(suite: Suite) -> list[Block]:
-    done = [r for r in suite.runs if r.state not in (MISSING, UNFINISHED)]
+def _runs_section(suite: SuiteResults) -> list[Block]:
+    done = suite.by_state(FINISHED)
     items = [f"{len(done)} of {len(suite.runs)} runs finished."]
+    for r in suite.by_state(FAILED):
+        v = _variant(suite, r.variant)
+        items.append(f"{v.label} seed {r.seed}: **failed** ({r.run.failure()}); rerunning the "
+                     "suite retries it.")
     for r in suite.by_state(UNFINISHED):
         v = _variant(suite, r.variant)
         state = "**training**" if r.training else "**unfinished**"
@@ -60,7 +69,7 @@ def _runs_section(suite: Suite) -> list[Block]:
     return [Heading("Runs"), Bullets(items)]
 
 
-def _variant(suite: Suite, name: str) -> Variant:
+def _variant(suite: SuiteResults, name: str) -> VariantResults:
     return next(v for v in suite.variants if v.name == name)
 
 
@@ -120,7 +129,7 @@ def _pairs_section(summaries: list[Summary]) -> list[Block]:
     return blocks
 
 
-def _health_section(suite: Suite) -> list[Block]:
+def _health_section(suite: SuiteResults) -> list[Block]:
     items = []
     for r in suite.runs:
         label = f"{_variant(suite, r.variant).label} seed {r.seed}"
@@ -136,13 +145,14 @@ def _health_section(suite: Suite) -> list[Block]:
     return [Heading("Divergence and chance-level runs"), Bullets(items)]
 
 
-def _same_but_l1(a: dict, b: dict) -> bool:
-    drop = ("l1", "l1_scope")
-    return {k: v for k, v in a.items() if k not in drop} == {
-        k: v for k, v in b.items() if k not in drop}
+def _same_but_l1(a: RunConfig | None, b: RunConfig | None) -> bool:
+    if a is None or b is None:
+        return False
+    return dataclasses.replace(a, l1=0.0, l1_scope="all") == dataclasses.replace(
+        b, l1=0.0, l1_scope="all")
 
 
-def _l1_section(suite: Suite, by_name: dict[str, Summary]) -> list[Block]:
+def _l1_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Block]:
     l1_variants = [v for v in suite.variants if v.l1 > 0]
     if not l1_variants:
         return []
@@ -171,21 +181,24 @@ def _l1_section(suite: Suite, by_name: dict[str, Summary]) -> list[Block]:
     return [Heading("L1 compared with the same model without L1"), Bullets(items)]
 
 
-def seed_comparable(v: Variant) -> bool:
-    return all(v.config.get(k) == val for k, val in SEED_PROTOCOL.items())
+def _seed_model(v: VariantResults, want: RunConfig) -> bool:
+    """Whether ``v`` is the seed study's ``want`` (its protocol, data, dropout), any seed;
+    GroupNorm's group count matters only for GN."""
+    if v.config is None:
+        return False
+    model = v.config.model
+    groups = model.groups if "gn" in model.norms else want.model.groups
+    mine = dataclasses.replace(v.config, seed=want.seed,
+                               model=dataclasses.replace(model, groups=groups))
+    return mine == want
 
 
-def _matches(v: Variant, want: dict) -> bool:
-    return all(float(v.config.get(k, 0)) == val if k == "l1" else v.config.get(k) == val
-               for k, val in want.items())
-
-
-def _seed_section(suite: Suite, by_name: dict[str, Summary]) -> list[Block]:
+def _seed_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Block]:
     if suite.dataset != "mnist":
         return []
     rows = []
     for title, want, _best, final in SEED_RESULTS:
-        v = next((v for v in suite.variants if seed_comparable(v) and _matches(v, want)), None)
+        v = next((v for v in suite.variants if _seed_model(v, want)), None)
         s = by_name.get(v.name) if v else None
         if s is None or s.partial or not s.runs:
             continue
@@ -210,12 +223,12 @@ def _seed_section(suite: Suite, by_name: dict[str, Summary]) -> list[Block]:
     ]
 
 
-def analysis_blocks(suite: Suite, summaries: list[Summary], standalone: bool = True,
+def analysis_blocks(suite: SuiteResults, summaries: list[Summary], standalone: bool = True,
                     ) -> list[Block]:
     """The analysis; ``standalone=False`` leaves out the title and description (for the
     report page, which has its own)."""
     by_name = {s.variant.name: s for s in summaries}
-    protocols = sorted({(v.config.get("protocol") or {}).get("name", "?") for v in suite.variants})
+    protocols = sorted({v.config.protocol.name if v.config else "?" for v in suite.variants})
     intro: list[Block] = []
     if standalone:
         intro.append(Heading(f"Analysis: {suite.name}", 1))

@@ -1,14 +1,13 @@
 """build_report(root): every artifact of a suite's report, written into the suite folder.
 
-ROOT/results.csv, summary.csv, analysis.md, report.html, figures/*.png and, when the
-workbook package provides ``write_workbook``, normalizations.xlsx.
+ROOT/results.csv, summary.csv, analysis.md, report.html, figures/*.png and
+normalizations.xlsx.
 """
 
 from __future__ import annotations
 
 import html
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,14 @@ import numpy as np
 from normlab import __version__
 from normlab.files import write_text
 from normlab.reports.analysis import COMMON_RANDOM_NUMBERS, analysis_blocks
-from normlab.reports.collect import MISSING, UNFINISHED, Suite, Variant, load_suite
+from normlab.reports.collect import (
+    FAILED,
+    MISSING,
+    UNFINISHED,
+    SuiteResults,
+    VariantResults,
+    load_results,
+)
 from normlab.reports.doc import Para, to_markdown
 from normlab.reports.figures import confusion_figure, curves_figure, mistakes_figure, palette
 from normlab.reports.normfig import norm_groups_figure
@@ -44,7 +50,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def _curve_images(suite: Suite, figs: Path, colours: dict) -> list[Image]:
+def _curve_images(suite: SuiteResults, figs: Path, colours: dict) -> list[Image]:
     shown = [v for v in suite.variants if v.with_metrics]
     no_l1 = [v for v in shown if v.l1 == 0]
     sets = [("all", "all models", shown)]
@@ -62,7 +68,7 @@ def _curve_images(suite: Suite, figs: Path, colours: dict) -> list[Image]:
     return images
 
 
-def _first_predictions(v: Variant):
+def _first_predictions(v: VariantResults):
     for run in v.finished:
         preds = run.predictions()
         if preds is not None:
@@ -90,7 +96,7 @@ class DatasetImages:
         return self.images
 
 
-def _prediction_parts(suite: Suite, figs: Path, loader: ImageLoader,
+def _prediction_parts(suite: SuiteResults, figs: Path, loader: ImageLoader,
                       notes: list[str]) -> list[str]:
     parts, test = [], DatasetImages(loader, suite.dataset, notes)
     for v in suite.variants:
@@ -121,28 +127,26 @@ def _prediction_parts(suite: Suite, figs: Path, loader: ImageLoader,
     return parts
 
 
-def _workbook(root: Path) -> Path | None:
-    """normalizations.xlsx, if the workbook package offers write_workbook (else None)."""
+def _workbook(root: Path) -> Path:
+    """normalizations.xlsx; a workbook that cannot be written fails the report, saying why."""
+    from normlab.workbook import write_workbook
+
     try:
-        from normlab import workbook
-    except ImportError:
-        return None
-    write = getattr(workbook, "write_workbook", None)
-    if not callable(write):
-        return None
-    try:
-        return Path(write(root / WORKBOOK))
-    except Exception as err:  # the report must not fail on another package's error
-        print(f"normlab report: warning: workbook not written: {err}", file=sys.stderr)
-        return None
+        return Path(write_workbook(root / WORKBOOK))
+    except OSError as err:
+        raise ValueError(f"report: could not write the workbook {root / WORKBOOK}: {err}") from err
 
 
-def _status_notes(suite: Suite) -> list[str]:
+def _status_notes(suite: SuiteResults) -> list[str]:
     notes = []
     epochs = {v.name: v.epochs for v in suite.variants}
     unfinished = [f"{r.variant}/seed{r.seed} ({r.progress(epochs[r.variant])})"
                   for r in suite.by_state(UNFINISHED)]
     missing = [f"{r.variant}/seed{r.seed}" for r in suite.by_state(MISSING)]
+    failed = [f"{r.variant}/seed{r.seed} ({r.run.failure()})" for r in suite.by_state(FAILED)]
+    if failed:
+        notes.append("**Failed** (the last attempt raised an error; plotted so far, left out of "
+                     f"the comparisons; rerun the suite to retry): {', '.join(failed)}.")
     if unfinished:
         notes.append("**Unfinished** (plotted so far, left out of the comparisons): "
                      f"{', '.join(unfinished)}.")
@@ -151,13 +155,12 @@ def _status_notes(suite: Suite) -> list[str]:
     return notes
 
 
-def _files_html(workbook: Path | None) -> str:
+def _files_html(workbook: Path) -> str:
     links = [("results.csv", "every metric of every epoch of every run"),
              ("summary.csv", "the summary table, mean and std in separate columns"),
              ("analysis.md", "the analysis above, as Markdown"),
-             ("figures/", "the figures as PNG files")]
-    if workbook is not None:
-        links.append((workbook.name, "the workbook that computes BN/LN/GN/IN with live formulas"))
+             ("figures/", "the figures as PNG files"),
+             (workbook.name, "the workbook that computes BN/LN/GN/IN with live formulas")]
     items = "".join(f'<li><a href="{name}">{name}</a>: {text}</li>' for name, text in links)
     return f"<p>Beside this page, in the suite folder:</p><ul>{items}</ul>"
 
@@ -168,7 +171,7 @@ def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path
     ``images`` loads a dataset's test images and class names (default: ``load_test_images``).
     """
     root = Path(root)
-    suite = load_suite(root)
+    suite = load_results(root)
     summaries = [summarise(v) for v in suite.variants]
     write_text(root / "results.csv", results_csv(suite))
     write_text(root / "summary.csv", summary_csv(summaries))

@@ -1,13 +1,14 @@
 """Read a suite directory: suite.json (or the run folders it implies) and each run's files.
 
 Nothing here assumes the suite is complete: a run may be missing (no config.json yet),
-unfinished (metrics so far, no predictions.pt: still training, or stopped) or finished.
+unfinished (metrics so far, no predictions.pt: still training, or stopped), failed (its
+last attempt raised) or finished. Every file is read through :class:`RunDir`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,46 +17,43 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from normlab.training.run import CONFIG, LOCK, METRICS, PREDICTIONS, read_metrics
+from normlab.training.config import RunConfig
+from normlab.training.rundir import CONFIG, FAILED, METRICS, RunDir
 
+__all__ = ["FAILED", "FINISHED", "MISSING", "UNFINISHED", "RunResults", "SuiteResults",
+           "VariantResults", "load_results"]
+
+# A run's state as the report words it (results.csv's run_state column).
 MISSING, UNFINISHED, FINISHED = "missing", "unfinished", "finished"
 
 
-
 @dataclass
-class Run:
+class RunResults:
+    """One run of a suite, as its directory holds it now."""
+
     variant: str
     seed: int
-    dir: Path
-    config: dict[str, Any] | None = None  # the RunConfig dict from config.json
+    run: RunDir
+    config: RunConfig | None = None  # None: not started (or a config this version can't read)
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def dir(self) -> Path:
+        return self.run.path
+
+    @property
     def state(self) -> str:
-        if self.config is None:
-            return MISSING
-        return FINISHED if (self.dir / PREDICTIONS).exists() else UNFINISHED
+        if self.run.finished():
+            return FINISHED
+        if self.run.failure() is not None:
+            return FAILED
+        return MISSING if self.config is None else UNFINISHED
 
     @property
     def training(self) -> bool:
         """Whether a live process holds the run's lock (on this machine) right now."""
-        if self.state != UNFINISHED:
-            return False
-        try:
-            pid = int((self.dir / LOCK).read_text().strip() or 0)
-        except (OSError, ValueError):
-            return False
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # alive, another user's
-            return True
-        return True
+        return self.state == UNFINISHED and self.run.training()
 
     def progress(self, epochs: int | None) -> str:
         """'training now, epoch 3 of 20 done' / 'stopped after epoch 3 of 20'."""
@@ -65,7 +63,7 @@ class Run:
         if not self.metrics:
             return "stopped before its first epoch"
         # a run trained by a process that holds no lock looks stopped: the age tells
-        age = time.time() - (self.dir / METRICS).stat().st_mtime
+        age = time.time() - self.run.file(METRICS).stat().st_mtime
         ago = f"{age / 60:.0f} min" if age < 5400 else f"{age / 3600:.1f} h"
         return f"stopped after epoch {len(self.metrics)}{of}, last written {ago} ago"
 
@@ -81,87 +79,79 @@ class Run:
         return np.array([float(m[key]) for m in self.metrics], dtype=float)
 
     def predictions(self) -> dict[str, np.ndarray] | None:
-        path = self.dir / PREDICTIONS
-        if not path.exists():
-            return None
-        data = torch.load(path, weights_only=True, map_location="cpu")
-        return {k: v.numpy() for k, v in data.items()}
+        data = self.run.predictions()
+        return None if data is None else {k: v.numpy() for k, v in data.items()}
 
 
 @dataclass
-class Variant:
+class VariantResults:
     name: str
     label: str
-    config: dict[str, Any]  # the RunConfig dict without "seed"
-    runs: list[Run] = field(default_factory=list)
+    config: RunConfig | None  # the variant's config (seed 1); None if this version can't read it
+    runs: list[RunResults] = field(default_factory=list)
 
     @property
     def l1(self) -> float:
-        return float(self.config.get("l1", 0.0) or 0.0)
+        return self.config.l1 if self.config else 0.0
 
     @property
     def epochs(self) -> int | None:
-        return (self.config.get("protocol") or {}).get("epochs")
+        return self.config.protocol.epochs if self.config else None
 
     @property
-    def finished(self) -> list[Run]:
+    def finished(self) -> list[RunResults]:
         return [r for r in self.runs if r.state == FINISHED]
 
     @property
-    def with_metrics(self) -> list[Run]:
+    def with_metrics(self) -> list[RunResults]:
         return [r for r in self.runs if r.metrics]
 
     @cached_property
     def parameters(self) -> int | None:
         """Trainable parameter count of the variant's model (None if it cannot be built)."""
         from normlab.models import count_parameters
-        from normlab.training.config import RunConfig
 
-        try:
-            model = RunConfig.from_dict({**self.config, "seed": 1}).make_model()
-        except (ValueError, TypeError, KeyError):  # a config this version cannot build
-            return None
-        return int(count_parameters(model))
+        return None if self.config is None else int(count_parameters(self.config.make_model()))
 
 
 @dataclass
-class Suite:
+class SuiteResults:
     root: Path
     name: str
     description: str
     source: str
     dataset: str
     seeds: list[int]
-    variants: list[Variant]
+    variants: list[VariantResults]
 
     @property
-    def runs(self) -> list[Run]:
+    def runs(self) -> list[RunResults]:
         return [r for v in self.variants for r in v.runs]
 
-    def by_state(self, state: str) -> list[Run]:
+    def by_state(self, state: str) -> list[RunResults]:
         return [r for r in self.runs if r.state == state]
 
 
-def _load_run(variant: str, seed: int, run_dir: Path) -> Run:
-    run = Run(variant, seed, run_dir)
-    cfg = run_dir / CONFIG
-    if cfg.exists():
-        try:
-            run.config = json.loads(cfg.read_text())["run"]
-        except (json.JSONDecodeError, KeyError):
-            return run  # unreadable: treat as missing
-        run.metrics = read_metrics(run_dir)
-    return run
+def _load_run(variant: str, seed: int, run_dir: Path) -> RunResults:
+    run = RunDir(run_dir)
+    try:
+        config = run.config()
+    except ValueError:
+        return RunResults(variant, seed, run)  # unreadable: treat as missing
+    return RunResults(variant, seed, run, config, run.metrics() if config else [])
 
 
-def _without_seed(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k != "seed"}
+def _variant_config(entry: dict[str, Any]) -> RunConfig | None:
+    try:
+        return RunConfig.from_dict(entry)
+    except (ValueError, TypeError):  # a config this version cannot read
+        return None
 
 
-def _from_manifest(root: Path, manifest: dict[str, Any]) -> Suite:
+def _from_manifest(root: Path, manifest: dict[str, Any]) -> SuiteResults:
     variants = {
-        v["name"]: Variant(v["name"], v.get("label") or v["name"],
-                           _without_seed(v.get("config", {})))
+        v["name"]: VariantResults(v["name"], v.get("label") or v["name"],
+                                  _variant_config(v.get("config", {})))
         for v in manifest.get("variants", [])
     }
     for entry in manifest.get("runs", []):
@@ -171,7 +161,7 @@ def _from_manifest(root: Path, manifest: dict[str, Any]) -> Suite:
         variant.runs.append(_load_run(variant.name, int(entry["seed"]), root / entry["dir"]))
     for v in variants.values():
         v.runs.sort(key=lambda r: r.seed)
-    return Suite(
+    return SuiteResults(
         root=root,
         name=manifest.get("name", root.name),
         description=manifest.get("description", ""),
@@ -182,7 +172,7 @@ def _from_manifest(root: Path, manifest: dict[str, Any]) -> Suite:
     )
 
 
-def _discover(root: Path) -> Suite:
+def _discover(root: Path) -> SuiteResults:
     found: dict[str, dict[int, Path]] = {}
     for cfg in sorted(root.glob(f"*/seed*/{CONFIG}")):
         match = re.fullmatch(r"seed(\d+)", cfg.parent.name)
@@ -196,21 +186,25 @@ def _discover(root: Path) -> Suite:
     variants = []
     for name, by_seed in found.items():
         runs = [_load_run(name, s, by_seed.get(s, root / name / f"seed{s}")) for s in seeds]
-        config = next(r.config for r in runs if r.config is not None)
-        variants.append(Variant(name, name, _without_seed(config), runs))
-    return Suite(root, root.name, "", "", _first_dataset(variants), seeds, variants)
+        config = next((r.config for r in runs if r.config is not None), None)
+        if config is not None:
+            config = dataclasses.replace(config, seed=1)
+        variants.append(VariantResults(name, name, config, runs))
+    return SuiteResults(root, root.name, "", "", _first_dataset(variants), seeds, variants)
 
 
 def _first_dataset(variants) -> str:
-    return next((v.config.get("dataset") for v in variants if v.config.get("dataset")), "mnist")
+    return next((v.config.dataset for v in variants if v.config), "mnist")
 
 
-def load_suite(root: str | Path) -> Suite:
+def load_results(root: str | Path) -> SuiteResults:
     """The suite at ``root``: from suite.json if present, else from its run folders."""
+    from normlab.experiments.plan import MANIFEST
+
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root} is not a directory")
-    manifest = root / "suite.json"
+    manifest = root / MANIFEST
     if manifest.exists():
         try:
             data = json.loads(manifest.read_text())

@@ -17,12 +17,12 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MultipleLocator, NullFormatter
 
-from normlab.reports.collect import Variant
+from normlab.reports.collect import VariantResults
+from normlab.reports.stats import THRESHOLDS
 
 DPI = 110
 ZOOM_SPAN = 1.0  # accuracy points below the best model's late accuracy that the zoom keeps
 MIN_SPAN = 1.0  # the zoom shows at least this many accuracy points (early in training too)
-REFERENCE_LINES = (99.0, 99.4)
 LABELS = {
     "test_acc": ("Test accuracy", "accuracy %"),
     "train_acc": ("Train accuracy", "accuracy %"),
@@ -51,13 +51,13 @@ def _decades(ax) -> float:
     return float(np.log10(high / low))
 
 
-def palette(variants: list[Variant]) -> dict[str, tuple]:
+def palette(variants: list[VariantResults]) -> dict[str, tuple]:
     """One colour per variant, fixed by suite order, shared by every figure."""
     cmap = colormaps["tab10" if len(variants) <= 10 else "tab20"]
     return {v.name: cmap(i % cmap.N) for i, v in enumerate(variants)}
 
 
-def mean_band(variant: Variant, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+def mean_band(variant: VariantResults, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                        np.ndarray, np.ndarray]:
     """(epochs, mean, min, max, count) over the seeds that reached each epoch so far."""
     series = [r.series(metric) for r in variant.with_metrics]
@@ -72,7 +72,7 @@ def mean_band(variant: Variant, metric: str) -> tuple[np.ndarray, np.ndarray, np
                 np.nanmax(grid, axis=0), count)
 
 
-def draw_curves(ax, variants: list[Variant], metric: str, colours: dict[str, tuple]) -> None:
+def draw_curves(ax, variants: list[VariantResults], metric: str, colours: dict[str, tuple]) -> None:
     """Mean over seeds per variant, with a shaded min-max band where >1 seed has the epoch."""
     last = 1
     for v in variants:
@@ -94,7 +94,7 @@ def draw_curves(ax, variants: list[Variant], metric: str, colours: dict[str, tup
     ax.grid(True, alpha=0.3)
 
 
-def zoom_limits(variants: list[Variant], metric: str) -> tuple[tuple[float, float], bool]:
+def zoom_limits(variants: list[VariantResults], metric: str) -> tuple[tuple[float, float], bool]:
     """Accuracy y-limits that keep the high-accuracy region legible.
 
     Each variant's "late" accuracy is the lowest mean over its last half of epochs; the zoom
@@ -116,7 +116,7 @@ def zoom_limits(variants: list[Variant], metric: str) -> tuple[tuple[float, floa
     top = max(peak)
     pad = max(0.12 * (top - low), 0.05)
     bottom = low - pad
-    for y in REFERENCE_LINES:  # a reference line just below the zoom is worth showing
+    for y in THRESHOLDS:  # a reference line just below the zoom is worth showing
         if y < bottom < y + 0.3:
             bottom = y - pad / 2
     top = min(100.0, top + pad)
@@ -124,7 +124,7 @@ def zoom_limits(variants: list[Variant], metric: str) -> tuple[tuple[float, floa
     return limits, any(x < limits[0] for x in lowest)
 
 
-def _overview_bottom(variants: list[Variant], metric: str) -> float:
+def _overview_bottom(variants: list[VariantResults], metric: str) -> float:
     """0 when some curve sits far down (chance level, say); else a multiple of 5 just under
     the lowest value, so a dip to 93% is not squashed against a 0-100 axis."""
     lows = [float(np.nanmin(mean_band(v, metric)[2])) for v in variants if v.with_metrics]
@@ -132,8 +132,8 @@ def _overview_bottom(variants: list[Variant], metric: str) -> float:
     return 0.0 if lowest < 50 else 5.0 * math.floor((lowest - 1) / 5)
 
 
-def curves_figure(path: Path, variants: list[Variant], metric: str, colours: dict[str, tuple],
-                  subtitle: str) -> Path:
+def curves_figure(path: Path, variants: list[VariantResults], metric: str,
+                  colours: dict[str, tuple], subtitle: str) -> Path:
     title, ylabel = LABELS[metric]
     is_acc = metric.endswith("_acc")
     limits, full_panel = zoom_limits(variants, metric) if is_acc else (None, False)
@@ -151,7 +151,7 @@ def curves_figure(path: Path, variants: list[Variant], metric: str, colours: dic
     ax.set_ylabel(ylabel)
     if is_acc:
         ax.set_ylim(*limits)
-        for y in REFERENCE_LINES:
+        for y in THRESHOLDS:
             if limits[0] < y < limits[1]:
                 ax.axhline(y, color="0.35", linestyle=":", linewidth=1)
                 ax.annotate(f"{y:g}%", (1, y), xycoords=("axes fraction", "data"),

@@ -1,4 +1,5 @@
-"""Small statistics without scipy: mean ± sample std, Student-t intervals, per-variant summaries."""
+"""Statistics of a suite: mean ± sample std over seeds, paired Student-t intervals (scipy),
+per-variant summaries."""
 
 from __future__ import annotations
 
@@ -6,16 +7,13 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from normlab.reports.collect import Run, Variant
+import scipy.stats
 
-THRESHOLDS = (99.0, 99.4)  # test accuracy (%) whose first epoch the summary reports
+from normlab.reports.collect import RunResults, VariantResults
 
-# t_{0.975, df} for df = 1..30 (two-sided 95%); checked against t_cdf in the tests.
-T975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
-)
+# Test accuracies (%) whose first epoch the summary reports; the curves draw them as lines.
+THRESHOLDS = (99.0, 99.4)
+
 
 
 def mean(values: list[float]) -> float:
@@ -23,7 +21,8 @@ def mean(values: list[float]) -> float:
 
 
 def sample_std(values: list[float]) -> float | None:
-    """Sample standard deviation (n - 1); None for fewer than two values."""
+    """Sample standard deviation (n - 1); None for fewer than two values. (A diverged run's
+    nan loss makes it nan, where statistics.stdev would raise.)"""
     if len(values) < 2:
         return None
     m = mean(values)
@@ -39,32 +38,11 @@ def fmt_mean_std(values: list[float], digits: int = 2) -> str:
     return text if std is None else f"{text} ± {std:.{digits}f}"
 
 
-def t_pdf(x: float, df: int) -> float:
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
-
-
-def t_cdf(x: float, df: int, steps: int = 4000) -> float:
-    """P(T <= x) by Simpson's rule on [0, |x|] (accurate to ~1e-9 for |x| < 50)."""
-    a = abs(x)
-    h = a / steps
-    area = t_pdf(0, df) + t_pdf(a, df)
-    area += sum((4 if i % 2 else 2) * t_pdf(i * h, df) for i in range(1, steps))
-    half = area * h / 3
-    return 0.5 + half if x >= 0 else 0.5 - half
-
-
 def t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(T975):
-        return T975[df - 1]
-    lo, hi = 1.9, 2.05  # df > 30: bisection on the cdf
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df, 400) < 0.975 else (lo, mid)
-    return (lo + hi) / 2
+    return float(scipy.stats.t.ppf(0.975, df))
 
 
 @dataclass
@@ -99,12 +77,17 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> Paired | None
     if not seeds:
         return None
     diffs = [a[s] - b[s] for s in seeds]
-    std = sample_std(diffs)
-    half = None if std is None else t975(len(diffs) - 1) * std / math.sqrt(len(diffs))
+    half = None
+    if len(diffs) > 1:  # scipy's paired t-test: its 95% interval of the mean difference
+        half = 0.0
+        if sample_std(diffs):  # (identical differences have no spread: a zero-width interval)
+            low, high = scipy.stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]
+                                              ).confidence_interval(0.95)
+            half = float(high - low) / 2
     return Paired(seeds, diffs, mean(diffs), half)
 
 
-def epochs_to(run: Run, threshold: float) -> int | None:
+def epochs_to(run: RunResults, threshold: float) -> int | None:
     """The first epoch whose test accuracy is >= threshold, or None."""
     return next((m["epoch"] for m in run.metrics if m["test_acc"] >= threshold), None)
 
@@ -113,8 +96,8 @@ def epochs_to(run: Run, threshold: float) -> int | None:
 class Summary:
     """One variant's numbers over the runs they rest on."""
 
-    variant: Variant
-    runs: list[Run]  # finished runs, or (partial=True) unfinished ones when none finished
+    variant: VariantResults
+    runs: list[RunResults]  # finished runs, or (partial=True) unfinished ones when none finished
     partial: bool
     best_acc: list[float] = field(default_factory=list)
     final_acc: list[float] = field(default_factory=list)
@@ -134,7 +117,7 @@ class Summary:
         return text if len(got) == len(self.runs) else f"{text} ({len(got)}/{len(self.runs)} seeds)"
 
 
-def summarise(variant: Variant) -> Summary:
+def summarise(variant: VariantResults) -> Summary:
     runs = [r for r in variant.finished if r.metrics]
     partial = not runs
     if partial:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 
-from normlab.reports.collect import Suite
+from normlab.reports.collect import SuiteResults
 from normlab.reports.doc import Table
 from normlab.reports.stats import THRESHOLDS, Summary, fmt_mean_std, mean, sample_std
 
@@ -23,7 +23,7 @@ def csv_text(header: list[str], rows: list[list]) -> str:
     return out.getvalue()
 
 
-def results_csv(suite: Suite) -> str:
+def results_csv(suite: SuiteResults) -> str:
     """One row per variant x seed x epoch, with every metric the runs wrote."""
     extra = sorted({k for r in suite.runs for m in r.metrics for k in m} - set(METRIC_KEYS))
     keys = [*METRIC_KEYS, *extra]

@@ -17,7 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from normlab.models.cli import add_model_arguments
+from normlab.files import parse_toml
+from normlab.models.cli import add_model_arguments, model_config_from_args
 from normlab.training.config import L1_SCOPES, RunConfig
 from normlab.training.protocols import PROTOCOLS, protocol_fields, resolve_protocol
 
@@ -28,11 +29,7 @@ def _read_overrides(path: str) -> dict:
         raise ValueError(f"protocol file {path} does not exist")
     if p.suffix == ".json":
         return json.loads(p.read_text())
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib.loads(p.read_text())
+    return parse_toml(p.read_text(), p)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             overrides[f.name] = value
     return RunConfig(
-        dataset=args.dataset, norm=args.norm, groups=args.groups, dropout=args.dropout,
+        dataset=args.dataset, model=model_config_from_args(args),
         protocol=resolve_protocol(args.protocol, overrides), l1=args.l1,
         l1_scope=args.l1_scope, weight_decay=args.weight_decay, seed=args.seed,
         subset=args.subset,
@@ -92,12 +89,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from normlab.experiments.progress import ConsoleProgress
     from normlab.training.run import train
 
-    result = train(
-        config_from_args(args), args.out, device=args.device, threads=args.threads,
-        quiet=args.quiet, tensorboard=args.tensorboard,
-    )
+    console = ConsoleProgress(quiet=args.quiet)
+    try:
+        result = train(
+            config_from_args(args), args.out, device=args.device, threads=args.threads,
+            tensorboard=args.tensorboard, listener=console,
+        )
+    finally:
+        console.close()
     if result.skipped:
         print(f"{args.out}: already finished ({len(result.history)} epochs); nothing to do")
     if result.history:

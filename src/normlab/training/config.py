@@ -6,21 +6,27 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from normlab.models import Net
+from normlab.fields import ConfigError, check_keys, coerce
+from normlab.models import ModelConfig, Net
+from normlab.models.net import MODEL_KEYS
 from normlab.training.protocols import PROTOCOLS, Protocol, resolve_protocol
 
 L1_SCOPES = ("all", "conv")
+REGULARIZER_KEYS = ("l1", "l1_scope", "weight_decay")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that decides a run's numbers (the device and thread count are recorded
-    beside it in config.json, but are not part of the identity that resume compares)."""
+    """Everything that decides a run's numbers: the data, the model, the protocol, the
+    regularizers and the seed. (The device and thread count are recorded beside it in
+    config.json, but are not part of the identity that resume compares.)
+
+    Built with a bad value it raises :class:`~normlab.fields.ConfigError` naming the field;
+    :meth:`from_dict` is the one way raw values (config.json, a suite's TOML) become a config.
+    """
 
     dataset: str = "mnist"
-    norm: str = "bn"
-    groups: int = 2
-    dropout: float = 0.01
+    model: ModelConfig = field(default_factory=ModelConfig)
     protocol: Protocol = field(default_factory=lambda: PROTOCOLS["seed"])
     l1: float = 0.0  # lambda of lambda * sum |w|, added to the loss once per step
     l1_scope: str = "all"  # "all" parameters, like the seed, or "conv" weights only
@@ -32,34 +38,53 @@ class RunConfig:
         from normlab.data import DATASETS
 
         if self.dataset not in DATASETS:
-            raise ValueError(
-                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
-            )
-        Net(norm=self.norm, groups=self.groups, dropout_value=self.dropout)  # validates
-        if self.l1 < 0 or self.weight_decay < 0:
-            raise ValueError("l1 and weight_decay must be >= 0")
+            raise ConfigError("dataset", f"unknown dataset {self.dataset!r}; "
+                                         f"choose one of {', '.join(DATASETS)}")
+        for key in ("l1", "weight_decay"):
+            value = coerce(key, getattr(self, key), float)
+            if value < 0:
+                raise ConfigError(key, f"{key} must be a number >= 0, got {value!r}")
+            object.__setattr__(self, key, value)
         if self.l1_scope not in L1_SCOPES:
-            raise ValueError(
-                f"l1_scope must be one of {', '.join(L1_SCOPES)}, got {self.l1_scope!r}"
-            )
-        if self.subset is not None and self.subset < 1:
-            raise ValueError(f"subset must be a positive number of images, got {self.subset}")
+            raise ConfigError("l1_scope", f"l1_scope must be one of {', '.join(L1_SCOPES)}, "
+                                          f"got {self.l1_scope!r}")
+        if coerce("seed", self.seed, int) < 0:
+            raise ConfigError("seed", f"seed must be a non-negative integer, got {self.seed}")
+        if coerce("subset", self.subset, int, optional=True) is not None and self.subset < 1:
+            raise ConfigError("subset", f"subset must be a positive number of training "
+                                        f"images, got {self.subset!r}")
+
+    @property
+    def norm(self) -> str:
+        return self.model.norm
 
     def make_model(self) -> Net:
-        return Net(norm=self.norm, groups=self.groups, dropout_value=self.dropout)
+        return Net.from_config(self.model)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """A config from its dict: config.json as this version writes it (``model`` nested),
+        as normlab 0.1 wrote it (``norm``, ``groups``, ``dropout`` at the top), or a suite's
+        variant. The protocol may be a Protocol or a dict holding its ``name`` and fields."""
         data = dict(data)
-        proto = dict(data.pop("protocol", {}))
-        name = proto.pop("name", "seed")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown run config keys: {', '.join(sorted(unknown))}")
-        return cls(protocol=resolve_protocol(name, proto), **data)
+        check_keys(data, [*(f.name for f in dataclasses.fields(cls)), *MODEL_KEYS],
+                   "run config key")
+        flat = {k: data.pop(k) for k in MODEL_KEYS if k in data}
+        model = data.pop("model", None)
+        if model is None:
+            model = ModelConfig.from_dict(flat)
+        elif isinstance(model, dict):
+            model = ModelConfig.from_dict({**model, **flat})
+        proto = data.pop("protocol", PROTOCOLS["seed"])
+        if isinstance(proto, dict):
+            proto = dict(proto)
+            proto = resolve_protocol(proto.pop("name", "seed"), proto)
+        return cls(model=model, protocol=proto, **data)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -8,6 +8,7 @@ the end, so a GPU is never synchronised per step.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,13 @@ def train_one_epoch(
     l1: float = 0.0,
     l1_params: list[torch.Tensor] | None = None,
     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    progress=None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns mean train loss (NLL), accuracy %, L1 term, seconds.
 
     ``step_scheduler`` is stepped after every batch (one-cycle); per-epoch schedulers are
-    the caller's. ``progress`` is an optional tqdm-like bar updated every few batches.
+    the caller's. ``on_step(images_seen)`` is called after every batch (it must not read
+    tensors: that would synchronise a GPU).
     ``first_bad_step`` is the index of the first batch whose loss was not finite, or -1.
     """
     start = time.perf_counter()
@@ -100,13 +102,8 @@ def train_one_epoch(
         first_bad = torch.where(bad, step_ids[step], first_bad)
         loss_sum += loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
-        if progress is not None:
-            progress.update(len(idx))
-            if step % 50 == 0:
-                seen = begin + len(idx)
-                progress.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100 * correct.item() / seen:.2f}%"
-                )
+        if on_step is not None:
+            on_step(begin + len(idx))
     return {
         "train_loss": loss_sum.item() / n,
         "train_acc": 100.0 * correct.item() / n,

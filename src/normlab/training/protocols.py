@@ -6,10 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from normlab.fields import ConfigError, check_keys, coerce
+
+SCHEDULERS = ("step", "onecycle", "none")
+
 
 @dataclass(frozen=True)
 class Protocol:
-    """Optimiser, schedule, batching and augmentation of a run."""
+    """Optimiser, schedule, batching and augmentation of a run. Built with a bad value it
+    raises :class:`~normlab.fields.ConfigError` naming the field."""
 
     name: str = "seed"
     epochs: int = 20
@@ -23,8 +28,24 @@ class Protocol:
     rotation: float = 7.0  # degrees: each image rotated by U(-rotation, +rotation)
     eval_batch_size: int = 1000
 
-
-SCHEDULERS = ("step", "onecycle", "none")
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+            object.__setattr__(self, f.name, coerce(f.name, getattr(self, f.name), kind))
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError("scheduler", f"scheduler must be one of {', '.join(SCHEDULERS)}, "
+                                           f"got {self.scheduler!r}")
+        for key in ("epochs", "batch_size", "step_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"protocol field {key!r} must be >= 1, "
+                                       f"got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.rotation <= 180:
+            raise ConfigError("rotation",
+                              f"rotation must be in [0, 180] degrees, got {self.rotation}")
 
 PROTOCOLS: dict[str, Protocol] = {
     # The seed notebook, exactly: SGD 0.1/0.9, StepLR(8, 0.01) per epoch, batch 64, 20 epochs.
@@ -43,44 +64,8 @@ def protocol_fields() -> list[dataclasses.Field]:
 def resolve_protocol(name: str, overrides: dict[str, Any] | None = None) -> Protocol:
     """The protocol ``name`` with ``overrides`` applied; unknown names or keys fail loudly."""
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+        raise ConfigError("name", f"unknown protocol {name!r}; "
+                                  f"choose one of {', '.join(PROTOCOLS)}")
     overrides = dict(overrides or {})
-    fields = {f.name: f for f in protocol_fields()}
-    clean: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key not in fields:
-            raise ValueError(
-                f"unknown protocol field {key!r}; valid fields: {', '.join(fields)}"
-            )
-        clean[key] = _coerce(key, value, type(getattr(PROTOCOLS["seed"], key)))
-    proto = dataclasses.replace(PROTOCOLS[name], **clean)
-    _validate(proto)
-    return proto
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"protocol field {key!r} must be true or false, got {value!r}")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(
-            f"protocol field {key!r} must be {kind.__name__}, got {value!r}"
-        )
-    return value
-
-
-def _validate(p: Protocol) -> None:
-    if p.scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {p.scheduler!r}")
-    for key in ("epochs", "batch_size", "step_size", "eval_batch_size"):
-        if getattr(p, key) < 1:
-            raise ValueError(f"protocol field {key!r} must be >= 1, got {getattr(p, key)}")
-    if p.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {p.lr}")
-    if not 0 <= p.momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {p.momentum}")
-    if not 0 <= p.rotation <= 180:
-        raise ValueError(f"rotation must be in [0, 180] degrees, got {p.rotation}")
+    check_keys(overrides, [f.name for f in protocol_fields()], "protocol field")
+    return dataclasses.replace(PROTOCOLS[name], **overrides)

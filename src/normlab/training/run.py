@@ -1,33 +1,36 @@
-"""A run directory: config.json, metrics.jsonl, checkpoint.pt, predictions.pt.
+"""``train(config, out)``: train one run into its run directory, idempotently.
 
-``train(config, out)`` trains into ``out`` and is idempotent: an unfinished run resumes
-from its last complete epoch (with every RNG state restored, so the metrics equal those of
-an uninterrupted run), a finished one is not retrained, and a directory holding a different
-config is refused.
+An unfinished run resumes from its last complete epoch (with every RNG state restored, so
+the metrics equal those of an uninterrupted run), a finished one is not retrained, and a
+directory holding a different config is refused. Progress goes out as events
+(:mod:`normlab.training.events`) to one ``listener``; nothing here prints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import sys
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from normlab import __version__
-from normlab.files import atomic_write, write_json, write_text
-from normlab.training.config import RunConfig, config_diff
+from normlab.training.config import RunConfig
 from normlab.training.engine import TensorData, evaluate, l1_parameters, train_one_epoch
-
-CONFIG, METRICS, CHECKPOINT, PREDICTIONS, LOCK = (
-    "config.json", "metrics.jsonl", "checkpoint.pt", "predictions.pt", ".lock",
+from normlab.training.events import (
+    EpochFinished,
+    Listener,
+    Notice,
+    RunFinished,
+    RunStarted,
+    StepsDone,
+    ignore,
 )
+from normlab.training.rundir import CHANCE_ACC, RunDir
+
 CHANCE_MIN_STEPS = 100  # the chance-level check needs a real first epoch, not a tiny subset
+STEP_EVENTS = 20  # a StepsDone event every this many steps
 
 
 @dataclass
@@ -62,79 +65,12 @@ def load_split_tensors(config: RunConfig, device: torch.device) -> tuple[TensorD
 
 
 def read_metrics(out: str | Path) -> list[dict]:
-    """A run's metrics.jsonl, one dict per epoch. The file is appended to while the run
-    trains, so a half-written last line ends the list instead of raising."""
-    path = Path(out) / METRICS
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
+    """A run's metrics.jsonl, one dict per epoch (see :meth:`RunDir.metrics`)."""
+    return RunDir(out).metrics()
 
 
-def is_finished(out: Path) -> bool:
-    return (Path(out) / PREDICTIONS).exists()
-
-
-@contextlib.contextmanager
-def _run_lock(out: Path) -> Iterator[None]:
-    """One process trains a run directory at a time: a second one is refused, not let in to
-    interleave checkpoints. A lock left by a killed process (its pid is gone) is taken over."""
-    lock = out / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            except PermissionError:
-                pass  # alive, someone else's
-            raise ValueError(
-                f"{out} is being trained by process {pid}; wait for it or stop it"
-            ) from None
-    else:
-        raise ValueError(f"could not lock {out}")
-    try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _check_config(out: Path, config: RunConfig, meta: dict) -> None:
-    path = out / CONFIG
-    if path.exists():
-        stored = json.loads(path.read_text())
-        saved = stored["run"]
-        if (out / CHECKPOINT).exists() and not is_finished(out):
-            for key in ("device", "threads"):  # both change the floating-point sums
-                if key in stored and stored[key] != meta[key]:
-                    print(f"{out}: warning: started with {key} {stored[key]}, resumed with "
-                          f"{meta[key]}; the metrics will not equal an uninterrupted run's "
-                          f"(pass --{key} {stored[key]} for that)", file=sys.stderr)
-        diffs = config_diff(saved, config.to_dict())
-        if diffs:
-            raise ValueError(
-                f"{out} holds a run with a different config ({'; '.join(diffs)}); "
-                "use another --out or delete that directory"
-            )
-    else:
-        write_json(path, {"run": config.to_dict(), **meta})
-
-
-def _divergence(record: dict, steps_done: int, n_classes: int = 10) -> str:
+def divergence(record: dict, steps_done: int) -> str:
+    """Why a run must stop after ``record`` (a nan/inf loss, accuracy at chance), or ""."""
     if record["first_bad_step"] >= 0 or not (
         math.isfinite(record["train_loss"]) and math.isfinite(record["test_loss"])
     ):
@@ -144,7 +80,7 @@ def _divergence(record: dict, steps_done: int, n_classes: int = 10) -> str:
             f"diverged: loss became nan/inf at epoch {record['epoch']}{where}; "
             "try a smaller learning rate or L1 lambda"
         )
-    if steps_done >= CHANCE_MIN_STEPS and record["test_acc"] < 150.0 / n_classes:
+    if steps_done >= CHANCE_MIN_STEPS and record["test_acc"] < CHANCE_ACC:
         return (
             f"diverged: test accuracy {record['test_acc']:.2f}% is at chance level after "
             f"epoch {record['epoch']}; try a smaller learning rate or L1 lambda"
@@ -152,7 +88,7 @@ def _divergence(record: dict, steps_done: int, n_classes: int = 10) -> str:
     return ""
 
 
-def _make_optimizer(model, config: RunConfig, steps_per_epoch: int):
+def make_optimizer(model, config: RunConfig, steps_per_epoch: int):
     p = config.protocol
     opt = torch.optim.SGD(
         model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.nesterov,
@@ -174,45 +110,69 @@ def train(
     *,
     device: str = "auto",
     threads: int | None = None,
-    quiet: bool = False,
     tensorboard: bool = False,
     data: tuple[TensorData, TensorData] | None = None,
-    log: Callable[[str], None] | None = None,
+    listener: Listener = ignore,
+    name: str | None = None,
 ) -> RunResult:
-    """Train ``config`` into the run directory ``out`` (resuming or skipping as needed)."""
-    out = Path(out)
-    log = log or (lambda msg: None if quiet else print(msg, flush=True))
+    """Train ``config`` into the run directory ``out`` (resuming or skipping as needed).
+
+    Progress goes to ``listener`` as events naming the run ``name`` (default: ``out``).
+    """
+    run = RunDir(out)
+    name = name or str(run.path)
     if tensorboard:
         _summary_writer_class()  # fail before anything is written when it is missing
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
-    out.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out):
-        return _train_locked(config, out, dev, quiet, tensorboard, data, log)
+    with run.lock():
+        result = _train_locked(config, run, dev, tensorboard, data, listener, name)
+    listener(RunFinished(name, result.status, tuple(result.history), result.message,
+                         result.skipped))
+    return result
 
 
-def _train_locked(config, out, dev, quiet, tensorboard, data, log) -> RunResult:
+def _check_config(run: RunDir, config: RunConfig, meta: dict, listener: Listener,
+                  name: str) -> None:
+    stored = run.stored()
+    if stored is None:
+        run.write_config(config, meta)
+        return
+    diffs = run.conflicts(config)
+    if diffs:
+        raise ValueError(
+            f"{run.path} holds a run with a different config ({'; '.join(diffs)}); "
+            "use another --out or delete that directory"
+        )
+    if run.state() == "partial":
+        for key in ("device", "threads"):  # both change the floating-point sums
+            if key in stored and stored[key] != meta[key]:
+                listener(Notice(name, f"started with {key} {stored[key]}, resumed with "
+                                      f"{meta[key]}; the metrics will not equal an "
+                                      f"uninterrupted run's (pass --{key} {stored[key]} for that)"))
+
+
+def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -> RunResult:
     meta = {"normlab": __version__, "torch": torch.__version__, "device": str(dev),
             "threads": torch.get_num_threads()}
-    _check_config(out, config, meta)
-    if is_finished(out):
-        history = read_metrics(out)
+    _check_config(run, config, meta, listener, name)
+    if run.finished():
+        history = run.metrics()
         status = history[-1].get("status", "ok") if history else "ok"
-        return RunResult(out, history, status, history[-1].get("message", ""), skipped=True)
+        return RunResult(run.path, history, status, history[-1].get("message", ""), skipped=True)
 
     train_data, test_data = data or load_split_tensors(config, dev)
-    writer = _summary_writer_class()(str(out / "tensorboard")) if tensorboard else None
+    writer = _summary_writer_class()(str(run.file("tensorboard"))) if tensorboard else None
     p = config.protocol
     steps_per_epoch = -(-len(train_data) // p.batch_size)
     torch.manual_seed(config.seed)
     model = config.make_model().to(dev, memory_format=torch.channels_last)
-    opt, per_epoch, per_step = _make_optimizer(model, config, steps_per_epoch)
+    opt, per_epoch, per_step = make_optimizer(model, config, steps_per_epoch)
     covered = l1_parameters(model, config.l1_scope)
     history: list[dict] = []
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
+    ckpt = run.load_checkpoint(dev)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         for sched, key in ((per_epoch, "per_epoch"), (per_step, "per_step")):
@@ -222,21 +182,18 @@ def _train_locked(config, out, dev, quiet, tensorboard, data, log) -> RunResult:
         if dev.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
         history = [json.loads(line) for line in ckpt["history"]]
-        log(f"resuming {out} after epoch {len(history)}")
     # metrics.jsonl always equals the checkpoint's history (a kill between the two is safe)
-    write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    run.write_metrics(history)
+    listener(RunStarted(name, len(history), p.epochs, len(train_data)))
 
     status, message, final = "ok", "", None
     for epoch in range(len(history) + 1, p.epochs + 1):
         lr = opt.param_groups[0]["lr"]
-        bar = _progress(len(train_data), f"epoch {epoch}/{p.epochs}", quiet)
         tr = train_one_epoch(
             model, train_data, opt, seed=config.seed, epoch=epoch, batch_size=p.batch_size,
             rotation=p.rotation, l1=config.l1, l1_params=covered, step_scheduler=per_step,
-            progress=bar,
+            on_step=_step_events(listener, name, epoch, len(train_data), p.batch_size),
         )
-        if bar is not None:
-            bar.close()
         if per_epoch is not None:
             per_epoch.step()
         te = evaluate(model, test_data, p.eval_batch_size, predictions=True)
@@ -244,37 +201,42 @@ def _train_locked(config, out, dev, quiet, tensorboard, data, log) -> RunResult:
         record = {"epoch": epoch, "lr": lr, **tr, **te}
         record["seconds"] = tr["train_seconds"] + te["test_seconds"]
         record["images_per_second"] = len(train_data) / tr["train_seconds"]
-        message = _divergence(record, epoch * steps_per_epoch)
+        message = divergence(record, epoch * steps_per_epoch)
         status = "diverged" if message else "ok"
         record["status"] = status
         if message:
             record["message"] = message
         history.append(record)
-        _save_checkpoint(ckpt_path, model, opt, per_epoch, per_step, history, dev)
-        with open(out / METRICS, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        log(
-            f"epoch {epoch:>2}/{p.epochs}  train loss {tr['train_loss']:.4f} "
-            f"acc {tr['train_acc']:.2f}%  test loss {te['test_loss']:.4f} "
-            f"acc {te['test_acc']:.2f}%  lr {lr:.3g}  {record['seconds']:.1f}s "
-            f"({record['images_per_second']:.0f} img/s)"
-        )
+        _save_checkpoint(run, model, opt, per_epoch, per_step, history, dev)
+        run.append_metrics(record)
+        listener(EpochFinished(name, record, p.epochs))
         if writer is not None:
             _log_scalars(writer, record)
         if message:
-            print(f"{out}: {message}", file=sys.stderr, flush=True)
             break
 
     if final is None:  # every epoch was done before a kill that came before predictions.pt
         final = evaluate(model, test_data, p.eval_batch_size, predictions=True)["predictions"]
-    atomic_write(out / PREDICTIONS, lambda tmp: torch.save(final, tmp))
+    run.save_predictions(final)
     if writer is not None:
         _log_mistakes(writer, test_data, final, len(history))
         writer.close()
-    return RunResult(out, history, status, message)
+    return RunResult(run.path, history, status, message)
 
 
-def _save_checkpoint(path, model, opt, per_epoch, per_step, history, dev) -> None:
+def _step_events(listener: Listener, name: str, epoch: int, total: int, batch: int):
+    if listener is ignore:
+        return None
+    every = STEP_EVENTS * batch
+
+    def on_step(seen: int) -> None:
+        if seen % every == 0 or seen == total:
+            listener(StepsDone(name, epoch, seen, total))
+
+    return on_step
+
+
+def _save_checkpoint(run: RunDir, model, opt, per_epoch, per_step, history, dev) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -287,15 +249,7 @@ def _save_checkpoint(path, model, opt, per_epoch, per_step, history, dev) -> Non
     for sched, key in ((per_epoch, "per_epoch"), (per_step, "per_step")):
         if sched is not None:
             state[key] = sched.state_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def _progress(total: int, desc: str, quiet: bool):
-    if quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+    run.save_checkpoint(state)
 
 
 def _summary_writer_class():

@@ -2,7 +2,6 @@
 spreadsheet formulas over one small seeded tensor, checked against PyTorch."""
 
 from normlab.workbook.build import (
-    NORM_KEYS,
     Grid,
     Group,
     Layout,
@@ -17,7 +16,6 @@ from normlab.workbook.build import (
 )
 
 __all__ = [
-    "NORM_KEYS",
     "Grid",
     "Group",
     "Layout",

@@ -31,11 +31,10 @@ from openpyxl.worksheet.pagebreak import Break
 from openpyxl.worksheet.worksheet import Worksheet
 
 from normlab.files import atomic_write
-from normlab.models.norms import NORM_TITLES
+from normlab.models.norms import NORM_TITLES, NORMALIZING
 
 Index = tuple[int, int, int, int]  # (n, c, h, w)
 
-NORM_KEYS: tuple[str, ...] = ("bn", "ln", "gn", "in")
 INPUTS_SHEET = "Inputs"
 CHECK_SHEET = "Check"
 
@@ -335,7 +334,7 @@ def workbook_layout(config: SheetConfig) -> Layout:
     nh = config.batch * config.height
     channel_cols = [GRID_LEFT + c * config.width for c in range(config.channels)]
     norms = {}
-    for key in NORM_KEYS:
+    for key in NORMALIZING:
         groups = tuple(reduction_groups(key, config))
         x = Grid(top=_TEXT_ROWS + 5, left=GRID_LEFT, shape=shape)  # label, header, then grid
         stats_top = x.bottom + 4  # blank, label, header
@@ -343,13 +342,13 @@ def workbook_layout(config: SheetConfig) -> Layout:
         y = Grid(y_top, GRID_LEFT, shape)
         norms[key] = NormLayout(NORM_TITLES[key], groups, x, stats_top, y)
     check_values, check_diffs = {}, {}
-    row = _CHECK_SUMMARY_HEADER + len(NORM_KEYS) + 2  # summary table, blank
-    for key in NORM_KEYS:
+    row = _CHECK_SUMMARY_HEADER + len(NORMALIZING) + 2  # summary table, blank
+    for key in NORMALIZING:
         check_values[key] = Grid(row + 2, GRID_LEFT, shape)  # label, header, grid
         check_diffs[key] = Grid(row + nh + 5, GRID_LEFT, shape)  # blank, label, header, grid
         row += 2 * nh + 6
     max_diff = {
-        key: _addr(_CHECK_SUMMARY_HEADER + 1 + i, MEAN_COL) for i, key in enumerate(NORM_KEYS)
+        key: _addr(_CHECK_SUMMARY_HEADER + 1 + i, MEAN_COL) for i, key in enumerate(NORMALIZING)
     }
     return Layout(
         eps=_addr(_EPS_ROW, GRID_LEFT),
@@ -622,7 +621,7 @@ def _write_check(ws: Worksheet, config: SheetConfig, layout: Layout, x: torch.Te
     for col in range(LABEL_COL, STD_COL + 2):
         cell = ws.cell(row=header, column=col, value=names.get(col))
         cell.font, cell.fill = _BOLD, _HEADER_FILL
-    for i, key in enumerate(NORM_KEYS):
+    for i, key in enumerate(NORMALIZING):
         row, title = header + 1 + i, layout.norms[key].sheet
         diffs = layout.check_diffs[key]
         ws.cell(row=row, column=LABEL_COL, value=title).font = _BOLD
@@ -633,11 +632,11 @@ def _write_check(ws: Worksheet, config: SheetConfig, layout: Layout, x: torch.Te
                 value=f'=IF({layout.max_diff[key]}<1E-9,"match","differs")').alignment = _CENTER
         ws.cell(row=row, column=STD_COL + 1, value=NORM_TEXT[key].torch_call)
 
-    for key in NORM_KEYS:
+    for key in NORMALIZING:
         title, y = layout.norms[key].sheet, layout.norms[key].y
         values, diffs = layout.check_values[key], layout.check_diffs[key]
         torch_y = outputs[key]
-        if key != NORM_KEYS[0]:  # one norm per printed page
+        if key != NORMALIZING[0]:  # one norm per printed page
             ws.row_breaks.append(Break(id=values.top - 3))
         _text(ws, values.top - 2, f"{title}: PyTorch's y = {NORM_TEXT[key].torch_call}", _BOLD)
         _grid(ws, values, lambda i, t=torch_y: float(t[i]))
@@ -656,7 +655,7 @@ def build_workbook(config: SheetConfig) -> Workbook:
     inputs = wb.active
     inputs.title = INPUTS_SHEET
     _write_inputs(inputs, config, layout, x)
-    for key in NORM_KEYS:
+    for key in NORMALIZING:
         _write_norm_sheet(wb.create_sheet(layout.norms[key].sheet), key, config, layout)
     _write_check(wb.create_sheet(CHECK_SHEET), config, layout, x)
     wb.calculation.fullCalcOnLoad = True  # Excel: compute everything when the file is opened

@@ -1,0 +1,89 @@
+"""The typed config: one validation path naming the field, every config.json format normlab
+has written, and the run directory object that reads them."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from normlab.fields import ConfigError
+from normlab.models import ModelConfig, Net
+from normlab.training import RunConfig, RunDir, resolve_protocol
+
+DATA = Path(__file__).parent / "data"
+# What tests/data/config-*.json hold: every format normlab has written, one config.
+EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01),
+                     protocol=resolve_protocol("seed", {"epochs": 2}), l1=3e-5, subset=2000)
+
+
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
+def test_every_config_json_format_reads_to_the_same_config(version, tmp_path):
+    stored = json.loads((DATA / f"config-{version}.json").read_text())
+    assert stored["normlab"] == version
+    assert RunConfig.from_dict(stored["run"]) == EXPECTED
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    shutil.copy(DATA / f"config-{version}.json", run.file("config.json"))
+    assert run.config() == EXPECTED
+    assert run.conflicts(EXPECTED) == []  # an old run directory resumes
+    assert run.conflicts(RunConfig(l1=1e-3)) != []
+    assert run.state() == "new"
+
+
+def test_the_current_format_round_trips():
+    assert RunConfig.from_dict(EXPECTED.to_dict()) == EXPECTED
+    stored = json.loads((DATA / "config-0.2.0.json").read_text())
+    assert EXPECTED.to_dict() == stored["run"]  # this version still writes that format
+
+
+@pytest.mark.parametrize(("data", "field", "words"), [
+    ({"norm": "bx"}, "norm", "unknown norm 'bx'"),
+    ({"norm": "gn", "groups": 3}, "groups", "does not divide"),
+    ({"groups": "2"}, "groups", "groups must be an integer"),
+    ({"dropout": 1.0}, "dropout", "in [0, 1)"),
+    ({"dropout": True}, "dropout", "dropout must be a number"),
+    ({"l1": -1}, "l1", "l1 must be a number >= 0"),
+    ({"l1_scope": "bias"}, "l1_scope", "one of all, conv"),
+    ({"dataset": "cifar"}, "dataset", "unknown dataset 'cifar'"),
+    ({"subset": 0}, "subset", "positive number"),
+    ({"seed": -1}, "seed", "non-negative"),
+    ({"nrom": "bn"}, "nrom", "did you mean 'norm'?"),
+    ({"protocol": {"name": "seed", "lr": 0}}, "lr", "lr must be > 0"),
+    ({"protocol": {"name": "seed", "epochs": 1.5}}, "epochs", "epochs must be an integer"),
+    ({"protocol": {"name": "slow"}}, "name", "unknown protocol 'slow'"),
+])
+def test_one_validation_path_names_the_field(data, field, words):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_dict(data)
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_ints_are_taken_for_floats_and_the_model_is_built_from_its_config():
+    config = RunConfig.from_dict({"norm": "gn", "groups": 1, "dropout": 0, "l1": 0})
+    assert config.model == ModelConfig(norms=("gn",), groups=1, dropout=0.0)
+    assert isinstance(config.model.dropout, float) and isinstance(config.l1, float)
+    net = Net.from_config(config.model)
+    assert net.config == config.model and sum(p.numel() for p in net.parameters()) == 5760
+    assert ModelConfig.from_dict({"norm": "bn+ln"}).norms == ("bn", "ln")
+
+
+def test_run_dir_states_and_tolerant_metrics(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.state() == "new" and run.config() is None and run.metrics() == []
+    run.write_config(EXPECTED, {"device": "cpu", "threads": 1})
+    run.write_metrics([{"epoch": 1, "status": "ok"}])
+    with open(run.file("metrics.jsonl"), "a") as fh:
+        fh.write('{"epoch": 2, "sta')  # being appended right now
+    assert run.metrics() == [{"epoch": 1, "status": "ok"}] and run.state() == "partial"
+    run.record_failure("RuntimeError: boom")
+    assert run.state() == "failed" and run.failure() == "RuntimeError: boom"
+    with run.lock():
+        assert run.training() and run.failure() is None  # a new attempt clears it
+    run.write_metrics([{"epoch": 1, "status": "ok"}])
+    run.append_metrics({"epoch": 2, "status": "diverged"})
+    run.file("predictions.pt").write_bytes(b"")
+    assert run.state() == "diverged" and not run.training()
+    run.file("config.json").write_text('{"run": {"norm": "bx"}}')
+    with pytest.raises(ValueError, match="unreadable run config.*unknown norm"):
+        run.config()
