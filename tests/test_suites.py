@@ -313,6 +313,22 @@ def test_unknown_bundled_name_lists_the_bundled_suites():
         load_suite("s7")
 
 
+def test_a_variant_may_override_protocol_fields(tmp_path, capsys):
+    path = write(tmp_path, SMALL.replace('label = "BN"\n', 'label = "BN"\n'
+                                         'protocol = { batch_size = 8, lr = 0.0125 }\n'))
+    suite = load_suite(path)
+    bn, gn = suite.variant("bn").config.protocol, suite.variant("gn-l1").config.protocol
+    assert (bn.batch_size, bn.lr, bn.epochs) == (8, 0.0125, 1)  # the rest: the suite's
+    assert gn == suite.protocol
+    assert main(["suite", str(path), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "norm=bn batch_size=8 lr=0.0125" in capsys.readouterr().out
+    bad = write(tmp_path, SMALL.replace('label = "BN"\n', 'label = "BN"\n'
+                                        'protocol = { batch = 8 }\n'), "bad.toml")
+    with pytest.raises(ValueError, match=r"bad.toml:16: variant 'bn': protocol: unknown "
+                                         r"protocol field 'batch'"):
+        load_suite(bad)
+
+
 def test_seed_count_labels_and_defaults(tmp_path):
     suite = load_suite(write(tmp_path, """\
         seeds = 3

@@ -186,8 +186,9 @@ def check_out(suite: Suite, out: str | Path, seeds: list[int] | None = None) -> 
 # ----------------------------------------------------------------------------- --dry-run
 
 
-def _options(variant: Variant) -> str:
-    """The variant's model and regularizer options that differ from the defaults."""
+def _options(variant: Variant, suite: Suite) -> str:
+    """The variant's model, regularizer and protocol options that differ from the defaults
+    (the protocol's: from the suite's)."""
     c, default = variant.config, RunConfig()
     parts = [f"norm={c.norm}"]
     values = {"groups": (c.model.groups, default.model.groups),
@@ -197,6 +198,8 @@ def _options(variant: Variant) -> str:
     for key, (value, base) in values.items():
         if (key == "groups" and "gn" in c.model.norms) or value != base:
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    parts += [f"{k}={getattr(c.protocol, k)}" for k in c.protocol.__dataclass_fields__
+              if getattr(c.protocol, k) != getattr(suite.protocol, k)]
     return " ".join(parts)
 
 
@@ -229,7 +232,7 @@ def format_plan(suite: Suite, out: str | Path, seeds: list[int] | None = None) -
     width = max(len(v.name) for v in suite.variants)
     lwidth = max(len(v.label) for v in suite.variants)
     for v in suite.variants:
-        lines.append(f"  {v.name:<{width}}  {v.label:<{lwidth}}  {_options(v)}")
+        lines.append(f"  {v.name:<{width}}  {v.label:<{lwidth}}  {_options(v, suite)}")
     lines.append("runs (all variants for each seed in turn):")
     n = len(runs)
     for i, r in enumerate(runs, 1):

@@ -18,6 +18,7 @@ A suite is a TOML file::
     label = "BN"                     # optional; "{l1}" etc. are filled from the options
     norm = "bn"                      # model options: norm, groups, dropout
     l1 = 1e-4                        # regularizers: l1, l1_scope, weight_decay
+    protocol = { batch_size = 8, lr = 0.0125 }   # optional: this variant's protocol fields
 
 Everything is checked when the file is loaded, before anything trains: an unknown key or a
 bad value is reported with the file, the line and the valid choices.
@@ -41,7 +42,7 @@ from normlab.training.protocols import Protocol, protocol_fields, resolve_protoc
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "protocol", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
-VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS)
+VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "protocol")
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -236,9 +237,18 @@ def _parse_variant(raw: dict[str, Any], index: int, shared: dict[str, Any], fail
             f"name must be a slug (letters, digits, '-', '_', '.', starting with a letter or "
             f"digit; it names the run directory), got {name!r}", "name",
         )
-    options = {k: v for k, v in raw.items() if k not in ("name", "label")}
+    options = {k: v for k, v in raw.items() if k not in ("name", "label", "protocol")}
+    overrides = raw.get("protocol", {})
+    if not isinstance(overrides, dict):
+        vfail("protocol must be a table of protocol fields, e.g. protocol = { batch_size = 8 }",
+              "protocol")
     try:
-        config = RunConfig.from_dict({**shared, **options})
+        check_keys(overrides, [f.name for f in protocol_fields()], "protocol field")
+        protocol = dataclasses.replace(shared["protocol"], **overrides)
+    except ConfigError as err:
+        vfail(f"protocol: {err.message}", "protocol")
+    try:
+        config = RunConfig.from_dict({**shared, **options, "protocol": protocol})
     except ConfigError as err:
         vfail(err.message, err.field if err.field in raw else None)
 
