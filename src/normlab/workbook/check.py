@@ -13,7 +13,16 @@ from normlab.models.norms import NORMALIZING
 from normlab.workbook.config import SheetConfig, input_tensor
 from normlab.workbook.layout import _CHECK_SUMMARY_HEADER, LABEL_COL, MEAN_COL, STD_COL, Layout
 from normlab.workbook.partition import NORM_TEXT
-from normlab.workbook.styles import _BOLD, _CENTER, _HEADER_FILL, _SMALL, _finish, _grid, _heading, _text
+from normlab.workbook.styles import (
+    _BOLD,
+    _CENTER,
+    _HEADER_FILL,
+    _SMALL,
+    _finish,
+    _grid,
+    _heading,
+    _text,
+)
 
 
 def torch_outputs(config: SheetConfig, x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

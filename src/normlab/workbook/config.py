@@ -99,4 +99,3 @@ def input_tensor(config: SheetConfig) -> torch.Tensor:
     gen = torch.Generator().manual_seed(config.seed)
     x = torch.randint(INPUT_LOW, INPUT_HIGH + 1, config.shape, generator=gen)
     return x.to(torch.float64)
-

@@ -28,6 +28,11 @@ def _addr(row: int, col: int, absolute: bool = False) -> str:
     return f"${letter}${row}" if absolute else f"{letter}{row}"
 
 
+def _abs(ref: str) -> str:
+    letters = ref.rstrip("0123456789")
+    return f"${letters}${ref[len(letters):]}"
+
+
 @dataclass(frozen=True)
 class Grid:
     """Where an (N, C, H, W) tensor sits on a sheet; the channel header is the row above."""
@@ -168,10 +173,3 @@ def _rectangles(cells: Sequence[tuple[int, int]]) -> list[str]:
         a, b = _addr(top, left), _addr(bottom, right)
         out.append(a if a == b else f"{a}:{b}")
     return out
-
-
-
-
-def _abs(ref: str) -> str:
-    letters = ref.rstrip("0123456789")
-    return f"${letters}${ref[len(letters):]}"

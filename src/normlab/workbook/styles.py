@@ -20,6 +20,8 @@ from normlab.workbook.layout import (
     Grid,
 )
 
+_EDIT_FILL = PatternFill("solid", fgColor="FFF2CC")  # editable cells: pale yellow
+_HEADER_FILL = PatternFill("solid", fgColor="D9D9D9")
 # ColorBrewer Pastel1 + Pastel2 without their yellows (yellow means "editable").
 _GROUP_COLOURS = (
     "FBB4AE", "B3CDE3", "CCEBC5", "DECBE4", "FED9A6", "E5D8BD",
