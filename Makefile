@@ -30,7 +30,7 @@ run: venv
 	$(BIN)/normlab suite s6 --seeds $(SEEDS) --out runs/s6 --jobs $(JOBS) --threads 1
 
 test: venv $(BIN)/pytest system-deps
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -21,11 +21,18 @@ from normlab.reports.collect import (
     MISSING,
     UNFINISHED,
     SuiteResults,
-    VariantResults,
     load_results,
 )
 from normlab.reports.doc import Para, to_markdown
-from normlab.reports.figures import confusion_figure, curves_figure, mistakes_figure, palette
+from normlab.reports.figures import (
+    curve_sets,
+    first_predictions,
+    palette,
+    plot_curves,
+    save,
+    variant_confusion,
+    variant_mistakes,
+)
 from normlab.reports.normfig import norm_groups_figure
 from normlab.reports.page import Image, Section, blocks_html, figure_html, page_html
 from normlab.reports.stats import summarise
@@ -51,29 +58,17 @@ def slug(name: str) -> str:
 
 
 def _curve_images(suite: SuiteResults, figs: Path, colours: dict) -> list[Image]:
-    shown = [v for v in suite.variants if v.with_metrics]
-    no_l1 = [v for v in shown if v.l1 == 0]
-    sets = [("all", "all models", shown)]
-    if no_l1 and len(no_l1) < len(shown):
-        sets.append(("no_l1", "without the L1 models", no_l1))
+    sets = curve_sets(suite.variants)
     plan = [("test_acc", s) for s in sets] + [("test_loss", s) for s in sets]
     plan += [("train_acc", sets[0]), ("train_loss", sets[0])]
     images = []
     for metric, (key, words, variants) in plan:
         if not variants:
             continue
-        path = curves_figure(figs / f"{metric}_{key}.png", variants, metric, colours, words)
+        path = save(plot_curves(variants, metric, colours, words), figs / f"{metric}_{key}.png")
         what = metric.replace("_acc", " accuracy").replace("_loss", " loss").capitalize()
         images.append(Image(path, f"{what}, {words}", f"{what} per epoch, {words}."))
     return images
-
-
-def _first_predictions(v: VariantResults):
-    for run in v.finished:
-        preds = run.predictions()
-        if preds is not None:
-            return run, preds
-    return None, None
 
 
 class DatasetImages:
@@ -100,26 +95,23 @@ def _prediction_parts(suite: SuiteResults, figs: Path, loader: ImageLoader,
                       notes: list[str]) -> list[str]:
     parts, test = [], DatasetImages(loader, suite.dataset, notes)
     for v in suite.variants:
-        run, preds = _first_predictions(v)
+        run, preds = first_predictions(v)
         if preds is None:
             parts.append(f"<h3>{html.escape(v.label)}</h3><p>No finished run yet.</p>")
             continue
         figures = []
-        wrong = int((preds["pred"] != preds["target"]).sum())
         images, classes = test.load(), test.classes
         if images is not None and len(images) == len(preds["target"]):
-            path = mistakes_figure(
-                figs / f"mistakes_{slug(v.name)}.png", images, classes, preds,
-                f"{v.label}, seed {run.seed}: the 10 most confident of {wrong} mistakes")
+            path = save(variant_mistakes(v, run, preds, images, classes),
+                        figs / f"mistakes_{slug(v.name)}.png")
             figures.append(Image(path, f"{v.label}: misclassified test images",
                                  "Ties in confidence are broken by the lower test index (#).",
                                  "wide"))
         elif images is not None:
             notes.append(f"{v.label}: {len(preds['target'])} predictions but {len(images)} "
                          "test images: gallery skipped.")
-        path = confusion_figure(
-            figs / f"confusion_{slug(v.name)}.png", preds["pred"], preds["target"], classes,
-            f"{v.label}, seed {run.seed}: {wrong} errors of {len(preds['target'])}")
+        path = save(variant_confusion(v, run, preds, classes),
+                    figs / f"confusion_{slug(v.name)}.png")
         figures.append(Image(path, f"{v.label}: confusion matrix",
                              "Rows: true class; columns: predicted class.", "narrow"))
         parts.append(f"<h3>{html.escape(v.label)}</h3><div class=\"pair\">"

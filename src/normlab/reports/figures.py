@@ -1,12 +1,16 @@
-"""The report's PNGs: training curves, misclassified galleries and confusion matrices.
+"""The report's figures: training curves, misclassified galleries and confusion matrices.
 
-Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, no GUI
-backend). One helper, :func:`draw_curves`, draws a metric's mean over seeds with a min-max
-band for any set of variants; every curve figure goes through it.
+Each figure has a ``plot_*`` function that builds and returns a ``matplotlib.figure.Figure``
+(no pyplot state, no GUI backend, nothing saved), and a ``*_figure(path, ...)`` function that
+writes it as the report's PNG through :func:`save`. The report and the notebook API
+(:mod:`normlab.notebook`) draw with the same ``plot_*`` functions, so a figure in a notebook
+is the one the HTML report embeds. One helper, :func:`draw_curves`, draws a metric's mean
+over seeds with a min-max band for any set of variants; every curve figure goes through it.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -17,7 +21,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MultipleLocator, NullFormatter
 
-from normlab.reports.collect import VariantResults
+from normlab.reports.collect import RunResults, VariantResults
 from normlab.reports.stats import THRESHOLDS
 
 DPI = 110
@@ -132,8 +136,27 @@ def _overview_bottom(variants: list[VariantResults], metric: str) -> float:
     return 0.0 if lowest < 50 else 5.0 * math.floor((lowest - 1) / 5)
 
 
+def curve_sets(variants: list[VariantResults]) -> list[tuple[str, str, list[VariantResults]]]:
+    """The sets of variants the report plots, as (file key, words, variants): every variant
+    with metrics ("all models"), then, when some but not all have L1, those without it."""
+    shown = [v for v in variants if v.with_metrics]
+    no_l1 = [v for v in shown if v.l1 == 0]
+    sets = [("all", "all models", shown)]
+    if no_l1 and len(no_l1) < len(shown):
+        sets.append(("no_l1", "without the L1 models", no_l1))
+    return sets
+
+
 def curves_figure(path: Path, variants: list[VariantResults], metric: str,
                   colours: dict[str, tuple], subtitle: str) -> Path:
+    """The PNG of :func:`plot_curves`."""
+    return save(plot_curves(variants, metric, colours, subtitle), path)
+
+
+def plot_curves(variants: list[VariantResults], metric: str, colours: dict[str, tuple],
+                subtitle: str) -> Figure:
+    """``metric`` per epoch for ``variants`` (mean over seeds, min-max band); accuracies get a
+    zoom on the high-accuracy region (and a full-range panel when a curve leaves it)."""
     title, ylabel = LABELS[metric]
     is_acc = metric.endswith("_acc")
     limits, full_panel = zoom_limits(variants, metric) if is_acc else (None, False)
@@ -168,13 +191,24 @@ def curves_figure(path: Path, variants: list[VariantResults], metric: str,
     if handles:  # below the axes: never over the data, and long labels have room
         fig.legend(handles, labels, loc="outside lower center", fontsize=9.5, frameon=False,
                    ncols=min(len(handles), 3))
-    return save(fig, path)
+    return fig
+
+
+# How every figure becomes a PNG: the report's files and a notebook's inline images alike.
+PNG_OPTIONS = {"dpi": DPI, "facecolor": "white", "bbox_inches": "tight", "pad_inches": 0.12}
 
 
 def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white", bbox_inches="tight", pad_inches=0.12)
+    fig.savefig(path, **PNG_OPTIONS)
     return path
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` as the PNG :func:`save` would write, in memory."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **PNG_OPTIONS)
+    return buffer.getvalue()
 
 
 def top_mistakes(pred: np.ndarray, target: np.ndarray, confidence: np.ndarray,
@@ -187,6 +221,12 @@ def top_mistakes(pred: np.ndarray, target: np.ndarray, confidence: np.ndarray,
 
 def mistakes_figure(path: Path, images: np.ndarray, classes: tuple[str, ...], preds: dict,
                     title: str) -> Path:
+    """The PNG of :func:`plot_mistakes`."""
+    return save(plot_mistakes(images, classes, preds, title), path)
+
+
+def plot_mistakes(images: np.ndarray, classes: tuple[str, ...], preds: dict,
+                  title: str) -> Figure:
     """A 2x5 grid of the most confident mistakes, each titled with truth, guess and p."""
     idx = top_mistakes(preds["pred"], preds["target"], preds["confidence"])
     fig = Figure(figsize=(10, 5.2), layout="constrained")
@@ -205,7 +245,7 @@ def mistakes_figure(path: Path, images: np.ndarray, classes: tuple[str, ...], pr
     if not len(idx):
         axes[0].text(0, 0.5, "no mistakes", fontsize=14)
     fig.suptitle(title, fontsize=12)
-    return save(fig, path)
+    return fig
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
@@ -215,6 +255,13 @@ def confusion(pred: np.ndarray, target: np.ndarray, n: int) -> np.ndarray:
 
 def confusion_figure(path: Path, pred: np.ndarray, target: np.ndarray,
                      classes: tuple[str, ...], title: str) -> Path:
+    """The PNG of :func:`plot_confusion`."""
+    return save(plot_confusion(pred, target, classes, title), path)
+
+
+def plot_confusion(pred: np.ndarray, target: np.ndarray, classes: tuple[str, ...],
+                   title: str) -> Figure:
+    """The confusion matrix (rows: true class), counts written in, log colour scale."""
     n = len(classes)
     cm = confusion(pred, target, n)
     fig = Figure(figsize=(6.2, 5.6), layout="constrained")
@@ -237,4 +284,36 @@ def confusion_figure(path: Path, pred: np.ndarray, target: np.ndarray,
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=10.5)
-    return save(fig, path)
+    return fig
+
+
+# ----------------------------------------------------------------------------- a variant's
+
+def first_predictions(variant: VariantResults) -> tuple[RunResults | None, dict | None]:
+    """The first finished run of ``variant`` that has predictions, and those predictions
+    (the run whose gallery and confusion matrix the report shows), or (None, None)."""
+    for run in variant.finished:
+        preds = run.predictions()
+        if preds is not None:
+            return run, preds
+    return None, None
+
+
+def _mistake_count(preds: dict) -> int:
+    return int((preds["pred"] != preds["target"]).sum())
+
+
+def variant_mistakes(variant: VariantResults, run: RunResults, preds: dict, images: np.ndarray,
+                     classes: tuple[str, ...]) -> Figure:
+    """The report's gallery of ``variant``: the most confident mistakes of ``run``."""
+    return plot_mistakes(images, classes, preds,
+                         f"{variant.label}, seed {run.seed}: the 10 most confident of "
+                         f"{_mistake_count(preds)} mistakes")
+
+
+def variant_confusion(variant: VariantResults, run: RunResults, preds: dict,
+                      classes: tuple[str, ...]) -> Figure:
+    """The report's confusion matrix of ``variant`` (from ``run``'s predictions)."""
+    return plot_confusion(preds["pred"], preds["target"], classes,
+                          f"{variant.label}, seed {run.seed}: {_mistake_count(preds)} errors of "
+                          f"{len(preds['target'])}")
