@@ -24,6 +24,7 @@ from tqdm.std import tqdm
 
 import normlab
 import normlab.notebook as nb_api
+import normlab.notebook.display as nb_display
 from conftest import require_tool
 from normlab.experiments import load_suite
 from normlab.reports import build_report
@@ -200,14 +201,14 @@ def test_figures_display_inline_in_ipython(monkeypatch):
     formatter is registered for Figure when nothing else is."""
     formatters = pytest.importorskip("IPython.core.formatters")
     display = formatters.DisplayFormatter()
-    monkeypatch.setattr(nb_api, "_ipython", lambda: SimpleNamespace(display_formatter=display))
+    monkeypatch.setattr(nb_display, "_ipython", lambda: SimpleNamespace(display_formatter=display))
     fig = Figure()
     fig.subplots().plot([1, 2])
     assert "image/png" not in display.format(fig)[0]
-    nb_api._figures_display_inline()
+    nb_display._figures_display_inline()
     assert display.format(fig)[0]["image/png"] == png_bytes(fig)
     mine = display.formatters["image/png"].lookup_by_type(Figure)
-    nb_api._figures_display_inline()  # once registered (by us or the inline backend), kept
+    nb_display._figures_display_inline()  # once registered (by us or the inline backend), kept
     assert display.formatters["image/png"].lookup_by_type(Figure) is mine
 
 

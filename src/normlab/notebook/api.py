@@ -1,0 +1,171 @@
+"""The notebook API's entry points: :func:`run_suite` (train a suite, with :func:`resize` to
+shrink it), :func:`train` (one run) and :func:`load_results` (a suite or run trained
+earlier). Training goes through :func:`normlab.experiments.run_suite` and
+:func:`normlab.training.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from normlab.experiments.suite import Suite
+from normlab.notebook.progress import NotebookProgress, _watching
+from normlab.notebook.results import Results, Run
+from normlab.reports.build import ImageLoader
+from normlab.training.config import RunConfig
+from normlab.training.events import Listener
+from normlab.training.rundir import RunDir
+
+
+def resize(suite: Suite, subset: int | None = None, epochs: int | None = None) -> Suite:
+    """``suite`` on the first ``subset`` training images and/or for ``epochs`` epochs, under
+    a name that says so (``s6-2000img-1ep``, so its default folder is its own)."""
+    suffix = []
+    if subset is not None and subset != suite.subset:
+        suffix.append(f"{subset}img")
+    if epochs is not None and any(v.config.protocol.epochs != epochs for v in suite.variants):
+        suffix.append(f"{epochs}ep")
+    if not suffix:
+        return suite
+
+    def sized(config: RunConfig) -> RunConfig:
+        protocol = config.protocol
+        if epochs is not None:
+            protocol = dataclasses.replace(protocol, epochs=epochs)
+        return dataclasses.replace(config, protocol=protocol,
+                                   subset=subset if subset is not None else config.subset)
+
+    words = ", ".join(w for w in (
+        f"the first {subset:,} training images" if subset is not None else "",
+        f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs is not None else "") if w)
+    return dataclasses.replace(
+        suite,
+        name=f"{suite.name}-{'-'.join(suffix)}",
+        description=(f"{suite.description} Resized to {words}.").strip(),
+        protocol=sized(RunConfig(protocol=suite.protocol)).protocol,
+        subset=subset if subset is not None else suite.subset,
+        variants=tuple(dataclasses.replace(v, config=sized(v.config)) for v in suite.variants),
+    )
+
+
+def run_suite(suite: str | Path | Suite, out: str | Path | None = None,
+              seeds: int | list[int] | None = None, *, subset: int | None = None,
+              epochs: int | None = None, jobs: int = 1, device: str = "auto",
+              threads: int | None = None, progress: bool | Listener = True, executor=None,
+              images: ImageLoader | None = None) -> Results:
+    """Train every unfinished run of ``suite`` (a bundled name such as ``"s6"``, a .toml
+    path, or a :class:`~normlab.experiments.Suite`) into ``out`` (default runs/<name>), build
+    its report, and return its :class:`Results`.
+
+    ``seeds``: a count K (seeds 1..K) or a list, instead of the suite's. ``subset`` and
+    ``epochs`` resize every variant (see :func:`resize`). ``jobs`` runs train at once in
+    worker processes. ``progress``: tqdm.auto bars (True), nothing (False) or your listener.
+
+    Interrupting the kernel stops it cleanly: every completed epoch is kept, and running the
+    cell again continues where it stopped (finished runs are not retrained).
+    """
+    from normlab.experiments import load_suite
+    from normlab.experiments import run_suite as run
+    from normlab.experiments.plan import default_out, plan
+
+    if not isinstance(suite, Suite):
+        suite = load_suite(suite)
+    suite = resize(suite, subset, epochs)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ValueError(f"seeds as a count must be >= 1, got {seeds}")
+        seeds = list(range(1, seeds + 1))
+    out = Path(out) if out is not None else default_out(suite)
+    planned = plan(suite, out, seeds)
+    heads = {r.rel: f"[{i}/{len(planned)}] {r.head}" for i, r in enumerate(planned, 1)}
+    log: list[str] = []
+
+    def say(text: str) -> None:
+        log.append(text)
+        if "keeps seeds" in text:
+            print(text)
+
+    with _watching(progress,
+                   lambda: NotebookProgress(heads, len(planned),
+                                            sum(not r.to_train for r in planned)),
+                   lambda: _kept(out, planned)) as listener:
+        run(suite, out, seeds, executor=executor, device=device, threads=threads, jobs=jobs,
+            listener=listener, log=say)
+    results = Results(out, images=images)
+    results.log = log
+    return results
+
+
+def _kept(out: Path, planned) -> str:
+    runs = [RunDir(r.dir) for r in planned]
+    finished = sum(r.finished() for r in runs)
+    epochs = sum(len(r.metrics()) for r in runs)
+    return (f"{finished} of {len(runs)} runs are finished and {epochs} epochs in all are kept "
+            f"in {out}")
+
+
+def load_results(folder: str | Path, *, images: ImageLoader | None = None) -> Results | Run:
+    """The results in ``folder``: a suite's (:class:`Results`), trained earlier or still
+    training, or one run directory's (:class:`Run`). ``images`` replaces the loader of the
+    test images that galleries show (the dataset by default)."""
+    folder = Path(folder)
+    if RunDir(folder).exists() and not (folder / "suite.json").exists():
+        return Run(folder, images=images)
+    return Results(folder, images=images)
+
+
+def train(out: str | Path | None = None, *, norm: str | None = None, groups: int | None = None,
+          dropout: float | None = None, l1: float | None = None, l1_scope: str | None = None,
+          weight_decay: float | None = None, epochs: int | None = None,
+          subset: int | None = None, seed: int | None = None, dataset: str | None = None,
+          protocol: str = "seed", config: RunConfig | None = None, device: str = "auto",
+          threads: int | None = None, progress: bool | Listener = True,
+          images: ImageLoader | None = None, **protocol_fields: Any) -> Run:
+    """Train one run into ``out`` and return it as a :class:`Run`.
+
+    The options are ``normlab train``'s: ``norm`` (bn, gn, ln, in, none), ``groups``,
+    ``dropout``, ``l1``, ``l1_scope``, ``weight_decay``, ``seed``, ``subset``, ``dataset``,
+    the named ``protocol`` and any of its fields (``epochs=5``, ``lr=0.05``, ...); unset ones
+    keep the defaults (the seed's BN model and protocol). Or pass a whole ``config``.
+    ``out`` defaults to runs/train/<norm>-seed<k>-<a hash of the config>, so running the
+    same cell again resumes (or finds finished) the same run, and another config gets its
+    own folder. Interrupting the kernel keeps every completed epoch.
+    """
+    from normlab.models import ModelConfig
+    from normlab.training.protocols import resolve_protocol
+    from normlab.training.run import train as train_run
+
+    options = {"norm": norm, "groups": groups, "dropout": dropout, "l1": l1,
+               "l1_scope": l1_scope, "weight_decay": weight_decay, "seed": seed,
+               "subset": subset, "dataset": dataset}
+    given = {k: v for k, v in options.items() if v is not None}
+    if epochs is not None:
+        protocol_fields["epochs"] = epochs
+    if config is not None:
+        if given or protocol_fields or protocol != "seed":
+            raise ValueError("pass either config= or options (norm=, epochs=, ...), not both; "
+                             f"got config and {', '.join([*given, *protocol_fields])}")
+    else:
+        model_defaults = ModelConfig()
+        model = ModelConfig(norms=norm or model_defaults.norm,
+                            groups=model_defaults.groups if groups is None else groups,
+                            dropout=model_defaults.dropout if dropout is None else dropout)
+        rest = {k: given[k] for k in ("l1", "l1_scope", "weight_decay", "seed", "subset",
+                                      "dataset") if k in given}
+        config = RunConfig(model=model, protocol=resolve_protocol(protocol, protocol_fields),
+                           **rest)
+    if out is None:
+        digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+        out = Path("runs") / "train" / f"{config.norm}-seed{config.seed}-{digest.hexdigest()[:8]}"
+    from normlab.experiments.suite import default_label
+
+    name = str(out)
+    head = f"{default_label(config)}, seed {config.seed}"
+    with _watching(progress, lambda: NotebookProgress({name: head}),
+                   lambda: f"{len(RunDir(out).metrics())} epochs are kept in {out}") as listener:
+        train_run(config, out, device=device, threads=threads, listener=listener, name=name)
+    return Run(out, images=images)
