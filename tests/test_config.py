@@ -10,10 +10,12 @@ import pytest
 from normlab.fields import ConfigError
 from normlab.models import ModelConfig, Net
 from normlab.training import RunConfig, RunDir, resolve_protocol
+from normlab.training.config import from_stored
 
 DATA = Path(__file__).parent / "data"
 # What tests/data/config-*.json hold: every format normlab has written, one config.
-EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01),
+EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01,
+                                       dropout_draw="bernoulli"),
                      protocol=resolve_protocol("seed", {"epochs": 2}), l1=3e-5, subset=2000)
 
 
@@ -21,7 +23,7 @@ EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01),
 def test_every_config_json_format_reads_to_the_same_config(version, tmp_path):
     stored = json.loads((DATA / f"config-{version}.json").read_text())
     assert stored["normlab"] == version
-    assert RunConfig.from_dict(stored["run"]) == EXPECTED
+    assert from_stored(stored["run"]) == EXPECTED  # 0.1 drew masks with nn.Dropout
     run = RunDir(tmp_path / "r")
     run.path.mkdir()
     shutil.copy(DATA / f"config-{version}.json", run.file("config.json"))
@@ -33,6 +35,9 @@ def test_every_config_json_format_reads_to_the_same_config(version, tmp_path):
 
 def test_the_current_format_round_trips():
     assert RunConfig.from_dict(EXPECTED.to_dict()) == EXPECTED
+    assert from_stored(EXPECTED.to_dict()) == EXPECTED
+    assert RunConfig().model.dropout_draw == "positions"  # new runs: the faster draw
+    assert from_stored(RunConfig().to_dict()) == RunConfig()
     stored = json.loads((DATA / "config-0.2.0.json").read_text())
     assert EXPECTED.to_dict() == stored["run"]  # this version still writes that format
 
@@ -85,5 +90,5 @@ def test_run_dir_states_and_tolerant_metrics(tmp_path):
     run.file("predictions.pt").write_bytes(b"")
     assert run.state() == "diverged" and not run.training()
     run.file("config.json").write_text('{"run": {"norm": "bx"}}')
-    with pytest.raises(ValueError, match="unreadable run config.*unknown norm"):
+    with pytest.raises(ValueError, match=r"unreadable run config.*unknown norm"):
         run.config()

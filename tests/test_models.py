@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from normlab.cli import main
-from normlab.models import NORMS, Net, count_parameters, make_norm
+from normlab.models import NORMS, ModelConfig, Net, count_parameters, make_norm
 
 
 def seed_examples():
@@ -54,12 +54,22 @@ def test_seed_flags_resolve_to_registry_names():
 
 
 def test_layer_order_matches_seed():
-    block = Net().convblock1
-    kinds = [type(m).__name__ for m in block]
+    seed = Net.from_config(ModelConfig(dropout_draw="bernoulli"))  # nn.Dropout, as the seed
+    kinds = [type(m).__name__ for m in seed.convblock1]
     assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "Dropout"]
-    assert block[0].bias is None
+    assert seed.convblock1[0].bias is None
     assert [type(m).__name__ for m in Net().convblock3] == ["Conv2d"]  # transition: bare
-    assert "Dropout" not in [type(m).__name__ for m in Net(dropout_value=0).convblock2]
+    assert [type(m).__name__ for m in Net(dropout_value=0).convblock2] == [
+        "Conv2d", "ReLU", "BatchNorm2d"]
+    # the default draws positions, the dropout fused into the norm: the seed's state dict
+    fused = Net()
+    assert [type(m).__name__ for m in fused.convblock1] == ["Conv2d", "ReLU", "BatchNormDropout"]
+    assert isinstance(fused.convblock1[2], torch.nn.BatchNorm2d)
+    assert list(fused.state_dict()) == list(seed.state_dict())
+    fused.load_state_dict(seed.state_dict())
+    fused.eval(), seed.eval()
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(fused(x), seed(x))  # in eval mode exactly the seed's network
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -114,7 +124,7 @@ def test_stacked_seed_flags_warn_and_stack():
         model = Net(layer_norm=True)
     assert model.config.norms == ("bn", "ln")
     kinds = [type(m).__name__ for m in model.convblock1]
-    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "GroupNorm", "Dropout"]
+    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "GroupNormDropout"]  # into the last
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Net(batch_norm=False, layer_norm=True)  # one norm: no warning

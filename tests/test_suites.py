@@ -80,7 +80,7 @@ def done(mnist, small_suite, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "to_input", to_input)
-        report = run_suite(small_suite, out, listener=events.append, log=log.append)
+        report = run_suite(small_suite, out, jobs=1, listener=events.append, log=log.append)
     return out, report, batches, log, events
 
 
@@ -160,7 +160,7 @@ def test_killed_suite_resumes_skips_finished_and_matches(done, small_suite, tmp_
     no_report(monkeypatch)
     log: list[str] = []
     with pytest.raises(KeyboardInterrupt):  # one seed: two runs, killed in the second
-        run_suite(small_suite, out, seeds=[1], listener=ctrl_c_in_the_second_run,
+        run_suite(small_suite, out, seeds=[1], jobs=1, listener=ctrl_c_in_the_second_run,
                   log=log.append)
     assert log[-1].startswith("stopped: 1 of 2 runs are finished and kept")
     assert not (out / "gn-l1/seed1/predictions.pt").exists()
@@ -208,7 +208,8 @@ def test_a_failing_run_is_reported_and_the_others_train(done, small_suite, tmp_p
             raise RuntimeError("disk on fire")
 
     with pytest.raises(ValueError, match=r"1 of 2 runs failed \(bn/seed1\)"):
-        run_suite(small_suite, out, seeds=[1], listener=broken_listener, log=log.append)
+        run_suite(small_suite, out, seeds=[1], jobs=1, listener=broken_listener,
+                  log=log.append)
     assert [e.run for e in events if isinstance(e, RunFailed)] == ["bn/seed1"]
     assert RunDir(out / "bn/seed1").state() == "failed"
     assert RunDir(out / "gn-l1/seed1").state() == "finished"
@@ -309,7 +310,8 @@ def test_bad_file_fails_on_the_command_line_before_anything_trains(tmp_path, cap
 
 
 def test_unknown_bundled_name_lists_the_bundled_suites():
-    with pytest.raises(ValueError, match="bundled: l1-sweep, s6, s6-quick"):
+    bundled = "bundled: batch-sizes, batch-sizes-fashion, l1-sweep, s6, s6-quick"
+    with pytest.raises(ValueError, match=bundled):
         load_suite("s7")
 
 

@@ -25,6 +25,7 @@ from normlab.training.engine import epoch_generator, l1_parameters, train_one_ep
 from normlab.training.events import EpochFinished, Notice
 from normlab.training.rundir import TIMING_FIELDS
 
+
 def without_timing(history):
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in history]
 
@@ -224,7 +225,7 @@ def test_train_command(mnist, tmp_path, capsys):
 
 
 def test_bad_protocol_field():
-    with pytest.raises(ConfigError, match="unknown protocol field 'lrr'.*; valid keys: epochs"):
+    with pytest.raises(ConfigError, match=r"unknown protocol field 'lrr'.*; valid keys: epochs"):
         resolve_protocol("seed", {"lrr": 0.1})
     with pytest.raises(ValueError, match="unknown protocol 'adam'; choose one of seed, fast"):
         resolve_protocol("adam")
@@ -277,3 +278,15 @@ def test_resuming_with_another_thread_count_warns(small, tmp_path):
         torch.set_num_threads(1)
     notices = [e.message for e in events if isinstance(e, Notice)]
     assert len(notices) == 1 and "started with threads 1, resumed with 2" in notices[0]
+
+
+def test_bf16_autocast_trains_and_is_part_of_the_config(small, tmp_path):
+    fp32 = train(config(epochs=1), tmp_path / "fp32", data=small)
+    bf16 = train(config(epochs=1, precision="bf16"), tmp_path / "bf16", data=small)
+    assert bf16.history[0]["test_acc"] > 50  # it learns
+    assert abs(bf16.history[0]["test_acc"] - fp32.history[0]["test_acc"]) < 10
+    assert without_timing(bf16.history) != without_timing(fp32.history)
+    saved = json.loads((tmp_path / "bf16/config.json").read_text())["run"]
+    assert saved["precision"] == "bf16"
+    with pytest.raises(ValueError, match=r"precision: 'bf16' -> 'fp32'"):
+        train(config(epochs=1), tmp_path / "bf16", data=small)  # not resumed in another

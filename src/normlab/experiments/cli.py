@@ -1,16 +1,28 @@
 """Run a suite (variants x seeds, from a TOML file) into OUT/<variant>/seed<k>, then its report.
 
 SUITE is a bundled suite's name (s6: the seed study under the seed protocol; s6-quick: the
-same variants on 2,000 images for 2 epochs) or the path of your own .toml file. The file is
-checked completely before anything trains. Runs go all variants for seed 1, then seed 2, ...
-Finished runs are skipped and interrupted ones resume, so after Ctrl-C or a kill, rerun the
-same command to continue. OUT/suite.json lists the runs for the report.
+same variants on 2,000 images for 2 epochs; batch-sizes, batch-sizes-fashion: BN, GN, LN and
+IN at batch sizes 2 to 64 on MNIST and Fashion-MNIST) or the path of your own .toml file.
+The file is checked completely before anything trains. Runs go all variants for seed 1, then
+seed 2, ... Finished runs are skipped and interrupted ones resume, so after Ctrl-C or a kill,
+rerun the same command to continue. OUT/suite.json lists the runs for the report.
 
 Examples:
   normlab suite s6                          # 5 runs into runs/s6, then runs/s6/report.html
   normlab suite s6 --seeds 3                # seeds 1, 2, 3: the report shows mean ± std
   normlab suite s6-quick --out /tmp/s6q     # a couple of minutes on a CPU
   normlab suite my-study.toml --seed-list 1,7 --dry-run
+  normlab suite batch-sizes --executor ray  # Ray tasks on a local Ray instance (all cores)
+  normlab suite batch-sizes --executor ray --ray-address HEAD:6379 --out /shared/bs
+                                            # on a Ray cluster; --out on shared storage
+
+Executors: local (the default) trains in this process, or --jobs N runs at once in worker
+processes. ray (pip install 'normlab[ray]') makes each run one Ray task: without
+--ray-address on a local Ray instance (127.0.0.1 only, stopped at the end), with it on a
+running cluster, whose nodes must all see the output folder at the same path (shared
+storage: tasks write the run directories, this process reads them). A task whose worker
+dies is retried and resumes from its checkpoint; the results equal the local executors'
+for the same seeds, device and threads per run.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import argparse
 
 from normlab.training.cli import add_run_arguments
+from normlab.training.config import PRECISIONS
 
 
 def _seed_list(text: str) -> list[int]:
@@ -43,8 +56,11 @@ def _count(text: str) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from normlab.experiments.suite import bundled_suites
+
     parser.add_argument("suite", metavar="SUITE",
-                        help="a bundled suite's name (s6, s6-quick) or a .toml file's path")
+                        help=f"a bundled suite's name ({', '.join(bundled_suites())}) or a "
+                             ".toml file's path")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=_count, metavar="K",
                        help="run seeds 1..K instead of the file's seeds")
@@ -54,11 +70,67 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved plan (runs, configs, what is finished); "
                              "train nothing")
-    parser.add_argument("--jobs", type=_count, default=1, metavar="N",
-                        help="train N runs at once in worker processes (default: 1); with "
-                             "--threads unset each gets cores/N threads. On a 2-core CPU, "
-                             "--jobs 2 --threads 1 nearly halves a suite's wall time")
+    parser.add_argument("--jobs", type=_count, default=None, metavar="N",
+                        help="train N runs at once in worker processes; with --threads unset "
+                             "each gets cores/N threads (default: on a CPU one run per core, "
+                             "one thread each, the fastest for this small model; on a GPU 1)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="every run in fp32 or with bf16 autocast (fast on CPUs with AMX "
+                             "or AVX512-BF16); default: the suite file's (fp32 if unset)")
+    ex = parser.add_argument_group("executor")
+    ex.add_argument("--executor", choices=("local", "ray"), default=None,
+                    help="local: this process, or --jobs N worker processes (the default); "
+                         "ray: one Ray task per run (default with --ray-address)")
+    ex.add_argument("--ray-address", metavar="ADDR",
+                    help="a running Ray cluster: auto, HOST:6379 or ray://HOST:10001 (Ray "
+                         "Client); default: start a local Ray instance on 127.0.0.1")
+    ex.add_argument("--cpus-per-run", type=_amount, default=1.0, metavar="N",
+                    help="CPUs Ray reserves for each run, and its torch threads unless "
+                         "--threads is given (default: 1)")
+    ex.add_argument("--gpus-per-run", type=_amount_or_zero, default=0.0, metavar="N",
+                    help="GPUs Ray reserves for each run; fractions share one (default: 0)")
     add_run_arguments(parser)
+
+
+def _amount(text: str, zero: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(
+            f"expected a {'non-negative' if zero else 'positive'} number, got {text!r}")
+    return int(value) if value.is_integer() else value
+
+
+def _amount_or_zero(text: str) -> float:
+    return _amount(text, zero=True)
+
+
+def make_executor(args: argparse.Namespace):
+    """The executor the options ask for (None: the runner's local default). Raises
+    ValueError, before anything is planned or written, for options that do not fit."""
+    kind = args.executor or ("ray" if args.ray_address else "local")
+    ray_options = [flag for flag, given in (
+        ("--ray-address", args.ray_address is not None),
+        ("--cpus-per-run", args.cpus_per_run != 1),
+        ("--gpus-per-run", args.gpus_per_run != 0)) if given]
+    if kind == "local":
+        if ray_options:
+            raise ValueError(f"{', '.join(ray_options)}: only with --executor ray")
+        return None
+    if args.jobs is not None:
+        raise ValueError("--jobs is for the local executor; with --executor ray, Ray runs as "
+                         "many runs at once as the cluster has CPUs (see --cpus-per-run)")
+    if args.device.startswith("cuda") and not args.gpus_per_run:
+        raise ValueError(f"--device {args.device} with --executor ray needs --gpus-per-run "
+                         "(1, or a fraction such as 0.25 for runs sharing a GPU): Ray gives a "
+                         "task only the GPUs it asks for")
+    from normlab.experiments.ray_executor import RayExecutor
+
+    return RayExecutor(args.ray_address, cpus_per_run=args.cpus_per_run,
+                       gpus_per_run=args.gpus_per_run, device=args.device,
+                       threads=args.threads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,12 +139,15 @@ def run(args: argparse.Namespace) -> int:
     from normlab.experiments.suite import load_suite
 
     suite = load_suite(args.suite)
+    if args.precision:
+        suite = suite.with_config(precision=args.precision)
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list
     out = args.out or default_out(suite)
+    executor = make_executor(args)
     if args.dry_run:
         print(format_plan(suite, out, seeds))
         check_out(suite, out, seeds)
         return 0
-    run_suite(suite, out, seeds, device=args.device, threads=args.threads, quiet=args.quiet,
-              jobs=args.jobs)
+    run_suite(suite, out, seeds, executor=executor, device=args.device, threads=args.threads,
+              quiet=args.quiet, jobs=args.jobs)
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.experiments.suite import Suite, Variant, run_dir
-from normlab.training.config import RunConfig, config_diff
+from normlab.training.config import RunConfig, config_diff, from_stored
 from normlab.training.rundir import FAILED, NEW, PARTIAL, RunDir
 
 MANIFEST = "suite.json"
@@ -124,7 +124,7 @@ def manifest(suite: Suite, seeds: list[int] | tuple[int, ...]) -> dict[str, Any]
 def _canonical(entry: dict[str, Any]) -> dict[str, Any]:
     """A suite.json config entry in this version's form (older normlab wrote it flat)."""
     try:
-        return config_entry(RunConfig.from_dict(entry))
+        return config_entry(from_stored(entry))
     except (ValueError, TypeError):
         return entry
 

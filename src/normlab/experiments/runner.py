@@ -7,6 +7,7 @@ epoch and rerunning the same command continues where it stopped.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +32,21 @@ from normlab.experiments.suite import Suite
 from normlab.files import write_json
 from normlab.reports.stats import fmt_mean_std
 from normlab.training.events import Listener
+from normlab.training.run import resolve_device
 from normlab.training.rundir import TIMING_FIELDS, RunDir
 
 
-def make_executor(jobs: int = 1, device: str = "auto", threads: int | None = None) -> Executor:
-    """The local executor for ``jobs`` runs at a time."""
+def make_executor(jobs: int | None = None, device: str = "auto", threads: int | None = None,
+                  runs: int | None = None) -> Executor:
+    """The local executor for ``jobs`` runs at a time. By default (None): on a CPU one run
+    per core (at most ``runs``), one thread each (for a 5,760-parameter model a second
+    thread buys far less than a second run: benchmarks/README.md), so every run of a suite
+    gets the same thread count, and so the same numbers, however many are left; on a GPU one
+    run at a time."""
+    if jobs is None:
+        on_gpu = resolve_device(device).type == "cuda"
+        jobs = 1 if on_gpu else max(1, min(os.cpu_count() or 1, runs or 1))
+        threads = threads or (None if on_gpu else 1)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs == 1:
@@ -51,7 +62,7 @@ def run_suite(
     executor: Executor | None = None,
     device: str = "auto",
     threads: int | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     quiet: bool = False,
     listener: Listener | None = None,
     log: Callable[[str], None] | None = None,
@@ -63,11 +74,11 @@ def run_suite(
     Progress goes to ``listener`` (default: the console). Returns the report's path.
     Everything is checked before the first run trains.
     """
-    executor = executor or make_executor(jobs, device, threads)
     out = Path(out) if out is not None else default_out(suite)
     seeds = list(seeds or suite.seeds)
     started = time.perf_counter()
     runs = plan(suite, out, seeds)
+    executor = executor or make_executor(jobs, device, threads, sum(r.to_train for r in runs))
     check_conflicts(runs)
     data_manifest, kept = merged_manifest(out, suite, seeds)
     out.mkdir(parents=True, exist_ok=True)

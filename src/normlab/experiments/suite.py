@@ -7,6 +7,7 @@ A suite is a TOML file::
     dataset = "mnist"
     seeds = [1, 2, 3]                # or a count: seeds = 3 means 1, 2, 3
     subset = 2000                    # optional: the first N training images
+    precision = "bf16"               # optional: fp32 (default) or bf16 autocast
 
     [protocol]
     name = "seed"                    # a named protocol (normlab.training.PROTOCOLS)
@@ -16,7 +17,7 @@ A suite is a TOML file::
     [[variant]]
     name = "bn"                      # a slug: the run directory is OUT/<name>/seed<k>
     label = "BN"                     # optional; "{l1}" etc. are filled from the options
-    norm = "bn"                      # model options: norm, groups, dropout
+    norm = "bn"                      # model options: norm, groups, dropout, dropout_draw
     l1 = 1e-4                        # regularizers: l1, l1_scope, weight_decay
     protocol = { batch_size = 8, lr = 0.0125 }   # optional: this variant's protocol fields
 
@@ -40,7 +41,8 @@ from normlab.models.net import MODEL_KEYS
 from normlab.training.config import REGULARIZER_KEYS, RunConfig
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
-TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "protocol", "variant")
+TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "protocol",
+            "variant")
 PROTOCOL_KEYS = ("name", "overrides")
 VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "protocol")
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -74,6 +76,13 @@ class Suite:
             if v.name == name:
                 return v
         raise KeyError(name)
+
+    def with_config(self, **changes) -> Suite:
+        """The suite with ``changes`` (RunConfig fields, e.g. ``precision="bf16"``) applied
+        to every variant."""
+        variants = tuple(dataclasses.replace(v, config=dataclasses.replace(v.config, **changes))
+                         for v in self.variants)
+        return dataclasses.replace(self, variants=variants)
 
     def runs(self, seeds: list[int] | tuple[int, ...] | None = None) -> list[tuple[Variant, int]]:
         """Every (variant, seed), variant-major within each seed: all variants for the first
@@ -146,7 +155,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     seeds = parse_seeds(data.get("seeds", [1]), lambda msg: fail(msg, "seeds"))
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
-              "protocol": protocol}
+              "precision": data.get("precision", "fp32"), "protocol": protocol}
     try:  # the suite-wide options, checked once before the variants
         RunConfig.from_dict(shared)
     except ConfigError as err:

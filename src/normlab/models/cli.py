@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from normlab.models.net import ModelConfig, Net
+from normlab.models.net import DROPOUT_DRAWS, ModelConfig, Net
 from normlab.models.norms import NORMS
 
 
@@ -28,11 +28,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dropout", type=float, default=0.01,
         help="dropout after every conv block, in [0, 1); 0 turns it off (default: %(default)s)",
     )
+    group.add_argument(
+        "--dropout-draw", default="positions", choices=DROPOUT_DRAWS,
+        help="how dropout masks are drawn, in the same distribution: positions (only the "
+             "dropped units, fused into the norm: faster) or bernoulli (nn.Dropout, as the "
+             "seed) (default: %(default)s)",
+    )
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The model options as a (validated) ModelConfig."""
-    return ModelConfig(norms=(args.norm,), groups=args.groups, dropout=args.dropout)
+    return ModelConfig(norms=(args.norm,), groups=args.groups, dropout=args.dropout,
+                       dropout_draw=args.dropout_draw)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,8 @@ import numpy as np
 from normlab import __version__
 from normlab.files import write_text
 from normlab.reports.analysis import COMMON_RANDOM_NUMBERS, analysis_blocks
+from normlab.reports.batchsize import TITLE as BATCH_SIZE_TITLE
+from normlab.reports.batchsize import batch_size_parts
 from normlab.reports.collect import (
     FAILED,
     MISSING,
@@ -23,7 +25,7 @@ from normlab.reports.collect import (
     SuiteResults,
     load_results,
 )
-from normlab.reports.doc import Para, to_markdown
+from normlab.reports.doc import Heading, Para, to_markdown
 from normlab.reports.figures import (
     curve_sets,
     first_predictions,
@@ -168,9 +170,10 @@ def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path
     write_text(root / "results.csv", results_csv(suite))
     write_text(root / "summary.csv", summary_csv(summaries))
     blocks = analysis_blocks(suite, summaries)
-    write_text(root / "analysis.md", to_markdown(blocks))
-
     figs = root / "figures"
+    study = batch_size_parts(suite, figs)  # None unless variants differ in batch size
+    write_text(root / "analysis.md", to_markdown(
+        blocks + ([Heading(BATCH_SIZE_TITLE), *study[0]] if study else [])))
     colours = palette(suite.variants)
     notes = _status_notes(suite)
     curves = _curve_images(suite, figs, colours)
@@ -197,6 +200,8 @@ def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path
                  "whose test accuracy reaches X, averaged over the seeds that reached it. "
                  "s / epoch: the median over epochs of training plus test time. "
                  + COMMON_RANDOM_NUMBERS)])),
+        *([Section("batch-size", BATCH_SIZE_TITLE, "".join(map(figure_html, study[1]))
+                   + blocks_html(study[0]))] if study else []),
         Section("curves", "Training curves", parts=[figure_html(i) for i in curves]),
         Section("analysis", "Analysis",
                 blocks_html(analysis_blocks(suite, summaries, standalone=False))),

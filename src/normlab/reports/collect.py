@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from normlab.training.config import RunConfig
+from normlab.training.config import RunConfig, from_stored
 from normlab.training.rundir import CONFIG, FAILED, METRICS, RunDir
 
 __all__ = ["FAILED", "FINISHED", "MISSING", "UNFINISHED", "RunResults", "SuiteResults",
@@ -143,7 +143,7 @@ def _load_run(variant: str, seed: int, run_dir: Path) -> RunResults:
 
 def _variant_config(entry: dict[str, Any]) -> RunConfig | None:
     try:
-        return RunConfig.from_dict(entry)
+        return from_stored(entry)
     except (ValueError, TypeError):  # a config this version cannot read
         return None
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from normlab.files import parse_toml
 from normlab.models.cli import add_model_arguments, model_config_from_args
-from normlab.training.config import L1_SCOPES, RunConfig
+from normlab.training.config import L1_SCOPES, PRECISIONS, RunConfig
 from normlab.training.protocols import PROTOCOLS, protocol_fields, resolve_protocol
 
 
@@ -48,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fixes init, data order, augmentation and dropout (default: 1)")
     parser.add_argument("--subset", type=int, default=None,
                         help="train on the first N training images only (quick checks)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32, or bf16 autocast (fast on CPUs with AMX or AVX512-BF16 "
+                             "and on recent GPUs) (default: %(default)s)")
     add_model_arguments(parser)
     reg = parser.add_argument_group("regularizers")
     reg.add_argument("--l1", type=float, default=0.0,
@@ -84,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dataset=args.dataset, model=model_config_from_args(args),
         protocol=resolve_protocol(args.protocol, overrides), l1=args.l1,
         l1_scope=args.l1_scope, weight_decay=args.weight_decay, seed=args.seed,
-        subset=args.subset,
+        subset=args.subset, precision=args.precision,
     )
 
 

@@ -12,6 +12,9 @@ from normlab.models.net import MODEL_KEYS
 from normlab.training.protocols import PROTOCOLS, Protocol, resolve_protocol
 
 L1_SCOPES = ("all", "conv")
+# fp32, or bf16 autocast (AMX / AVX512-BF16 CPUs, recent GPUs): convolutions in bfloat16,
+# the loss, the norms' statistics and the weights in float32.
+PRECISIONS = ("fp32", "bf16")
 REGULARIZER_KEYS = ("l1", "l1_scope", "weight_decay")
 
 
@@ -33,6 +36,7 @@ class RunConfig:
     weight_decay: float = 0.0  # L2, through the optimiser
     seed: int = 1
     subset: int | None = None  # first N training images, for quick checks
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
 
     def __post_init__(self) -> None:
         from normlab.data import DATASETS
@@ -48,6 +52,9 @@ class RunConfig:
         if self.l1_scope not in L1_SCOPES:
             raise ConfigError("l1_scope", f"l1_scope must be one of {', '.join(L1_SCOPES)}, "
                                           f"got {self.l1_scope!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"precision must be one of {', '.join(PRECISIONS)}, "
+                                           f"got {self.precision!r}")
         if coerce("seed", self.seed, int) < 0:
             raise ConfigError("seed", f"seed must be a non-negative integer, got {self.seed}")
         if coerce("subset", self.subset, int, optional=True) is not None and self.subset < 1:
@@ -85,6 +92,20 @@ class RunConfig:
             proto = dict(proto)
             proto = resolve_protocol(proto.pop("name", "seed"), proto)
         return cls(model=model, protocol=proto, **data)
+
+
+def from_stored(data: dict[str, Any]) -> RunConfig:
+    """A config as stored by any normlab version (config.json's "run", a suite.json variant's
+    config). Stored before ``dropout_draw`` existed (normlab 0.1), the dropout masks were
+    nn.Dropout's: such a config reads as ``dropout_draw="bernoulli"``,
+    so its run resumes and reports exactly as it was trained."""
+    data = dict(data)
+    model = data.get("model")
+    if isinstance(model, dict):
+        data["model"] = {"dropout_draw": "bernoulli", **model}
+    elif model is None:
+        data.setdefault("dropout_draw", "bernoulli")
+    return RunConfig.from_dict(data)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -38,6 +38,11 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def autocast(device: torch.device, precision: str):
+    """The forward pass's precision: bf16 autocast, or (fp32) nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def l1_parameters(model: nn.Module, scope: str) -> list[torch.Tensor]:
     if scope == "conv":
         return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -62,6 +67,7 @@ def train_one_epoch(
     l1_params: list[torch.Tensor] | None = None,
     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_step: Callable[[int], None] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Train for one epoch; returns mean train loss (NLL), accuracy %, L1 term, seconds.
 
@@ -86,8 +92,9 @@ def train_one_epoch(
         idx = order[begin : begin + batch_size]
         x = to_input(data.images[idx], data.mean, data.std, angles[idx] if rotation else None)
         y = data.labels[idx]
-        out = model(x)
-        loss = F.nll_loss(out, y)
+        with autocast(device, precision):
+            out = model(x)
+        loss = F.nll_loss(out.float(), y)
         total = loss
         if l1:
             penalty = l1_penalty(l1_params)
@@ -115,7 +122,8 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: TensorData, batch_size: int = 1000, *, predictions: bool = False
+    model: nn.Module, data: TensorData, batch_size: int = 1000, *, predictions: bool = False,
+    precision: str = "fp32",
 ) -> dict:
     """Test loss (mean NLL) and accuracy %; with ``predictions`` also per-image predicted
     class, true class and confidence (the predicted class's probability)."""
@@ -128,7 +136,8 @@ def evaluate(
     for begin in range(0, len(data), batch_size):
         x = to_input(data.images[begin : begin + batch_size], data.mean, data.std)
         y = data.labels[begin : begin + batch_size]
-        out = model(x)
+        with autocast(device, precision):
+            out = model(x).float()
         loss_sum += F.nll_loss(out, y, reduction="sum").double()
         conf, pred = out.max(1)
         correct += (pred == y).sum()

@@ -193,10 +193,12 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -
             model, train_data, opt, seed=config.seed, epoch=epoch, batch_size=p.batch_size,
             rotation=p.rotation, l1=config.l1, l1_params=covered, step_scheduler=per_step,
             on_step=_step_events(listener, name, epoch, len(train_data), p.batch_size),
+            precision=config.precision,
         )
         if per_epoch is not None:
             per_epoch.step()
-        te = evaluate(model, test_data, p.eval_batch_size, predictions=True)
+        te = evaluate(model, test_data, p.eval_batch_size, predictions=True,
+                      precision=config.precision)
         final = te.pop("predictions")  # kept from the last epoch trained
         record = {"epoch": epoch, "lr": lr, **tr, **te}
         record["seconds"] = tr["train_seconds"] + te["test_seconds"]
@@ -216,7 +218,8 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -
             break
 
     if final is None:  # every epoch was done before a kill that came before predictions.pt
-        final = evaluate(model, test_data, p.eval_batch_size, predictions=True)["predictions"]
+        final = evaluate(model, test_data, p.eval_batch_size, predictions=True,
+                         precision=config.precision)["predictions"]
     run.save_predictions(final)
     if writer is not None:
         _log_mistakes(writer, test_data, final, len(history))

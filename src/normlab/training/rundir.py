@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from normlab.files import atomic_write, write_json, write_text
-from normlab.training.config import RunConfig, config_diff
+from normlab.training.config import RunConfig, config_diff, from_stored
 
 CONFIG, METRICS, CHECKPOINT, PREDICTIONS, LOCK, FAILURE = (
     "config.json", "metrics.jsonl", "checkpoint.pt", "predictions.pt", ".lock", "failure.txt",
@@ -73,7 +73,7 @@ class RunDir:
         if stored is None:
             return None
         try:
-            return RunConfig.from_dict(stored["run"])
+            return from_stored(stored["run"])
         except (ValueError, TypeError) as err:
             raise ValueError(f"{self.file(CONFIG)}: unreadable run config: {err}") from err
 

@@ -1,0 +1,154 @@
+"""normlab against the seed's pipeline, side by side in one process run: per-round ratios,
+their medians, and the last line ``ratio_epoch=<x> ratio_suite=<y>``.
+
+Both sides train the BN model with the seed protocol (batch 64, SGD 0.1/0.9, rotation ±7°)
+on real MNIST. Each round runs, alternating A B A B:
+
+* epoch: the seed pipeline (``reference_seed.py``: per-image Pillow rotation in a
+  shuffling DataLoader, the seed's loop with tqdm and per-step ``.item()``) and normlab's
+  engine, each for ``--steps`` steps plus one test pass, at 1 and at 2 threads. An epoch's
+  time is 938 steps at the measured ms/step plus the test pass; each side is taken at its
+  best thread setting of the round.
+* suite: the five ``s6`` variants, ``--steps`` steps each plus a test pass each: the seed
+  pipeline runs them one after another at its best thread setting (as the seed notebook
+  did), normlab trains them through its default executor for this machine (all cores,
+  one run per core: ``ProcessExecutor``), worker start-up included.
+
+``--precision bf16`` runs normlab's side with bf16 autocast (the seed's side is always
+fp32). Absolute times vary by 30% between runs on shared machines; the ratios are what the
+script is for.
+
+    python benchmarks/bench_vs_seed.py                 # 3 rounds of 300 steps, ~10 min
+    python benchmarks/bench_vs_seed.py --quick         # 2 rounds of 100 steps, ~3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import reference_seed as seed
+
+from normlab.data import load_dataset
+from normlab.experiments import ProcessExecutor, load_suite, plan
+from normlab.training import RunConfig, TensorData, evaluate, train_one_epoch
+from normlab.training.events import ignore
+from normlab.training.run import make_optimizer
+
+STEPS_PER_EPOCH = 938  # 60,000 images in batches of 64
+
+
+def normlab_epoch(ds, config: RunConfig, steps: int, threads: int) -> tuple[float, float]:
+    """(ms per training step, seconds of the test pass) of normlab's engine."""
+    torch.set_num_threads(threads)
+    n = steps * 64
+    train = TensorData(ds.train_images[:n], ds.train_labels[:n], ds.mean, ds.std)
+    test = TensorData(ds.test_images, ds.test_labels, ds.mean, ds.std)
+    torch.manual_seed(config.seed)
+    model = config.make_model().to(memory_format=torch.channels_last)
+    opt, _, _ = make_optimizer(model, config, steps)
+    p = config.protocol
+    tr = train_one_epoch(model, train, opt, seed=config.seed, epoch=1, batch_size=p.batch_size,
+                         rotation=p.rotation, precision=config.precision)
+    te = evaluate(model, test, p.eval_batch_size, precision=config.precision)
+    return 1000 * tr["train_seconds"] / steps, te["test_seconds"]
+
+
+def seed_epoch(ds, steps: int, threads: int) -> tuple[float, float]:
+    """(ms per training step, seconds of the test pass) of the seed's pipeline."""
+    loader = seed.make_loader(ds.train_images, ds.train_labels, seed=1)
+    model, opt, _ = seed.make_model_and_optimizer(seed=1)
+    stats = seed.train_epoch(model, loader, opt, max_steps=steps, threads=threads,
+                             progress_file=io.StringIO())
+    start = time.perf_counter()
+    seed.test(model, ds.test_images, ds.test_labels, threads=threads)
+    return 1000 * stats["seconds"] / stats["steps"], time.perf_counter() - start
+
+
+def epoch_seconds(ms_per_step: float, test_seconds: float) -> float:
+    return STEPS_PER_EPOCH * ms_per_step / 1000 + test_seconds
+
+
+def seed_suite(ds, steps: int, threads: int, variants: int) -> float:
+    """Wall seconds of the seed pipeline over ``variants`` models, one after another."""
+    start = time.perf_counter()
+    for _ in range(variants):
+        seed_epoch(ds, steps, threads)
+    return time.perf_counter() - start
+
+
+def normlab_suite(steps: int, precision: str) -> float:
+    """Wall seconds of normlab training the s6 variants, ``steps`` steps each, through its
+    default executor for this machine (one run per core, one thread each)."""
+    suite = load_suite("s6")
+    variants = tuple(
+        dataclasses.replace(v, config=dataclasses.replace(
+            v.config, subset=steps * 64, precision=precision,
+            protocol=dataclasses.replace(v.config.protocol, epochs=1)))
+        for v in suite.variants)
+    suite = dataclasses.replace(suite, variants=variants)
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as out:
+        jobs = [r.job for r in plan(suite, out, [1])]
+        start = time.perf_counter()
+        outcomes = ProcessExecutor(min(cores, len(jobs)), threads=1).execute(jobs, ignore)
+        seconds = time.perf_counter() - start
+    if any(o.status != "ok" for o in outcomes.values()):
+        raise SystemExit(f"a normlab run failed: {outcomes}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 2, 100
+    ds = load_dataset("mnist")
+    config = RunConfig(precision=args.precision)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; normlab: dropout "
+          f"{config.model.dropout_draw}, {args.precision}; {args.rounds} rounds of "
+          f"{args.steps} steps", flush=True)
+    normlab_epoch(ds, config, 20, 1)  # warm-up: first-call allocations, the data in cache
+    seed_epoch(ds, 20, 1)
+    epoch_ratios, suite_ratios = [], []
+    for r in range(1, args.rounds + 1):
+        times = {}
+        for threads in (1, 2):
+            times[("seed", threads)] = epoch_seconds(*seed_epoch(ds, args.steps, threads))
+            times[("normlab", threads)] = epoch_seconds(
+                *normlab_epoch(ds, config, args.steps, threads))
+        best = {side: min((times[(side, t)], t) for t in (1, 2)) for side in ("seed", "normlab")}
+        epoch_ratios.append(best["seed"][0] / best["normlab"][0])
+        t_seed = best["seed"][1]
+        seed_wall = seed_suite(ds, args.steps, t_seed, 5)
+        normlab_wall = normlab_suite(args.steps, args.precision)
+        suite_ratios.append(seed_wall / normlab_wall)
+        print(f"round {r}: epoch (938 steps + test): seed "
+              + ", ".join(f"{times[('seed', t)]:.1f} s @{t}t" for t in (1, 2))
+              + "; normlab " + ", ".join(f"{times[('normlab', t)]:.1f} s @{t}t" for t in (1, 2))
+              + f" -> {epoch_ratios[-1]:.2f}x;  suite of 5 x {args.steps} steps: seed "
+              f"{seed_wall:.1f} s @{t_seed}t, normlab {normlab_wall:.1f} s "
+              f"-> {suite_ratios[-1]:.2f}x", flush=True)
+    print(f"median over {args.rounds} rounds: epoch {statistics.median(epoch_ratios):.2f}x, "
+          f"suite {statistics.median(suite_ratios):.2f}x")
+    print(f"ratio_epoch={statistics.median(epoch_ratios):.2f} "
+          f"ratio_suite={statistics.median(suite_ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Dropout that draws only the dropped positions: the same distribution at a fraction of
+the cost when p is small.
+
+``nn.Dropout`` on the CPU draws one random number per unit (``bernoulli_``), divides the
+mask by 1 - p and multiplies: three full passes forward and one backward, and the draw is
+by far the most expensive (at p = 0.01, 99% of it decides "keep").
+
+Here the dropped units are the points of a Bernoulli(p) process over the units in logical
+(row-major, NCHW) order, generated from its gaps: the distances between consecutive
+dropped units are i.i.d. Geometric(p) on {1, 2, ...}, so ``cumsum(gaps) - 1`` restricted
+to ``[0, n)`` is exactly the set of units a per-unit Bernoulli(p) draw would drop (each
+unit dropped independently with probability p; about n·p draws instead of n). The gaps
+come from ``Tensor.geometric_`` in float64 on torch's global generator (or the one
+passed), so ``torch.manual_seed`` fixes the mask; the positions are in logical order, so
+the mask does not depend on the memory format (contiguous or channels-last). The
+survivors are scaled by 1 / (1 - p), and the backward zeroes the same positions and
+applies the same scale (a custom autograd Function), so the gradient equals that of
+``x * mask / (1 - p)``.
+
+``SparseDropout(p, inplace=False)`` is a drop-in for ``nn.Dropout`` (same arguments,
+identity in eval mode and at p = 0, zeros at p = 1): one full pass forward (the scale) and
+one backward. Where a norm precedes the dropout, :mod:`normlab.models.normdrop` fuses the
+two and saves that pass too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+__all__ = ["SparseDropout", "bernoulli_positions", "drop_positions", "sparse_dropout"]
+
+
+@torch.compiler.disable  # data-dependent sizes and a host read: kept out of compiled graphs
+def bernoulli_positions(
+    n: int, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Sorted int64 indices in [0, n) of the points of a Bernoulli(p) process: each index
+    is in the result independently with probability p (the gap method, see the module)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    if n <= 0 or p == 0.0:
+        return torch.empty(0, dtype=torch.long)
+    if p == 1.0:
+        return torch.arange(n)
+    mean = n * p
+    # Enough gaps to pass n with overwhelming probability; more are drawn if not.
+    chunk = int(mean + 8.0 * math.sqrt(mean) + 16)
+    ends: list[torch.Tensor] = []
+    offset = 0.0
+    while True:
+        gaps = torch.empty(chunk, dtype=torch.float64).geometric_(p, generator=generator)
+        # positions = offset + cumsum(gaps) - 1. A uniform draw of exactly 0 gives an
+        # infinite gap (probability 2**-53 per gap): "no further point below n".
+        pos = gaps.cumsum_(0).add_(offset - 1.0)
+        last = float(pos[-1])
+        if last >= n:
+            ends.append(pos[: int(torch.searchsorted(pos, float(n)))])  # sorted: a cut
+            break
+        ends.append(pos)
+        offset = last + 1.0
+    pos = torch.cat(ends) if len(ends) > 1 else ends[0]
+    return pos.to(torch.long)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of storage exactly once, in any dim order."""
+    expected = 1
+    for stride, size in sorted(
+        (st, sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat_offsets(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """Storage offsets (relative to ``t``'s first element) of the logical (row-major)
+    indices ``positions``; None if ``t`` is not dense and non-overlapping."""
+    if t.is_contiguous():
+        return positions
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        _, c, h, w = t.shape  # logical i = (n*C + c)*HW + hw -> storage (n*HW + hw)*C + c
+        hw_size = h * w
+        q = torch.div(positions, hw_size, rounding_mode="floor")
+        hw = positions - q * hw_size
+        img = torch.div(q, c, rounding_mode="floor")
+        return (img * hw_size + hw) * c + (q - img * c)
+    if not _is_dense(t):
+        return None
+    offsets = torch.zeros_like(positions)
+    rest = positions
+    for size, stride in zip(reversed(t.shape), reversed(t.stride()), strict=True):
+        q = torch.div(rest, size, rounding_mode="floor")
+        offsets += (rest - q * size) * stride
+        rest = q
+    return offsets
+
+
+def _zero_(t: torch.Tensor, positions: torch.Tensor, offsets=None) -> torch.Tensor | None:
+    """Zero the units at logical indices ``positions`` of ``t`` in place; returns the
+    storage offsets used (None for a tensor that is not dense), for reuse."""
+    if positions.numel() == 0:
+        return None
+    positions = positions.to(t.device)  # drawn on the CPU; a no-op for CPU tensors
+    if offsets is None:
+        offsets = _flat_offsets(t, positions)
+    if offsets is None:
+        t[torch.unravel_index(positions, t.shape)] = 0
+    else:
+        t.as_strided((t.numel(),), (1,)).index_fill_(0, offsets, 0)
+    return offsets
+
+
+class _DropPositions(torch.autograd.Function):
+    """y = x * scale with the given positions zeroed; backward: the same on the grad."""
+
+    @staticmethod
+    def forward(ctx, x, positions, scale: float, inplace: bool):
+        if inplace:
+            out = x.mul_(scale) if scale != 1.0 else x
+            ctx.mark_dirty(x)
+        else:
+            out = x * scale if scale != 1.0 else x.clone()
+        offsets = _zero_(out, positions)
+        ctx.save_for_backward(positions, offsets)
+        ctx.layout = (out.shape, out.stride())
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        positions, offsets = ctx.saved_tensors
+        grad_in = grad * ctx.scale if ctx.scale != 1.0 else grad.clone()
+        if (grad_in.shape, grad_in.stride()) != ctx.layout:
+            offsets = None  # another layout: recompute
+        _zero_(grad_in, positions, offsets)
+        return grad_in, None, None, None
+
+
+@torch.compiler.disable
+def drop_positions(
+    x: torch.Tensor, positions: torch.Tensor, scale: float = 1.0, inplace: bool = False
+) -> torch.Tensor:
+    """``x * scale`` with the units at logical indices ``positions`` zeroed; differentiable
+    (the backward zeroes the same positions of the gradient and scales it)."""
+    return _DropPositions.apply(x, positions, float(scale), inplace)
+
+
+def sparse_dropout(
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``F.dropout`` in distribution: each unit zeroed independently with probability p,
+    survivors scaled by 1 / (1 - p); the mask drawn by ``bernoulli_positions``."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x.mul_(0.0) if inplace else x * 0.0
+    positions = bernoulli_positions(x.numel(), p, generator)
+    return drop_positions(x, positions, 1.0 / (1.0 - p), inplace)
+
+
+class SparseDropout(nn.Module):
+    """Drop-in for ``nn.Dropout(p, inplace)`` drawing only the dropped positions."""
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        self.p = float(p)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_dropout(x, self.p, self.training, self.inplace)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inplace={self.inplace}"

@@ -1,0 +1,74 @@
+"""A norm and its dropout fused in one module: the same values and gradients as the norm,
+then dropout with the same positions, the norm's running statistics, and its state dict."""
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.models.dropout import bernoulli_positions
+from normlab.models.normdrop import BatchNormDropout, GroupNormDropout, with_dropout
+
+P = 0.2
+
+
+def pair(kind: str):
+    torch.manual_seed(3)
+    norm = nn.BatchNorm2d(6) if kind == "bn" else nn.GroupNorm(2, 6)
+    with torch.no_grad():  # non-trivial affine parameters
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    fused = with_dropout(nn.BatchNorm2d(6) if kind == "bn" else nn.GroupNorm(2, 6), P)
+    fused.load_state_dict(norm.state_dict())
+    return norm, fused
+
+
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+def test_values_and_gradients_are_norm_then_dropout(kind):
+    norm, fused = pair(kind)
+    assert isinstance(fused, BatchNormDropout if kind == "bn" else GroupNormDropout)
+    x = torch.randn(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(4, 6, 5, 5)
+
+    torch.manual_seed(11)
+    y = fused(x1)
+    torch.manual_seed(11)
+    positions = bernoulli_positions(x.numel(), P)  # the draw the fused module made
+    mask = torch.ones(x.numel())
+    mask[positions] = 0
+    expected = norm(x2) * mask.view_as(x) / (1 - P)
+
+    assert positions.numel() > 0 and torch.equal(y == 0, mask.view_as(x) == 0)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    y.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+    for a, b in zip(fused.parameters(), norm.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    if kind == "bn":  # the running statistics are the input's, exactly as BatchNorm's
+        assert torch.equal(fused.running_mean, norm.running_mean)
+        assert torch.equal(fused.running_var, norm.running_var)
+        assert fused.num_batches_tracked == norm.num_batches_tracked == 1
+
+
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+def test_eval_mode_and_state_dict_are_the_norms(kind):
+    norm, fused = pair(kind)
+    assert list(fused.state_dict()) == list(norm.state_dict())
+    norm.eval(), fused.eval()
+    x = torch.randn(3, 6, 4, 4)
+    assert torch.equal(fused(x), norm(x))
+
+
+def test_only_batch_and_group_norms_fuse():
+    assert with_dropout(nn.Identity(), P) is None
+    assert with_dropout(nn.ReLU(), P) is None
+
+
+def test_drop_rate_over_a_large_tensor():
+    torch.manual_seed(0)
+    fused = BatchNormDropout(16, 0.01)
+    y = fused(torch.randn(64, 16, 24, 24))
+    rate = (y == 0).float().mean().item()
+    n = y.numel()
+    assert abs(rate - 0.01) < 5 * (0.01 * 0.99 / n) ** 0.5  # within five standard errors
