@@ -42,6 +42,7 @@ import reference_seed as seed
 from normlab.data import load_dataset
 from normlab.experiments import ProcessExecutor, load_suite, plan
 from normlab.training import RunConfig, TensorData, evaluate, train_one_epoch
+from normlab.training.engine import memory_format
 from normlab.training.events import ignore
 from normlab.training.run import make_optimizer
 
@@ -55,7 +56,7 @@ def normlab_epoch(ds, config: RunConfig, steps: int, threads: int) -> tuple[floa
     train = TensorData(ds.train_images[:n], ds.train_labels[:n], ds.mean, ds.std)
     test = TensorData(ds.test_images, ds.test_labels, ds.mean, ds.std)
     torch.manual_seed(config.seed)
-    model = config.make_model().to(memory_format=torch.channels_last)
+    model = config.make_model().to(memory_format=memory_format(torch.device("cpu"), threads))
     opt, _, _ = make_optimizer(model, config, steps)
     p = config.protocol
     tr = train_one_epoch(model, train, opt, seed=config.seed, epoch=1, batch_size=p.batch_size,

@@ -72,11 +72,11 @@ def done(mnist, small_suite, tmp_path_factory):
     log: list[str] = []
     real_to_input = engine.to_input
 
-    def to_input(images, mean, std, degrees=None):
+    def to_input(images, mean, std, degrees=None, **kw):
         if degrees is not None:  # training batches only (evaluation is not augmented)
             current = next(e.run for e in reversed(events) if isinstance(e, RunStarted))
             batches.setdefault(current, []).append((images.clone(), degrees.clone()))
-        return real_to_input(images, mean, std, degrees)
+        return real_to_input(images, mean, std, degrees, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "to_input", to_input)

@@ -31,9 +31,10 @@ def to_input(
     mean: float,
     std: float,
     degrees: torch.Tensor | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> torch.Tensor:
     """uint8 (N, H, W) -> normalised float (N, 1, H, W), rotated first when ``degrees`` given."""
     x = images.unsqueeze(1).float().div_(255.0)
     if degrees is not None:
         x = rotate(x, degrees)
-    return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)

@@ -38,6 +38,25 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def memory_format(device: torch.device, threads: int) -> torch.memory_format:
+    """Channels-last, except on a CPU with more than one thread: there BatchNorm's backward
+    in channels-last gains nothing from a second thread and the contiguous layout is faster
+    (benchmarks/README.md). The model and its inputs are kept in this layout."""
+    if device.type == "cpu" and threads > 1:
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def _layout(model: nn.Module) -> torch.memory_format:
+    """The layout the model's weights are in (see :func:`memory_format`), read off the first
+    convolution whose weight tells the two apart (more than one input channel, a k x k
+    kernel with k > 1)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1):
+            return torch.contiguous_format if m.weight.is_contiguous() else torch.channels_last
+    return torch.contiguous_format
+
+
 def autocast(device: torch.device, precision: str):
     """The forward pass's precision: bf16 autocast, or (fp32) nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -79,6 +98,7 @@ def train_one_epoch(
     start = time.perf_counter()
     model.train()
     device = data.images.device
+    layout = _layout(model)
     n = len(data)
     gen = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=gen).to(device)
@@ -90,7 +110,8 @@ def train_one_epoch(
     step_ids = torch.arange(-(-n // batch_size), device=device)  # no host->device per step
     for step, begin in enumerate(range(0, n, batch_size)):
         idx = order[begin : begin + batch_size]
-        x = to_input(data.images[idx], data.mean, data.std, angles[idx] if rotation else None)
+        x = to_input(data.images[idx], data.mean, data.std, angles[idx] if rotation else None,
+                     memory_format=layout)
         y = data.labels[idx]
         with autocast(device, precision):
             out = model(x)
@@ -130,11 +151,13 @@ def evaluate(
     start = time.perf_counter()
     model.eval()
     device = data.images.device
+    layout = _layout(model)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     preds, confs = [], []
     for begin in range(0, len(data), batch_size):
-        x = to_input(data.images[begin : begin + batch_size], data.mean, data.std)
+        x = to_input(data.images[begin : begin + batch_size], data.mean, data.std,
+                     memory_format=layout)
         y = data.labels[begin : begin + batch_size]
         with autocast(device, precision):
             out = model(x).float()

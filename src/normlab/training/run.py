@@ -17,7 +17,13 @@ import torch
 
 from normlab import __version__
 from normlab.training.config import RunConfig
-from normlab.training.engine import TensorData, evaluate, l1_parameters, train_one_epoch
+from normlab.training.engine import (
+    TensorData,
+    evaluate,
+    l1_parameters,
+    memory_format,
+    train_one_epoch,
+)
 from normlab.training.events import (
     EpochFinished,
     Listener,
@@ -167,7 +173,7 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -
     p = config.protocol
     steps_per_epoch = -(-len(train_data) // p.batch_size)
     torch.manual_seed(config.seed)
-    model = config.make_model().to(dev, memory_format=torch.channels_last)
+    model = config.make_model().to(dev, memory_format=memory_format(dev, torch.get_num_threads()))
     opt, per_epoch, per_step = make_optimizer(model, config, steps_per_epoch)
     covered = l1_parameters(model, config.l1_scope)
     history: list[dict] = []
