@@ -22,6 +22,20 @@ def require_tool(available: bool, what: str) -> None:
         pytest.skip(f"{what} is not installed")
 
 
+def suite_toml(*variants: tuple[str, dict], epochs: int = 1, seeds: str = "[1]",
+               subset: int = 300, description: str = "") -> str:
+    """A tiny suite's TOML text: the seed protocol for ``epochs`` on the first ``subset``
+    MNIST images, and one [[variant]] per (name, options); line numbers as a person writes
+    it (the suite loader's error messages name them)."""
+    head = f'description = "{description}"\n' if description else ""
+    text = (f'{head}dataset = "mnist"\nseeds = {seeds}\nsubset = {subset}\n\n'
+            f'[protocol]\nname = "seed"\n\n[protocol.overrides]\nepochs = {epochs}\n')
+    for name, options in variants:
+        text += f'\n[[variant]]\nname = "{name}"\n'
+        text += "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in options.items())
+    return text
+
+
 @pytest.fixture(scope="session")
 def mnist():
     from normlab.data import load_dataset

@@ -92,3 +92,18 @@ def test_run_dir_states_and_tolerant_metrics(tmp_path):
     run.file("config.json").write_text('{"run": {"norm": "bx"}}')
     with pytest.raises(ValueError, match=r"unreadable run config.*unknown norm"):
         run.config()
+
+
+def test_a_suite_folder_of_normlab_0_1_is_read_and_continued_with_its_dropout(tmp_path):
+    from normlab.experiments import load_suite
+    from normlab.experiments.plan import check_out
+    from normlab.reports import load_results
+
+    shutil.copy(DATA / "suite-0.1.0.json", tmp_path / "suite.json")  # s6-quick, seeds 1, 2
+    results = load_results(tmp_path)
+    assert [v.config.model.dropout_draw for v in results.variants] == ["bernoulli"] * 5
+    assert [v.config.l1 for v in results.variants] == [0.0, 0.0, 0.0, 3e-5, 1e-3]
+    suite = load_suite("s6-quick")
+    with pytest.raises(ValueError, match="--dropout-draw bernoulli continues it"):
+        check_out(suite, tmp_path, [1, 2])
+    check_out(suite.with_model(dropout_draw="bernoulli"), tmp_path, [1, 2])  # the same suite

@@ -25,7 +25,7 @@ from tqdm.std import tqdm
 import normlab
 import normlab.notebook as nb_api
 import normlab.notebook.display as nb_display
-from conftest import require_tool
+from conftest import require_tool, suite_toml
 from normlab.experiments import load_suite
 from normlab.reports import build_report
 from normlab.reports.figures import png_bytes
@@ -37,28 +37,9 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "s6.ipynb"
 # The example's size in CI: every cell runs, in well under a minute of training.
 TINY = {"SUBSET": 300, "EPOCHS": 1}
 
-TWO_VARIANTS = """\
-description = "BN and GN on 300 images, 2 epochs"
-dataset = "mnist"
-seeds = [1]
-subset = 300
-
-[protocol]
-name = "seed"
-
-[protocol.overrides]
-epochs = 2
-
-[[variant]]
-name = "bn"
-label = "BN"
-norm = "bn"
-
-[[variant]]
-name = "gn"
-label = "GN"
-norm = "gn"
-"""
+TWO_VARIANTS = suite_toml(("bn", {"label": "BN", "norm": "bn"}),
+                          ("gn", {"label": "GN", "norm": "gn"}), epochs=2,
+                          description="BN and GN on 300 images, 2 epochs")
 
 
 def files_under(root: Path) -> dict[str, int]:

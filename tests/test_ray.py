@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import normlab.reports
-from conftest import require_tool
+from conftest import require_tool, suite_toml
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, run_suite
 from normlab.experiments.ray_executor import LOOPBACK_ENV, RayExecutor
@@ -46,60 +46,15 @@ from normlab.training.rundir import LOCK, TIMING_FIELDS
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 RAY_CLI = str(Path(sys.executable).with_name("ray"))
 
-TINY = """\
-description = "BN against GN on 300 images, 1 epoch"
-dataset = "mnist"
-seeds = [1]
-subset = 300
-
-[protocol]
-name = "seed"
-
-[protocol.overrides]
-epochs = 1
-
-[[variant]]
-name = "bn"
-label = "BN"
-norm = "bn"
-
-[[variant]]
-name = "gn"
-label = "GN (2 groups)"
-norm = "gn"
-groups = 2
-"""
+TINY = suite_toml(("bn", {"label": "BN", "norm": "bn"}),
+                  ("gn", {"label": "GN (2 groups)", "norm": "gn", "groups": 2}),
+                  description="BN against GN on 300 images, 1 epoch")
 
 # bn is killed once mid-run (retried, resumes); gn is left alone; broken has a corrupt
 # checkpoint on disk (training raises every time: not retried); doomed is killed at every
 # attempt (fails once Ray's retries are spent).
-FAULTS = """\
-dataset = "mnist"
-seeds = [1]
-subset = 300
-
-[protocol]
-name = "seed"
-
-[protocol.overrides]
-epochs = 3
-
-[[variant]]
-name = "bn"
-norm = "bn"
-
-[[variant]]
-name = "gn"
-norm = "gn"
-
-[[variant]]
-name = "broken"
-norm = "ln"
-
-[[variant]]
-name = "doomed"
-norm = "in"
-"""
+FAULTS = suite_toml(("bn", {"norm": "bn"}), ("gn", {"norm": "gn"}), ("broken", {"norm": "ln"}),
+                    ("doomed", {"norm": "in"}), epochs=3)
 
 
 def need_ray() -> None:

@@ -13,6 +13,7 @@ import torch
 
 import normlab.reports
 import normlab.training.engine as engine
+from conftest import suite_toml
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, manifest, run_suite
 from normlab.experiments.progress import ConsoleProgress
@@ -20,30 +21,9 @@ from normlab.experiments.suite import default_label
 from normlab.training import RunConfig, RunDir, resolve_protocol
 from normlab.training.events import EpochFinished, RunFailed, RunStarted, StepsDone
 
-SMALL = """\
-# a two-variant, two-seed suite for the tests
-description = "BN against GN on 300 images"
-dataset = "mnist"
-seeds = [1, 2]
-subset = 300
-
-[protocol]
-name = "seed"
-
-[protocol.overrides]
-epochs = 1
-
-[[variant]]
-name = "bn"
-label = "BN"
-norm = "bn"
-
-[[variant]]
-name = "gn-l1"
-norm = "gn"
-groups = 2
-l1 = 1e-4
-"""
+SMALL = "# a two-variant, two-seed suite for the tests\n" + suite_toml(
+    ("bn", {"label": "BN", "norm": "bn"}), ("gn-l1", {"norm": "gn", "groups": 2, "l1": 1e-4}),
+    seeds="[1, 2]", description="BN against GN on 300 images")
 
 
 def no_report(monkeypatch):
@@ -249,7 +229,7 @@ def test_fewer_seeds_skip_everything_and_keep_the_earlier_seeds(done, small_suit
 
 def test_a_different_suite_in_the_same_folder_is_refused(done, tmp_path):
     out = done[0]
-    changed = load_suite(write(tmp_path, SMALL.replace("l1 = 1e-4", "l1 = 1e-3")))
+    changed = load_suite(write(tmp_path, SMALL.replace("l1 = 0.0001", "l1 = 1e-3")))
     with pytest.raises(ValueError, match=r"gn-l1/seed1 \(l1: 0.0001 -> 0.001\)"):
         run_suite(changed, out, quiet=True)
     # the same suite.json check also names added / removed variants
@@ -279,10 +259,11 @@ BAD = [
     (("dataset = \"mnist\"", "dataset = \"cifar\""), 3, ["unknown dataset 'cifar'", "mnist"]),
     (("seeds = [1, 2]", "seeds = [1, 1]"), 4, ["seeds are repeated: 1"]),
     (("subset = 300", "subst = 300"), 5, ["unknown key 'subst'", "did you mean 'subset'?"]),
-    (("l1 = 1e-4", "l1 = -1"), 22, ["l1 must be a number >= 0"]),
+    (("l1 = 0.0001", "l1 = -1"), 22, ["l1 must be a number >= 0"]),
     (("name = \"gn-l1\"", "name = \"bn\""), 19, ["duplicate variant name 'bn'"]),
     (("name = \"gn-l1\"", "name = \"gn/l1\""), 19, ["name must be a slug"]),
-    (("l1 = 1e-4", "l1 = 1e-4\nl1_scope = \"bias\""), 23, ["l1_scope must be one of all, conv"]),
+    (("l1 = 0.0001", "l1 = 0.0001\nl1_scope = \"bias\""), 23,
+     ["l1_scope must be one of all, conv"]),
     (("label = \"BN\"", "label = \"BN {lambda}\""), 15, ["bad placeholder", "{l1}"]),
 ]
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 
+from normlab.models.net import DROPOUT_DRAWS
 from normlab.training.cli import add_run_arguments
 from normlab.training.config import PRECISIONS
 
@@ -74,6 +75,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="train N runs at once in worker processes; with --threads unset "
                              "each gets cores/N threads (default: on a CPU one run per core, "
                              "one thread each, the fastest for this small model; on a GPU 1)")
+    parser.add_argument("--dropout-draw", choices=DROPOUT_DRAWS, default=None,
+                        help="how every run draws dropout masks: positions (normlab's default) "
+                             "or bernoulli (nn.Dropout; what a folder written by normlab 0.1 "
+                             "holds: pass it to continue such a folder)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="every run in fp32 or with bf16 autocast (fast on CPUs with AMX "
                              "or AVX512-BF16); default: the suite file's (fp32 if unset)")
@@ -141,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     if args.precision:
         suite = suite.with_config(precision=args.precision)
+    if args.dropout_draw:
+        suite = suite.with_model(dropout_draw=args.dropout_draw)
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list
     out = args.out or default_out(suite)
     executor = make_executor(args)

@@ -167,8 +167,11 @@ def merged_manifest(out: Path, suite: Suite, seeds: list[int]) -> tuple[dict, li
         ) from err
     diffs = manifest_differences(old, manifest(suite, seeds))
     if diffs:
+        hint = ("; it was trained with nn.Dropout masks (normlab 0.1): --dropout-draw "
+                "bernoulli continues it" if any("dropout_draw: 'bernoulli'" in d for d in diffs)
+                else "")
         raise ValueError(
-            f"{out} holds a different suite ({'; '.join(diffs)}); use another --out, "
+            f"{out} holds a different suite ({'; '.join(diffs)}){hint}; use another --out, "
             f"or delete {path} and the run directories that no longer match"
         )
     kept = [s for s in old.get("seeds", []) if s not in seeds]

@@ -80,9 +80,16 @@ class Suite:
     def with_config(self, **changes) -> Suite:
         """The suite with ``changes`` (RunConfig fields, e.g. ``precision="bf16"``) applied
         to every variant."""
-        variants = tuple(dataclasses.replace(v, config=dataclasses.replace(v.config, **changes))
-                         for v in self.variants)
-        return dataclasses.replace(self, variants=variants)
+        return self._map(lambda c: dataclasses.replace(c, **changes))
+
+    def with_model(self, **changes) -> Suite:
+        """The suite with ``changes`` (ModelConfig fields) applied to every variant."""
+        return self._map(
+            lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, **changes)))
+
+    def _map(self, change) -> Suite:
+        return dataclasses.replace(self, variants=tuple(
+            dataclasses.replace(v, config=change(v.config)) for v in self.variants))
 
     def runs(self, seeds: list[int] | tuple[int, ...] | None = None) -> list[tuple[Variant, int]]:
         """Every (variant, seed), variant-major within each seed: all variants for the first
