@@ -213,7 +213,7 @@ def test_progress_bars_follow_the_events():
     bar = partial(tqdm, file=io.StringIO())
     progress = nb_api.NotebookProgress({"bn/seed1": "[1/2] bn seed 1"}, runs=2, done=1, bar=bar)
     assert progress.runs_bar.n == 1 and progress.runs_bar.total == 2
-    progress(RunStarted("bn/seed1", 1, 3, 300))
+    progress(RunStarted("bn/seed1", 1, 3))
     epochs = progress.epoch_bars["bn/seed1"]
     assert (epochs.n, epochs.total, epochs.desc) == (1, 3, "[1/2] bn seed 1")
     progress(StepsDone("bn/seed1", 2, 128, 300))

@@ -98,8 +98,7 @@ class MetricsWatcher:
     def start(self, job: Job) -> None:
         done = len(RunDir(job.dir).metrics())
         self.seen[job.rel], self.jobs[job.rel] = done, job
-        self.listener(RunStarted(job.rel, done, job.config.protocol.epochs,
-                                 job.config.subset or 0))
+        self.listener(RunStarted(job.rel, done, job.config.protocol.epochs))
 
     def poll(self) -> None:
         for rel in list(self.jobs):

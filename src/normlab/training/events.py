@@ -17,7 +17,6 @@ class RunStarted:
     run: str
     epochs_done: int  # > 0 when the run resumes
     epochs: int
-    images: int  # training images per epoch
 
 
 @dataclass(frozen=True)

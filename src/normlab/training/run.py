@@ -190,7 +190,7 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -
         history = [json.loads(line) for line in ckpt["history"]]
     # metrics.jsonl always equals the checkpoint's history (a kill between the two is safe)
     run.write_metrics(history)
-    listener(RunStarted(name, len(history), p.epochs, len(train_data)))
+    listener(RunStarted(name, len(history), p.epochs))
 
     status, message, final = "ok", "", None
     for epoch in range(len(history) + 1, p.epochs + 1):
