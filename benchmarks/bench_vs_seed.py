@@ -91,13 +91,9 @@ def seed_suite(ds, steps: int, threads: int, variants: int) -> float:
 def normlab_suite(steps: int, precision: str) -> float:
     """Wall seconds of normlab training the s6 variants, ``steps`` steps each, through its
     default executor for this machine (one run per core, one thread each)."""
-    suite = load_suite("s6")
-    variants = tuple(
-        dataclasses.replace(v, config=dataclasses.replace(
-            v.config, subset=steps * 64, precision=precision,
-            protocol=dataclasses.replace(v.config.protocol, epochs=1)))
-        for v in suite.variants)
-    suite = dataclasses.replace(suite, variants=variants)
+    suite = load_suite("s6").map_configs(lambda c: dataclasses.replace(
+        c, subset=steps * 64, precision=precision,
+        protocol=dataclasses.replace(c.protocol, epochs=1)))
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as out:
         jobs = [r.job for r in plan(suite, out, [1])]

@@ -80,14 +80,15 @@ class Suite:
     def with_config(self, **changes) -> Suite:
         """The suite with ``changes`` (RunConfig fields, e.g. ``precision="bf16"``) applied
         to every variant."""
-        return self._map(lambda c: dataclasses.replace(c, **changes))
+        return self.map_configs(lambda c: dataclasses.replace(c, **changes))
 
     def with_model(self, **changes) -> Suite:
         """The suite with ``changes`` (ModelConfig fields) applied to every variant."""
-        return self._map(
+        return self.map_configs(
             lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, **changes)))
 
-    def _map(self, change) -> Suite:
+    def map_configs(self, change) -> Suite:
+        """The suite with every variant's config replaced by ``change(config)``."""
         return dataclasses.replace(self, variants=tuple(
             dataclasses.replace(v, config=change(v.config)) for v in self.variants))
 

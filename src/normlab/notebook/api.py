@@ -43,12 +43,11 @@ def resize(suite: Suite, subset: int | None = None, epochs: int | None = None) -
         f"the first {subset:,} training images" if subset is not None else "",
         f"{epochs} epoch{'s' if epochs != 1 else ''}" if epochs is not None else "") if w)
     return dataclasses.replace(
-        suite,
+        suite.map_configs(sized),
         name=f"{suite.name}-{'-'.join(suffix)}",
         description=(f"{suite.description} Resized to {words}.").strip(),
         protocol=sized(RunConfig(protocol=suite.protocol)).protocol,
         subset=subset if subset is not None else suite.subset,
-        variants=tuple(dataclasses.replace(v, config=sized(v.config)) for v in suite.variants),
     )
 
 
