@@ -7,7 +7,9 @@ per-step ``.item()``; it is timed for ``--seed-steps`` steps and one test pass, 
 suite time is extrapolated to 5 models x 20 epochs (the seed's own full run took ~45 min on
 a hosted GPU). The normlab side trains the whole ``s6`` suite at one seed for real
 (``--precision``), data and augmentation on the device, no host synchronisation inside an
-epoch, one run at a time. Prints both, and ``ratio_gpu_suite=<x>``.
+epoch, one run at a time. Prints both, and ``ratio_gpu_suite=<x>``. First it counts the
+host synchronisations inside one epoch of the engine (torch's CUDA sync debug mode, between
+its first and its last step; the claim is 0), printed as ``syncs_per_epoch=<n>``.
 
     NORMLAB_DATA=.data python benchmarks/bench_gpu.py          # after normlab data fetch
 """
@@ -18,6 +20,7 @@ import argparse
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +33,10 @@ from normlab.data import load_dataset
 from normlab.experiments import SerialExecutor, load_suite
 from normlab.experiments.runner import run_suite
 from normlab.models import Net
+from normlab.training import RunConfig
+from normlab.training.engine import train_one_epoch
 from normlab.training.events import ignore
+from normlab.training.run import load_split_tensors, make_optimizer
 
 STEPS_PER_EPOCH, EPOCHS, VARIANTS = 938, 20, 5
 
@@ -69,6 +75,30 @@ def seed_side(ds, steps: int, device: torch.device) -> float:
     return train + time.perf_counter() - start
 
 
+def syncs_in_an_epoch(device: torch.device, precision: str) -> int:
+    """Host synchronisations between the first and the last step of one epoch (10,000
+    images) of the s6 BN model, with L1 and the one-cycle schedule: everything a step does."""
+    config = RunConfig.from_dict({"subset": 10_000, "l1": 3e-5, "precision": precision,
+                                  "protocol": {"name": "fast", "epochs": 1}})
+    train, _ = load_split_tensors(config, device)
+    model = config.make_model().to(device, memory_format=torch.channels_last)
+    opt, _, per_step = make_optimizer(model, config, steps_per_epoch=-(-10_000 // 128))
+    after_step: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_one_epoch(model, train, opt, seed=1, epoch=1, batch_size=128, rotation=7.0,
+                            l1=config.l1, l1_params=list(model.parameters()),
+                            step_scheduler=per_step, precision=precision,
+                            on_step=lambda _: after_step.append(len(caught)))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught[after_step[0]:after_step[-1]][:3]:
+        print(f"  sync: {w.message}", flush=True)
+    return after_step[-1] - after_step[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed-steps", type=int, default=300)
@@ -78,6 +108,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: this benchmark is for a GPU machine")
     device = torch.device("cuda")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    print(f"syncs_per_epoch={syncs_in_an_epoch(device, args.precision)}", flush=True)
     ds = load_dataset("mnist")
     epoch = seed_side(ds, args.seed_steps, device)
     seed_suite = epoch * EPOCHS * VARIANTS

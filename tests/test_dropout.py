@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from normlab.models import dropout
 from normlab.models.dropout import (
     SparseDropout,
     bernoulli_positions,
@@ -184,3 +185,14 @@ def test_rate_matches_nn_dropout_on_a_conv_map():
     n = 20 * x.numel()
     sigma = math.sqrt(n * 0.01 * 0.99)
     assert abs(ours - n * 0.01) < 5 * sigma and abs(theirs - n * 0.01) < 5 * sigma
+
+
+def test_off_the_cpu_it_is_nn_dropout_on_the_device(monkeypatch):
+    """Where positions are not drawn (a GPU), SparseDropout is F.dropout: a dense mask
+    drawn on the tensor's device, the same numbers as nn.Dropout from the same seed."""
+    monkeypatch.setattr(dropout, "draws_positions", lambda device: False)
+    x = torch.randn(8, 4, 6, 6)
+    torch.manual_seed(5)
+    ours = SparseDropout(0.3)(x)
+    torch.manual_seed(5)
+    assert torch.equal(ours, nn.Dropout(0.3)(x))

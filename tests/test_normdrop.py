@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.models.dropout import bernoulli_positions
+from normlab.models import normdrop
+from normlab.models.dropout import bernoulli_positions, draws_positions
 from normlab.models.normdrop import BatchNormDropout, GroupNormDropout, with_dropout
 
 P = 0.2
@@ -72,3 +73,40 @@ def test_drop_rate_over_a_large_tensor():
     rate = (y == 0).float().mean().item()
     n = y.numel()
     assert abs(rate - 0.01) < 5 * (0.01 * 0.99 / n) ** 0.5  # within five standard errors
+
+
+@pytest.mark.parametrize("kind", ["bn", "gn"])
+def test_device_path_draws_a_dense_mask_with_the_same_values_and_gradients(kind, monkeypatch):
+    """The path a GPU takes (a dense Bernoulli mask drawn on the device, no host read),
+    forced on the CPU: norm, then the mask, then 1/(1-p); gradients as autograd's."""
+    monkeypatch.setattr(normdrop, "draws_positions", lambda device: False)
+    norm, fused = pair(kind)
+    x = torch.randn(4, 6, 5, 5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(4, 6, 5, 5)
+    torch.manual_seed(11)
+    y = fused(x1)
+    torch.manual_seed(11)
+    keep = torch.empty(4, 6, 5, 5).bernoulli_(1 - P)  # the draw the fused module made
+    expected = norm(x2) * keep / (1 - P)
+    assert (keep == 0).any() and torch.equal(y == 0, keep == 0)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    y.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+    for a, b in zip(fused.parameters(), norm.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_device_path_drop_rate(monkeypatch):
+    monkeypatch.setattr(normdrop, "draws_positions", lambda device: False)
+    torch.manual_seed(0)
+    y = BatchNormDropout(16, 0.01)(torch.randn(64, 16, 24, 24))
+    rate = (y == 0).float().mean().item()
+    assert abs(rate - 0.01) < 5 * (0.01 * 0.99 / y.numel()) ** 0.5
+
+
+def test_only_the_cpu_draws_positions():
+    assert draws_positions(torch.device("cpu"))
+    assert not draws_positions(torch.device("cuda"))
+    assert not draws_positions(torch.device("meta"))

@@ -12,6 +12,7 @@ import torch
 from conftest import require_tool
 from normlab.cli import main
 from normlab.fields import ConfigError
+from normlab.models import dropout, normdrop
 from normlab.training import (
     RunConfig,
     TensorData,
@@ -23,6 +24,7 @@ from normlab.training import (
 from normlab.training.augment import rotate, to_input
 from normlab.training.engine import epoch_generator, l1_parameters, train_one_epoch
 from normlab.training.events import EpochFinished, Notice
+from normlab.training.run import make_optimizer
 from normlab.training.rundir import TIMING_FIELDS
 
 
@@ -290,3 +292,39 @@ def test_bf16_autocast_trains_and_is_part_of_the_config(small, tmp_path):
     assert saved["precision"] == "bf16"
     with pytest.raises(ValueError, match=r"precision: 'bf16' -> 'fp32'"):
         train(config(epochs=1), tmp_path / "bf16", data=small)  # not resumed in another
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "none"])
+def test_the_gpu_path_reads_nothing_on_the_host_inside_an_epoch(small, norm, monkeypatch):
+    """The code a GPU runs (dense dropout masks drawn on the device), exercised on the CPU:
+    between the first and the last step no tensor is read on the host (on a GPU every such
+    read is a synchronisation); the epoch's sums are read once, after the last step. With
+    the CPU's dropout (positions drawn on the host) the same check fails."""
+    for module in (dropout, normdrop):
+        monkeypatch.setattr(module, "draws_positions", lambda device: False)
+    reads: list[str] = []
+
+    def spy(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kw):
+            reads.append(name)
+            return original(self, *args, **kw)
+        return read
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    cfg = config(norm=norm, dropout=0.05, l1=1e-4,
+                 protocol=resolve_protocol("fast", {"epochs": 1, "batch_size": 64}))
+    torch.manual_seed(0)
+    model = cfg.make_model()
+    opt, _, per_step = make_optimizer(model, cfg, steps_per_epoch=-(-len(small[0]) // 64))
+    reads_before_step: list[int] = []
+    metrics = train_one_epoch(
+        model, small[0], opt, seed=1, epoch=1, batch_size=64, rotation=7.0, l1=cfg.l1,
+        l1_params=list(model.parameters()), step_scheduler=per_step,
+        on_step=lambda seen: reads_before_step.append(len(reads)))
+    assert len(reads_before_step) == 16
+    assert reads_before_step[-1] == 0, reads  # nothing read while stepping
+    assert reads.count("item") == 4  # loss, accuracy, L1 and the first bad step, at the end
+    assert 0 < metrics["train_loss"] < 3 and metrics["first_bad_step"] == -1

@@ -17,6 +17,13 @@ survivors are scaled by 1 / (1 - p), and the backward zeroes the same positions 
 applies the same scale (a custom autograd Function), so the gradient equals that of
 ``x * mask / (1 - p)``.
 
+On other devices (CUDA) the mask is dense, one Bernoulli(1 - p) draw per unit made on the
+device (:func:`dense_drop_`): random numbers there cost about one memory pass, and
+positions drawn on the host would need a host-to-device copy per layer and step, which
+synchronises the GPU. :func:`draws_positions` says which a device gets; both drop each unit
+independently with probability p, and a run's numbers differ between CPU and GPU anyway
+(other generators, other kernels).
+
 ``SparseDropout(p, inplace=False)`` is a drop-in for ``nn.Dropout`` (same arguments,
 identity in eval mode and at p = 0, zeros at p = 1): one full pass forward (the scale) and
 one backward. Where a norm precedes the dropout, :mod:`normlab.models.normdrop` fuses the
@@ -28,10 +35,26 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SparseDropout", "bernoulli_positions", "drop_positions", "sparse_dropout"]
+__all__ = [
+    "SparseDropout", "bernoulli_positions", "dense_drop_", "draws_positions", "drop_positions",
+    "sparse_dropout",
+]
+
+
+def draws_positions(device: torch.device) -> bool:
+    """Whether dropout on ``device`` draws the dropped positions on the host (the CPU) or a
+    dense mask on the device (everything else; see the module)."""
+    return device.type == "cpu"
+
+
+def dense_drop_(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Zero each unit of ``x`` in place independently with probability p (no rescaling),
+    with a mask drawn on ``x``'s device: no host read, no host-to-device copy."""
+    return x.mul_(torch.empty_like(x).bernoulli_(1.0 - p))
 
 
 @torch.compiler.disable  # data-dependent sizes and a host read: kept out of compiled graphs
@@ -167,6 +190,8 @@ def sparse_dropout(
         return x
     if p == 1.0:
         return x.mul_(0.0) if inplace else x * 0.0
+    if not draws_positions(x.device):
+        return F.dropout(x, p, True, inplace)  # a dense mask on the device
     positions = bernoulli_positions(x.numel(), p, generator)
     return drop_positions(x, positions, 1.0 / (1.0 - p), inplace)
 

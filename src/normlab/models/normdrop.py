@@ -1,15 +1,16 @@
 """A norm layer and the dropout after it as one module, whose state dict is the norm's.
 
-In a conv block (Conv -> ReLU -> norm -> Dropout) the dropout's 1/(1-p) scale folds into
-the norm's affine (``norm(x; w, b) / (1-p)`` is ``norm(x; w/(1-p), b/(1-p))``), and the
-dropped positions are zeroed in place in the norm's fresh output (BatchNorm and GroupNorm
-keep their input, not their output, for the backward). So dropout costs no full pass
-forward and one (the gradient with the same positions zeroed) backward, and the positions
-are drawn by :func:`~normlab.models.dropout.bernoulli_positions` (about n·p random numbers
-instead of n). The modules subclass ``nn.BatchNorm2d`` and ``nn.GroupNorm`` and only add
-``p``, so a network built with them has the seed's state-dict keys (a Dropout has none).
-In eval mode, and at p = 0, each is exactly its norm. Numerically the folded affine agrees
-with norm-then-scale to rounding, not bitwise: a run's config records which draw it used.
+In a conv block (Conv -> ReLU -> norm -> Dropout) the dropout's 1/(1-p) scale folds into the
+norm's affine (``norm(x; w, b) / (1-p)`` is ``norm(x; w/(1-p), b/(1-p))``), and the dropped
+positions are zeroed in place in the norm's fresh output (BatchNorm and GroupNorm keep their
+input, not their output, for the backward). So dropout costs no full pass forward and one
+(the gradient with the same positions zeroed) backward, and the positions are drawn by
+:func:`~normlab.models.dropout.bernoulli_positions` (about n·p random numbers instead of n;
+on a GPU a dense mask is drawn on the device instead, see :mod:`normlab.models.dropout`).
+The modules subclass ``nn.BatchNorm2d`` and ``nn.GroupNorm`` and only add ``p``, so a
+network built with them has the seed's state-dict keys (a Dropout has none). In eval mode,
+and at p = 0, each is exactly its norm. Numerically the folded affine agrees with norm-then-
+scale to rounding, not bitwise: a run's config records which draw it used.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.models.dropout import bernoulli_positions, drop_positions
+from normlab.models.dropout import (
+    bernoulli_positions,
+    dense_drop_,
+    draws_positions,
+    drop_positions,
+)
 
 
 def _drop(y: torch.Tensor, p: float) -> torch.Tensor:
-    return drop_positions(y, bernoulli_positions(y.numel(), p), 1.0, inplace=True)
+    """Dropout on the norm's fresh output, in place, unscaled (the scale is in the affine):
+    the dropped positions on the CPU, a dense mask drawn on any other device."""
+    if draws_positions(y.device):
+        return drop_positions(y, bernoulli_positions(y.numel(), p), 1.0, inplace=True)
+    return dense_drop_(y, p)
 
 
 class BatchNormDropout(nn.BatchNorm2d):
