@@ -23,8 +23,27 @@ def pair(kind: str):
     return norm, fused
 
 
+def positions_mask(like: torch.Tensor) -> torch.Tensor:
+    """The CPU's draw: 0 at the positions bernoulli_positions picks, 1 elsewhere."""
+    mask = torch.ones(like.numel())
+    mask[bernoulli_positions(mask.numel(), P)] = 0
+    return mask.view(like.shape)
+
+
+def device_mask(like: torch.Tensor) -> torch.Tensor:
+    """A GPU's draw (no host read): a dense Bernoulli(1 - p) keep-mask on the device, drawn
+    in the memory order of the norm's output."""
+    return torch.empty_like(like).bernoulli_(1 - P)
+
+
 @pytest.mark.parametrize("kind", ["bn", "gn"])
-def test_values_and_gradients_are_norm_then_dropout(kind):
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_values_and_gradients_are_norm_then_dropout(kind, path, monkeypatch):
+    """Norm, then the mask, then 1/(1-p), values and gradients as autograd's; on the CPU's
+    path (positions) and on the path a GPU takes (a dense mask), the latter forced here."""
+    if path == "device":
+        monkeypatch.setattr(normdrop, "draws_positions", lambda device: False)
+    draw = positions_mask if path == "cpu" else device_mask
     norm, fused = pair(kind)
     assert isinstance(fused, BatchNormDropout if kind == "bn" else GroupNormDropout)
     x = torch.randn(4, 6, 5, 5).contiguous(memory_format=torch.channels_last)
@@ -34,12 +53,10 @@ def test_values_and_gradients_are_norm_then_dropout(kind):
     torch.manual_seed(11)
     y = fused(x1)
     torch.manual_seed(11)
-    positions = bernoulli_positions(x.numel(), P)  # the draw the fused module made
-    mask = torch.ones(x.numel())
-    mask[positions] = 0
-    expected = norm(x2) * mask.view_as(x) / (1 - P)
+    mask = draw(x)  # the draw the fused module made
+    expected = norm(x2) * mask / (1 - P)
 
-    assert positions.numel() > 0 and torch.equal(y == 0, mask.view_as(x) == 0)
+    assert (mask == 0).any() and torch.equal(y == 0, mask == 0)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
     y.backward(grad)
     expected.backward(grad)
@@ -73,29 +90,6 @@ def test_drop_rate_over_a_large_tensor():
     rate = (y == 0).float().mean().item()
     n = y.numel()
     assert abs(rate - 0.01) < 5 * (0.01 * 0.99 / n) ** 0.5  # within five standard errors
-
-
-@pytest.mark.parametrize("kind", ["bn", "gn"])
-def test_device_path_draws_a_dense_mask_with_the_same_values_and_gradients(kind, monkeypatch):
-    """The path a GPU takes (a dense Bernoulli mask drawn on the device, no host read),
-    forced on the CPU: norm, then the mask, then 1/(1-p); gradients as autograd's."""
-    monkeypatch.setattr(normdrop, "draws_positions", lambda device: False)
-    norm, fused = pair(kind)
-    x = torch.randn(4, 6, 5, 5)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    grad = torch.randn(4, 6, 5, 5)
-    torch.manual_seed(11)
-    y = fused(x1)
-    torch.manual_seed(11)
-    keep = torch.empty(4, 6, 5, 5).bernoulli_(1 - P)  # the draw the fused module made
-    expected = norm(x2) * keep / (1 - P)
-    assert (keep == 0).any() and torch.equal(y == 0, keep == 0)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-    y.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
-    for a, b in zip(fused.parameters(), norm.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_device_path_drop_rate(monkeypatch):

@@ -31,8 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dropout-draw", default="positions", choices=DROPOUT_DRAWS,
         help="how dropout masks are drawn, in the same distribution: positions (only the "
-             "dropped units, fused into the norm: faster) or bernoulli (nn.Dropout, as the "
-             "seed) (default: %(default)s)",
+             "dropped units on a CPU, a mask drawn on the device on a GPU; fused into the "
+             "norm: faster) or bernoulli (nn.Dropout, as the seed) (default: %(default)s)",
     )
 
 
