@@ -2,11 +2,18 @@
 suite end to end (suite.json, run directories, report), resuming after a kill, common
 random numbers across variants. Real MNIST, 300 training images, one epoch per run."""
 
+import contextlib
 import dataclasses
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +384,62 @@ def test_default_label_names_the_options():
     assert default_label(RunConfig.from_dict({"norm": "gn", "groups": 1})) == "GN (1 group)"
     assert default_label(RunConfig(l1=1e-4, l1_scope="conv")) == "BN + L1 (λ=0.0001, conv weights)"
 
+
+
+def proc_stat(pid: int | str) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from Linux's /proc, or None if it is gone."""
+    try:
+        state, ppid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(ppid)
+
+
+def live_children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` and that are not zombies."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()
+            if (stat := proc_stat(e)) and stat[1] == pid and stat[0] != "Z"]
+
+
+def is_live(pid: int) -> bool:
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_suite_takes_its_workers_with_it(mnist, tmp_path, sig):
+    """SIGTERM to `normlab suite --jobs 2` stops it as Ctrl-C does (exit 130, finished epochs
+    kept) and terminates its worker processes; after SIGKILL, which the parent cannot
+    handle, the kernel stops them (no orphan trains on, holding its run's lock)."""
+    path = write(tmp_path, suite_toml(("bn", {"norm": "bn"}), ("ln", {"norm": "ln"}),
+                                      epochs=200, subset=1000))
+    out = tmp_path / "out"
+    parent = subprocess.Popen([sys.executable, "-m", "normlab", "suite", str(path), "--out",
+                               str(out), "--jobs", "2", "--threads", "1", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all(RunDir(out / run / "seed1").metrics() for run in ("bn", "ln")):
+            assert parent.poll() is None and time.monotonic() < deadline, parent.stdout.read()
+            time.sleep(0.2)
+        workers = live_children(parent.pid)
+        assert len(workers) >= 2
+        os.kill(parent.pid, sig)
+        code = parent.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(map(is_live, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(is_live, workers)), "a worker outlived its suite"
+    finally:
+        for pid in {*workers, *live_children(parent.pid), parent.pid}:  # stop what we started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
+    if sig == signal.SIGTERM:
+        assert code == 130 and "finished work is kept" in parent.stdout.read()
+    else:
+        assert code == -signal.SIGKILL
+    for run in ("bn", "ln"):  # every finished epoch kept, the runs resumable
+        assert RunDir(out / run / "seed1").state() == "partial"

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import abc
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 from normlab.experiments.plan import Job
@@ -125,9 +127,32 @@ class MetricsWatcher:
             self.listener(RunFinished(rel, outcome.status, tuple(history), outcome.message))
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux, have the kernel send SIGTERM to this worker when the
+    parent dies, even by SIGKILL, so no orphan keeps training (and holding its run's lock).
+    A worker killed this way loses only its unfinished epoch."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def _stop_workers(pool) -> None:
+    """Terminate the pool's workers (the parent was interrupted): every completed epoch is
+    already checkpointed, a checkpoint is replaced atomically, and a dead worker's lock is
+    seen as stale, so only the epochs in progress are lost."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        if process.is_alive():
+            process.terminate()
+
+
 class ProcessExecutor(Executor):
     """``jobs`` runs at a time in spawned worker processes (no forked torch thread pools).
-    With ``threads`` unset each run gets cores / jobs threads."""
+    With ``threads`` unset each run gets cores / jobs threads. If the parent is interrupted
+    (Ctrl-C, SIGTERM) or dies, the workers stop too."""
 
     POLL_SECONDS = 1.0
     ATTEMPTS = 2  # a run whose worker died is retried once (it resumes from its checkpoint)
@@ -147,7 +172,12 @@ class ProcessExecutor(Executor):
         watcher, outcomes, queue = MetricsWatcher(listener), {}, list(jobs)
         attempts = dict.fromkeys((job.rel for job in jobs), 0)
         pending: dict = {}
-        pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx)
+
+        def new_pool():
+            return ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
+                                       initializer=_die_with_parent, initargs=(os.getpid(),))
+
+        pool = new_pool()
         try:
             while queue or pending:
                 while queue and len(pending) < self.jobs:
@@ -173,7 +203,10 @@ class ProcessExecutor(Executor):
                     watcher.finish(job.rel, outcome)
                 if broken:  # a worker died: the pool is unusable, start a fresh one
                     pool.shutdown(wait=True, cancel_futures=True)
-                    pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx)
+                    pool = new_pool()
+        except BaseException:
+            _stop_workers(pool)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         return outcomes
