@@ -107,3 +107,19 @@ def test_a_suite_folder_of_normlab_0_1_is_read_and_continued_with_its_dropout(tm
     with pytest.raises(ValueError, match="--dropout-draw bernoulli continues it"):
         check_out(suite, tmp_path, [1, 2])
     check_out(suite.with_model(dropout_draw="bernoulli"), tmp_path, [1, 2])  # the same suite
+
+
+def test_options_as_the_command_line_and_the_notebook_give_them():
+    """One flat path from options to a config: run fields, model fields and the named
+    protocol's fields together; None keeps a default; a stray name lists what is valid."""
+    config = RunConfig.from_options("fast", norm="gn", groups=1, dropout=None, epochs=3,
+                                    lr=0.05, precision="bf16", dropout_draw="bernoulli")
+    assert config == RunConfig(
+        model=ModelConfig(norms=("gn",), groups=1, dropout_draw="bernoulli"),
+        protocol=resolve_protocol("fast", {"epochs": 3, "lr": 0.05}), precision="bf16")
+    assert RunConfig.from_options() == RunConfig()
+    with pytest.raises(ConfigError, match=r"unknown option 'rotate'.*did you mean 'rotation'"):
+        RunConfig.from_options(rotate=5)
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_options(groups=3, norm="gn")
+    assert err.value.field == "groups"

@@ -117,46 +117,28 @@ def load_results(folder: str | Path, *, images: ImageLoader | None = None) -> Re
     return Results(folder, images=images)
 
 
-def train(out: str | Path | None = None, *, norm: str | None = None, groups: int | None = None,
-          dropout: float | None = None, l1: float | None = None, l1_scope: str | None = None,
-          weight_decay: float | None = None, epochs: int | None = None,
-          subset: int | None = None, seed: int | None = None, dataset: str | None = None,
-          protocol: str = "seed", config: RunConfig | None = None, device: str = "auto",
-          threads: int | None = None, progress: bool | Listener = True,
-          images: ImageLoader | None = None, **protocol_fields: Any) -> Run:
+def train(out: str | Path | None = None, *, protocol: str = "seed",
+          config: RunConfig | None = None, device: str = "auto", threads: int | None = None,
+          progress: bool | Listener = True, images: ImageLoader | None = None,
+          **options: Any) -> Run:
     """Train one run into ``out`` and return it as a :class:`Run`.
 
-    The options are ``normlab train``'s: ``norm`` (bn, gn, ln, in, none), ``groups``,
-    ``dropout``, ``l1``, ``l1_scope``, ``weight_decay``, ``seed``, ``subset``, ``dataset``,
-    the named ``protocol`` and any of its fields (``epochs=5``, ``lr=0.05``, ...); unset ones
-    keep the defaults (the seed's BN model and protocol). Or pass a whole ``config``.
+    The ``options`` are ``normlab train``'s: ``norm`` (bn, gn, ln, in, none), ``groups``,
+    ``dropout``, ``dropout_draw``, ``l1``, ``l1_scope``, ``weight_decay``, ``seed``,
+    ``subset``, ``dataset``, ``precision``, and any field of the named ``protocol``
+    (``epochs=5``, ``lr=0.05``, ...); unset ones keep the defaults (the seed's BN model and
+    protocol). Or pass a whole ``config``.
     ``out`` defaults to runs/train/<norm>-seed<k>-<a hash of the config>, so running the
     same cell again resumes (or finds finished) the same run, and another config gets its
     own folder. Interrupting the kernel keeps every completed epoch.
     """
-    from normlab.models import ModelConfig
-    from normlab.training.protocols import resolve_protocol
     from normlab.training.run import train as train_run
 
-    options = {"norm": norm, "groups": groups, "dropout": dropout, "l1": l1,
-               "l1_scope": l1_scope, "weight_decay": weight_decay, "seed": seed,
-               "subset": subset, "dataset": dataset}
-    given = {k: v for k, v in options.items() if v is not None}
-    if epochs is not None:
-        protocol_fields["epochs"] = epochs
-    if config is not None:
-        if given or protocol_fields or protocol != "seed":
-            raise ValueError("pass either config= or options (norm=, epochs=, ...), not both; "
-                             f"got config and {', '.join([*given, *protocol_fields])}")
-    else:
-        model_defaults = ModelConfig()
-        model = ModelConfig(norms=norm or model_defaults.norm,
-                            groups=model_defaults.groups if groups is None else groups,
-                            dropout=model_defaults.dropout if dropout is None else dropout)
-        rest = {k: given[k] for k in ("l1", "l1_scope", "weight_decay", "seed", "subset",
-                                      "dataset") if k in given}
-        config = RunConfig(model=model, protocol=resolve_protocol(protocol, protocol_fields),
-                           **rest)
+    if config is None:
+        config = RunConfig.from_options(protocol, **options)
+    elif options or protocol != "seed":
+        raise ValueError("pass either config= or options (norm=, epochs=, ...), not both; "
+                         f"got config and {', '.join(options) or 'protocol=' + protocol}")
     if out is None:
         digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
         out = Path("runs") / "train" / f"{config.norm}-seed{config.seed}-{digest.hexdigest()[:8]}"

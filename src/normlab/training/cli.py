@@ -17,10 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
+from normlab.fields import check_keys
 from normlab.files import parse_toml
-from normlab.models.cli import add_model_arguments, model_config_from_args
+from normlab.models.cli import add_model_arguments
+from normlab.models.net import MODEL_KEYS
 from normlab.training.config import L1_SCOPES, PRECISIONS, RunConfig
-from normlab.training.protocols import PROTOCOLS, protocol_fields, resolve_protocol
+from normlab.training.protocols import PROTOCOLS, protocol_fields
 
 
 def _read_overrides(path: str) -> dict:
@@ -78,17 +80,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides = _read_overrides(args.protocol_file) if args.protocol_file else {}
+    options = _read_overrides(args.protocol_file) if args.protocol_file else {}
+    check_keys(options, [f.name for f in protocol_fields()], "protocol field")
     for f in protocol_fields():
-        value = getattr(args, f"p_{f.name}")
-        if value is not None:
-            overrides[f.name] = value
-    return RunConfig(
-        dataset=args.dataset, model=model_config_from_args(args),
-        protocol=resolve_protocol(args.protocol, overrides), l1=args.l1,
-        l1_scope=args.l1_scope, weight_decay=args.weight_decay, seed=args.seed,
-        subset=args.subset, precision=args.precision,
-    )
+        if getattr(args, f"p_{f.name}") is not None:
+            options[f.name] = getattr(args, f"p_{f.name}")
+    run_options = ("dataset", *MODEL_KEYS, "l1", "l1_scope", "weight_decay", "seed", "subset",
+                   "precision")
+    return RunConfig.from_options(args.protocol, **options,
+                                  **{key: getattr(args, key) for key in run_options})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 from normlab.fields import ConfigError, check_keys, coerce
 from normlab.models import ModelConfig, Net
 from normlab.models.net import MODEL_KEYS
-from normlab.training.protocols import PROTOCOLS, Protocol, resolve_protocol
+from normlab.training.protocols import PROTOCOLS, Protocol, protocol_fields, resolve_protocol
 
 L1_SCOPES = ("all", "conv")
 # fp32, or bf16 autocast (AMX / AVX512-BF16 CPUs, recent GPUs): convolutions in bfloat16,
@@ -92,6 +92,22 @@ class RunConfig:
             proto = dict(proto)
             proto = resolve_protocol(proto.pop("name", "seed"), proto)
         return cls(model=model, protocol=proto, **data)
+
+    @classmethod
+    def from_options(cls, protocol: str = "seed", **options: Any) -> RunConfig:
+        """A config from ``normlab train``'s options, flat, as the command line and
+        ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
+        ``dropout_draw``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``, ``seed``,
+        ``subset``, ``precision``) and any field of the named ``protocol`` (``epochs``,
+        ``lr``, ...). An option given as None keeps its default."""
+        run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)
+                                   if f.name not in ("model", "protocol"))]
+        proto_keys = [f.name for f in protocol_fields()]
+        given = {k: v for k, v in options.items() if v is not None}
+        check_keys(given, [*run_keys, *proto_keys], "option")
+        fields = {k: v for k, v in given.items() if k in proto_keys}
+        return cls.from_dict({**{k: v for k, v in given.items() if k in run_keys},
+                              "protocol": {"name": protocol, **fields}})
 
 
 def from_stored(data: dict[str, Any]) -> RunConfig:
