@@ -247,7 +247,7 @@ def test_interrupt_mid_suite_keeps_finished_epochs_and_the_cell_continues(
     monkeypatch.setattr(nb_api.NotebookProgress, "_on_StepsDone", interrupt)
     with pytest.raises(KeyboardInterrupt):
         normlab.run_suite(path, out=out)
-    assert ("Interrupted. 1 of 2 runs are finished and 3 epochs in all are kept"
+    assert ("Interrupted. 1 of 2 runs are finished; completed epochs kept: 3 in "
             in capsys.readouterr().err)
     assert (out / "bn/seed1/predictions.pt").exists()
     gn = out / "gn/seed1"

@@ -149,7 +149,7 @@ def test_killed_suite_resumes_skips_finished_and_matches(done, small_suite, tmp_
     with pytest.raises(KeyboardInterrupt):  # one seed: two runs, killed in the second
         run_suite(small_suite, out, seeds=[1], jobs=1, listener=ctrl_c_in_the_second_run,
                   log=log.append)
-    assert log[-1].startswith("stopped: 1 of 2 runs are finished and kept")
+    assert log[-1].startswith("stopped: 1 of 2 runs are finished; completed epochs kept: 1;")
     assert not (out / "gn-l1/seed1/predictions.pt").exists()
     assert not (out / "gn-l1/seed1/.lock").exists()
     first = out / "bn/seed1/metrics.jsonl"

@@ -36,6 +36,13 @@ from normlab.training.run import resolve_device
 from normlab.training.rundir import TIMING_FIELDS, RunDir
 
 
+def what_is_kept(runs: list[PlannedRun]) -> str:
+    """What an interrupted suite keeps, in words: finished runs and completed epochs."""
+    dirs = [RunDir(r.dir) for r in runs]
+    return (f"{sum(d.finished() for d in dirs)} of {len(dirs)} runs are finished; completed "
+            f"epochs kept: {sum(len(d.metrics()) for d in dirs)}")
+
+
 def make_executor(jobs: int | None = None, device: str = "auto", threads: int | None = None,
                   runs: int | None = None) -> Executor:
     """The local executor for ``jobs`` runs at a time. By default (None): on a CPU one run
@@ -98,9 +105,7 @@ def run_suite(
         outcomes = executor.execute([r.job for r in to_train], listener)
     except KeyboardInterrupt:
         console.close()
-        done = sum(RunDir(r.dir).finished() for r in runs)
-        say(f"stopped: {done} of {len(runs)} runs are finished and kept, and every completed "
-            "epoch is checkpointed; rerun the same command to continue")
+        say(f"stopped: {what_is_kept(runs)}; rerun the same command to continue")
         raise
     finally:
         console.close()

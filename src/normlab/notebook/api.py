@@ -70,6 +70,7 @@ def run_suite(suite: str | Path | Suite, out: str | Path | None = None,
     from normlab.experiments import load_suite
     from normlab.experiments import run_suite as run
     from normlab.experiments.plan import default_out, plan
+    from normlab.experiments.runner import what_is_kept
 
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
@@ -91,20 +92,12 @@ def run_suite(suite: str | Path | Suite, out: str | Path | None = None,
     with _watching(progress,
                    lambda: NotebookProgress(heads, len(planned),
                                             sum(not r.to_train for r in planned)),
-                   lambda: _kept(out, planned)) as listener:
+                   lambda: f"{what_is_kept(planned)} in {out}") as listener:
         run(suite, out, seeds, executor=executor, device=device, threads=threads, jobs=jobs,
             listener=listener, log=say)
     results = Results(out, images=images)
     results.log = log
     return results
-
-
-def _kept(out: Path, planned) -> str:
-    runs = [RunDir(r.dir) for r in planned]
-    finished = sum(r.finished() for r in runs)
-    epochs = sum(len(r.metrics()) for r in runs)
-    return (f"{finished} of {len(runs)} runs are finished and {epochs} epochs in all are kept "
-            f"in {out}")
 
 
 def load_results(folder: str | Path, *, images: ImageLoader | None = None) -> Results | Run:
