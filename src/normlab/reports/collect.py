@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from normlab.training.config import RunConfig, from_stored
-from normlab.training.rundir import CONFIG, FAILED, METRICS, RunDir
+from normlab.training.rundir import CONFIG, DIVERGED, FAILED, FINISHED, METRICS, RunDir
 
 __all__ = ["FAILED", "FINISHED", "MISSING", "UNFINISHED", "RunResults", "SuiteResults",
            "VariantResults", "load_results"]
 
-# A run's state as the report words it (results.csv's run_state column).
-MISSING, UNFINISHED, FINISHED = "missing", "unfinished", "finished"
+# A run's state as the report words it (results.csv's run_state column), besides RunDir's
+# FINISHED and FAILED.
+MISSING, UNFINISHED = "missing", "unfinished"
 
 
 @dataclass
@@ -44,10 +45,11 @@ class RunResults:
 
     @property
     def state(self) -> str:
-        if self.run.finished():
-            return FINISHED
-        if self.run.failure() is not None:
-            return FAILED
+        """:meth:`RunDir.state` in the report's words: finished (diverged runs too: they
+        finished early), failed, unfinished (started: a config, maybe epochs) or missing."""
+        state = self.run.state(self.metrics)
+        if state in (FINISHED, DIVERGED, FAILED):
+            return FINISHED if state == DIVERGED else state
         return MISSING if self.config is None else UNFINISHED
 
     @property
