@@ -14,7 +14,11 @@ on real MNIST. Each round runs, alternating A B A B:
   did), normlab trains them through its default executor for this machine (all cores,
   one run per core: ``ProcessExecutor``), worker start-up included.
 
-``--precision bf16`` runs normlab's side with bf16 autocast (the seed's side is always
+Every measurement runs in a fresh process (spawned; data loading and a 20-step warm-up not
+timed), so each side runs with the allocator it has in use (``normlab.memory``): normlab's
+processes with tcmalloc preloaded when it is installed and glibc's malloc tuned, the seed's
+notebook with glibc's defaults; a setting global to a process cannot leak from one side to
+the other. ``--precision bf16`` runs normlab's side with bf16 autocast (the seed's side is always
 fp32). Absolute times vary by 30% between runs on shared machines; the ratios are what the
 script is for.
 
@@ -27,11 +31,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -41,17 +47,33 @@ import reference_seed as seed
 
 from normlab.data import load_dataset
 from normlab.experiments import ProcessExecutor, load_suite, plan
+from normlab.memory import allocator, keep_freed_memory, workers_preloaded
 from normlab.training import RunConfig, TensorData, evaluate, train_one_epoch
 from normlab.training.engine import memory_format
 from normlab.training.events import ignore
 from normlab.training.run import make_optimizer
 
 STEPS_PER_EPOCH = 938  # 60,000 images in batches of 64
+WARMUP_STEPS = 20
 
 
-def normlab_epoch(ds, config: RunConfig, steps: int, threads: int) -> tuple[float, float]:
-    """(ms per training step, seconds of the test pass) of normlab's engine."""
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a newly spawned process (see the module docstring)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def allocator_in_use() -> str:
+    keep_freed_memory()
+    return allocator()
+
+
+def normlab_epoch(config: RunConfig, steps: int, threads: int) -> tuple[float, float]:
+    """(ms per training step, seconds of the test pass) of normlab's engine, set up as
+    ``normlab.training.train`` sets up every process that trains."""
+    keep_freed_memory()
     torch.set_num_threads(threads)
+    ds = load_dataset(config.dataset)
     n = steps * 64
     train = TensorData(ds.train_images[:n], ds.train_labels[:n], ds.mean, ds.std)
     test = TensorData(ds.test_images, ds.test_labels, ds.mean, ds.std)
@@ -59,13 +81,24 @@ def normlab_epoch(ds, config: RunConfig, steps: int, threads: int) -> tuple[floa
     model = config.make_model().to(memory_format=memory_format(torch.device("cpu"), threads))
     opt, _, _ = make_optimizer(model, config, steps)
     p = config.protocol
-    tr = train_one_epoch(model, train, opt, seed=config.seed, epoch=1, batch_size=p.batch_size,
-                         rotation=p.rotation, precision=config.precision)
+    warm = TensorData(train.images[:WARMUP_STEPS * 64], train.labels[:WARMUP_STEPS * 64],
+                      ds.mean, ds.std)
+    for data in (warm, train):
+        tr = train_one_epoch(model, data, opt, seed=config.seed, epoch=1,
+                             batch_size=p.batch_size, rotation=p.rotation,
+                             precision=config.precision)
     te = evaluate(model, test, p.eval_batch_size, precision=config.precision)
     return 1000 * tr["train_seconds"] / steps, te["test_seconds"]
 
 
-def seed_epoch(ds, steps: int, threads: int) -> tuple[float, float]:
+def seed_epoch(steps: int, threads: int) -> tuple[float, float]:
+    """:func:`seed_steps` after a warm-up of the same pipeline, in this process."""
+    ds = load_dataset("mnist")
+    seed_steps(ds, WARMUP_STEPS, threads)
+    return seed_steps(ds, steps, threads)
+
+
+def seed_steps(ds, steps: int, threads: int) -> tuple[float, float]:
     """(ms per training step, seconds of the test pass) of the seed's pipeline."""
     loader = seed.make_loader(ds.train_images, ds.train_labels, seed=1)
     model, opt, _ = seed.make_model_and_optimizer(seed=1)
@@ -80,11 +113,13 @@ def epoch_seconds(ms_per_step: float, test_seconds: float) -> float:
     return STEPS_PER_EPOCH * ms_per_step / 1000 + test_seconds
 
 
-def seed_suite(ds, steps: int, threads: int, variants: int) -> float:
-    """Wall seconds of the seed pipeline over ``variants`` models, one after another."""
+def seed_suite(steps: int, threads: int, variants: int) -> float:
+    """Wall seconds of the seed pipeline over ``variants`` models, one after another (in one
+    process, as the notebook ran them; the data loaded beforehand)."""
+    ds = load_dataset("mnist")
     start = time.perf_counter()
     for _ in range(variants):
-        seed_epoch(ds, steps, threads)
+        seed_steps(ds, steps, threads)
     return time.perf_counter() - start
 
 
@@ -114,25 +149,27 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 100
-    ds = load_dataset("mnist")
+    load_dataset("mnist")  # fetched and cached before anything is timed
     config = RunConfig(precision=args.precision)
+    with workers_preloaded():
+        malloc = in_fresh_process(allocator_in_use)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, capability "
           f"{torch.backends.cpu.get_cpu_capability()}; normlab: dropout "
-          f"{config.model.dropout_draw}, {args.precision}; {args.rounds} rounds of "
-          f"{args.steps} steps", flush=True)
-    normlab_epoch(ds, config, 20, 1)  # warm-up: first-call allocations, the data in cache
-    seed_epoch(ds, 20, 1)
+          f"{config.model.dropout_draw}, {args.precision}, malloc {malloc}; {args.rounds} "
+          f"rounds of {args.steps} steps", flush=True)
     epoch_ratios, suite_ratios = [], []
     for r in range(1, args.rounds + 1):
         times = {}
         for threads in (1, 2):
-            times[("seed", threads)] = epoch_seconds(*seed_epoch(ds, args.steps, threads))
-            times[("normlab", threads)] = epoch_seconds(
-                *normlab_epoch(ds, config, args.steps, threads))
+            times[("seed", threads)] = epoch_seconds(
+                *in_fresh_process(seed_epoch, args.steps, threads))
+            with workers_preloaded():  # as the normlab command and its workers start
+                times[("normlab", threads)] = epoch_seconds(
+                    *in_fresh_process(normlab_epoch, config, args.steps, threads))
         best = {side: min((times[(side, t)], t) for t in (1, 2)) for side in ("seed", "normlab")}
         epoch_ratios.append(best["seed"][0] / best["normlab"][0])
         t_seed = best["seed"][1]
-        seed_wall = seed_suite(ds, args.steps, t_seed, 5)
+        seed_wall = in_fresh_process(seed_suite, args.steps, t_seed, 5)
         normlab_wall = normlab_suite(args.steps, args.precision)
         suite_ratios.append(seed_wall / normlab_wall)
         print(f"round {r}: epoch (938 steps + test): seed "

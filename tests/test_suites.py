@@ -21,6 +21,7 @@ import torch
 import normlab.reports
 import normlab.training.engine as engine
 from conftest import suite_toml
+from normlab import memory
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, manifest, run_suite
 from normlab.experiments.progress import ConsoleProgress
@@ -168,12 +169,16 @@ def test_killed_suite_resumes_skips_finished_and_matches(done, small_suite, tmp_
 
 def test_parallel_jobs_give_the_same_runs(done, small_suite, tmp_path, monkeypatch):
     """--jobs 2: two worker processes, each run's metrics equal to the serial suite's (same
-    thread count: 1, as in the serial runs here)."""
+    thread count: 1, as in the serial runs here), though the workers run with tcmalloc
+    (installed under CI) and this process with glibc's malloc."""
     no_report(monkeypatch)
     out, log, events = tmp_path / "parallel", [], []
     run_suite(small_suite, out, seeds=[1], jobs=2, threads=1, log=log.append,
               listener=events.append)
+    assert "LD_PRELOAD" not in os.environ  # only the workers got it
     for run in ("bn/seed1", "gn-l1/seed1"):
+        malloc = json.loads((out / run / "config.json").read_text())["malloc"]
+        assert malloc == ("tcmalloc" if memory.tcmalloc() else "glibc, tuned"), malloc
         assert comparable_metrics(out / run) == comparable_metrics(done[0] / run), run
         # the workers' epochs reach the parent's event stream, read from metrics.jsonl
         kinds = [type(e).__name__ for e in events if e.run == run]

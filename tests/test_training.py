@@ -5,11 +5,15 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import require_tool
+from normlab import memory
 from normlab.cli import main
 from normlab.fields import ConfigError
 from normlab.models import dropout, normdrop
@@ -328,3 +332,22 @@ def test_the_gpu_path_reads_nothing_on_the_host_inside_an_epoch(small, norm, mon
     assert reads_before_step[-1] == 0, reads  # nothing read while stepping
     assert reads.count("item") == 4  # loss, accuracy, L1 and the first bad step, at the end
     assert 0 < metrics["train_loss"] < 3 and metrics["first_bad_step"] == -1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
+def test_the_allocator_changes_no_number(mnist, tmp_path):
+    """The `normlab` command runs with tcmalloc preloaded when it is installed (CI installs
+    it) and glibc's malloc tuned; NORMLAB_MALLOC=glibc keeps only the tuning, =system
+    neither. Each run's config.json records which; the metrics are the same under each."""
+    require_tool(memory.tcmalloc() is not None, "tcmalloc (Debian: libtcmalloc-minimal4)")
+    histories = []
+    for mode, expected in (("", "tcmalloc"), ("glibc", "glibc, tuned"), ("system", "glibc")):
+        env = {k: v for k, v in os.environ.items() if k not in ("NORMLAB_MALLOC", "LD_PRELOAD")}
+        out = tmp_path / (mode or "default")
+        subprocess.run([sys.executable, "-m", "normlab", "train", "--subset", "640", "--epochs",
+                        "2", "--threads", "1", "--quiet", "--out", str(out)],
+                       env={**env, "NORMLAB_MALLOC": mode} if mode else env, check=True,
+                       stdout=subprocess.DEVNULL)
+        assert json.loads((out / "config.json").read_text())["malloc"] == expected
+        histories.append(without_timing(read_metrics(out)))
+    assert histories[0] == histories[1] == histories[2] and len(histories[0]) == 2

@@ -1,5 +1,3 @@
-import sys
+from normlab.cli import entry
 
-from normlab.cli import main
-
-sys.exit(main())
+entry()

@@ -71,5 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``normlab`` command: :func:`main` in a process with tcmalloc when it is installed
+    (:mod:`normlab.memory`)."""
+    from normlab.memory import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc(sys.argv[1:])
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

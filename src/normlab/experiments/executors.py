@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 from normlab.experiments.plan import Job
+from normlab.memory import workers_preloaded
 from normlab.training.events import (
     EpochFinished,
     Listener,
@@ -164,6 +165,10 @@ class ProcessExecutor(Executor):
         self.jobs = jobs
 
     def execute(self, jobs: list[Job], listener: Listener) -> dict[str, Outcome]:
+        with workers_preloaded():  # workers start with tcmalloc when it is installed
+            return self._execute(jobs, listener)
+
+    def _execute(self, jobs: list[Job], listener: Listener) -> dict[str, Outcome]:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         from concurrent.futures.process import BrokenProcessPool

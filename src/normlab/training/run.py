@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from normlab import __version__
+from normlab.memory import allocator, keep_freed_memory
 from normlab.training.config import RunConfig
 from normlab.training.engine import (
     TensorData,
@@ -131,6 +132,7 @@ def train(
         _summary_writer_class()  # fail before anything is written when it is missing
     if threads:
         torch.set_num_threads(threads)
+    keep_freed_memory()
     dev = resolve_device(device)
     with run.lock():
         result = _train_locked(config, run, dev, tensorboard, data, listener, name)
@@ -161,7 +163,7 @@ def _check_config(run: RunDir, config: RunConfig, meta: dict, listener: Listener
 
 def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -> RunResult:
     meta = {"normlab": __version__, "torch": torch.__version__, "device": str(dev),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "malloc": allocator()}
     _check_config(run, config, meta, listener, name)
     if run.finished():
         history = run.metrics()
