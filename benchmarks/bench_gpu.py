@@ -82,13 +82,14 @@ def syncs_in_an_epoch(device: torch.device, precision: str) -> int:
                                   "protocol": {"name": "fast", "epochs": 1}})
     train, _ = load_split_tensors(config, device)
     model = config.make_model().to(device, memory_format=torch.channels_last)
-    opt, _, per_step = make_optimizer(model, config, steps_per_epoch=-(-10_000 // 128))
+    batch = config.protocol.batch_size
+    opt, _, per_step = make_optimizer(model, config, steps_per_epoch=-(-10_000 // batch))
     after_step: list[int] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(model, train, opt, seed=1, epoch=1, batch_size=128, rotation=7.0,
+            train_one_epoch(model, train, opt, seed=1, epoch=1, batch_size=batch, rotation=7.0,
                             l1=config.l1, l1_params=list(model.parameters()),
                             step_scheduler=per_step, precision=precision,
                             on_step=lambda _: after_step.append(len(caught)))
