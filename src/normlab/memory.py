@@ -102,7 +102,7 @@ def reexec_with_tcmalloc(argv: list[str]) -> None:
         os.environ.pop("LD_PRELOAD", None)  # ours; this process already has it
         return
     lib = tcmalloc()
-    if lib is None or os.environ.get("LD_PRELOAD") or tcmalloc_loaded():
+    if lib is None or not sys.executable or os.environ.get("LD_PRELOAD") or tcmalloc_loaded():
         return
     env = {**os.environ, "LD_PRELOAD": str(lib), PRELOADED: "1"}
     os.execve(sys.executable, [sys.executable, "-m", "normlab", *argv], env)
