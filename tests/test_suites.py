@@ -27,7 +27,13 @@ from normlab.experiments import comparable_metrics, load_suite, manifest, run_su
 from normlab.experiments.progress import ConsoleProgress
 from normlab.experiments.suite import default_label
 from normlab.training import RunConfig, RunDir, resolve_protocol
-from normlab.training.events import EpochFinished, RunFailed, RunStarted, StepsDone
+from normlab.training.events import (
+    EpochFinished,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    StepsDone,
+)
 
 SMALL = "# a two-variant, two-seed suite for the tests\n" + suite_toml(
     ("bn", {"label": "BN", "norm": "bn"}), ("gn-l1", {"norm": "gn", "groups": 2, "l1": 1e-4}),
@@ -123,6 +129,34 @@ def test_console_lines_for_a_log_file(done):
                         r"\d+\.\d s  \(suite: about \d+ s left\)", lines[1]), lines[1]
     assert re.fullmatch(r"\[1/4\] bn seed 1: done, final test accuracy \d+\.\d\d%", lines[2])
     assert len(lines) == 12 and "\r" not in stream.getvalue()
+
+
+def test_time_left_spreads_whole_runs_over_the_slots():
+    """Five runs of 4 epochs, two at a time, 10 s per epoch of a run: three waves, not the
+    epochs left times the suite's wall time per epoch; and the last run alone is not
+    counted as sharing the machine."""
+    console = ConsoleProgress({f"r{i}": f"[{i}/5]" for i in range(5)}, epochs_left=20,
+                              out=io.StringIO(), stream=io.StringIO())
+
+    def epoch(run, k):
+        console(EpochFinished(run, {"epoch": k, "seconds": 10.0, "test_acc": 99.0,
+                                    "test_loss": 0.02}, 4))
+
+    assert console.time_left() == "estimating time left"
+    console(RunStarted("r0", 0, 4))
+    console(RunStarted("r1", 0, 4))
+    epoch("r0", 1)  # left: r0 3, r1 4, three queued runs of 4 -> slots at 11 and 8 epochs
+    assert console.time_left() == "about 1 min 50 s left"
+    for run in ("r0", "r1", "r2", "r3"):
+        if run in ("r2", "r3"):
+            console(RunStarted(run, 0, 4))
+        for k in range(2 if run == "r0" else 1, 5):
+            epoch(run, k)
+        console(RunFinished(run, "ok", ()))
+    console(RunStarted("r4", 0, 4))
+    for k in (1, 2, 3):
+        epoch("r4", k)  # one run left, one epoch: one run's epoch, however many slots
+    assert console.time_left() == "about 10 s left"
 
 
 def test_variants_see_the_same_batches_for_a_seed(done):

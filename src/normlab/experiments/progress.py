@@ -9,6 +9,7 @@ the suite's time left. Nothing needs a terminal.
 
 from __future__ import annotations
 
+import heapq
 import sys
 import time
 from typing import TextIO
@@ -67,6 +68,10 @@ class ConsoleProgress:
         self._bar_class = bar
         self.started = time.perf_counter()
         self.epochs_done = 0
+        self.epoch_seconds: list[float] = []  # one run's epochs, wall seconds, in order
+        self.remaining: dict[str, int] = {}  # epochs left of each started run
+        self.run_epochs = 0  # epochs of a run, as the last one started
+        self.slots = 1  # the most runs that have run at once
         self.running: set[str] = set()
         self.done = self.failed = 0
         self._suite_bar = self._epoch_bar = None
@@ -89,13 +94,26 @@ class ConsoleProgress:
         return self._suite_bar is not None or self._epoch_bar is not None
 
     def time_left(self) -> str:
+        """The suite's time left: the epochs left, spread over as many runs at once as have
+        run together so far (whole runs to a slot, the way the executor hands them out),
+        at the recent wall time of one run's epoch. Wall time per finished epoch of the
+        suite would run low once fewer runs than slots are left."""
         if self.epochs_left is None:
             return ""
         left = max(self.epochs_left - self.epochs_done, 0)
-        if not self.epochs_done:
+        if not self.epoch_seconds:
             return "estimating time left"
-        per_epoch = (time.perf_counter() - self.started) / self.epochs_done
-        return f"about {duration(left * per_epoch)} left"
+        recent = self.epoch_seconds[-20:]
+        per_epoch = sum(recent) / len(recent)
+        loads = sorted(self.remaining.get(r, 0) for r in self.running)
+        queued = max(left - sum(loads), 0)
+        loads += [0] * max(self.slots - len(loads), 1 - len(loads), 0)
+        heapq.heapify(loads)
+        while queued > 0:
+            chunk = min(queued, self.run_epochs or queued)
+            heapq.heapreplace(loads, loads[0] + chunk)
+            queued -= chunk
+        return f"about {duration(max(loads) * per_epoch)} left"
 
     def _suite(self):
         if self.live and self.epochs_left and self._suite_bar is None:
@@ -119,6 +137,9 @@ class ConsoleProgress:
 
     def _on_RunStarted(self, e: RunStarted) -> None:
         self.running.add(e.run)
+        self.slots = max(self.slots, len(self.running))
+        self.remaining[e.run] = max(e.epochs - e.epochs_done, 0)
+        self.run_epochs = e.epochs
         resume = f", resuming after epoch {e.epochs_done}" if e.epochs_done else ""
         left = self.time_left()
         self.line(f"{self._head(e.run)}: started{resume}" + (f"  ({left})" if left else ""))
@@ -144,6 +165,8 @@ class ConsoleProgress:
     def _on_EpochFinished(self, e: EpochFinished) -> None:
         self._close_epoch_bar()
         self.epochs_done += 1
+        self.epoch_seconds.append(float(e.record.get("seconds", 0.0)))
+        self.remaining[e.run] = max(e.epochs - int(e.record.get("epoch", 0)), 0)
         if not self.heads:  # a single run: the full epoch line
             self.line(epoch_line(e.record, e.epochs))
         else:
