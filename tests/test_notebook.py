@@ -303,6 +303,8 @@ def test_train_one_run_with_history_and_figures(mnist, tmp_path, monkeypatch):
         normlab.train(learning_rate=0.1)
     with pytest.raises(ValueError, match="pass either config= or options"):
         normlab.train(config=run.config, norm="bn")
+    same = normlab.train(config=run.config, norm=None, progress=False)  # None: not given
+    assert same.folder == folder
 
 
 # ----------------------------------------------------------------------------- the example

@@ -58,11 +58,12 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        _tuned = bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_UP_TO)
-                      and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_UP_TO)) or _tuned
+        done = bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BLOCKS_UP_TO)
+                    and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREE_UP_TO))
     except (OSError, AttributeError):  # musl and the like: leave the allocator alone
         return False
-    return _tuned
+    _tuned = _tuned or done  # allocator() reports it for the rest of the process
+    return done
 
 
 def allocator() -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import sys
-import time
 from typing import TextIO
 
 from normlab.training.events import (
@@ -66,7 +65,6 @@ class ConsoleProgress:
         if bar is None:
             from tqdm import tqdm as bar
         self._bar_class = bar
-        self.started = time.perf_counter()
         self.epochs_done = 0
         self.epoch_seconds: list[float] = []  # one run's epochs, wall seconds, in order
         self.remaining: dict[str, int] = {}  # epochs left of each started run
@@ -105,9 +103,9 @@ class ConsoleProgress:
             return "estimating time left"
         recent = self.epoch_seconds[-20:]
         per_epoch = sum(recent) / len(recent)
-        loads = sorted(self.remaining.get(r, 0) for r in self.running)
+        loads = [self.remaining.get(r, 0) for r in self.running]
         queued = max(left - sum(loads), 0)
-        loads += [0] * max(self.slots - len(loads), 1 - len(loads), 0)
+        loads += [0] * max(self.slots - len(loads), 0)  # slots >= 1: never empty
         heapq.heapify(loads)
         while queued > 0:
             chunk = min(queued, self.run_epochs or queued)

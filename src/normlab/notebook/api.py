@@ -127,11 +127,12 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
     """
     from normlab.training.run import train as train_run
 
+    given = [k for k, v in options.items() if v is not None]  # None: not given
     if config is None:
         config = RunConfig.from_options(protocol, **options)
-    elif options or protocol != "seed":
+    elif given or protocol != "seed":
         raise ValueError("pass either config= or options (norm=, epochs=, ...), not both; "
-                         f"got config and {', '.join(options) or 'protocol=' + protocol}")
+                         f"got config and {', '.join(given) or 'protocol=' + protocol}")
     if out is None:
         digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
         out = Path("runs") / "train" / f"{config.norm}-seed{config.seed}-{digest.hexdigest()[:8]}"
