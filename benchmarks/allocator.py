@@ -35,6 +35,20 @@ ALLOCATORS = {"glibc": (None, "system"), "glibc tuned": (None, "glibc"), "normla
               "tcmalloc": (LIBS / "libtcmalloc_minimal.so.4", "system")}
 
 
+def start_epoch(out: Path, images: int, options: list[str],
+                env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A fresh ``normlab train`` process: one epoch of the first ``images`` MNIST images
+    into ``out``, with ``options`` (--threads, --precision, ...)."""
+    return subprocess.Popen([sys.executable, "-m", "normlab", "train", "--out", str(out),
+                             "--quiet", "--subset", str(images), "--epochs", "1", *options],
+                            env=env, stdout=subprocess.DEVNULL)
+
+
+def seconds_per_60k(out: Path, images: int) -> float:
+    """The run's training seconds, per 60,000 images."""
+    return json.loads((out / "metrics.jsonl").read_text())["train_seconds"] * 60_000 / images
+
+
 def one_epoch(preload: Path | None, mode: str, args: argparse.Namespace, out: Path) -> float:
     """Seconds of training per 60,000 images in a fresh process using ``preload``."""
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "NORMLAB_MALLOC")}
@@ -42,11 +56,11 @@ def one_epoch(preload: Path | None, mode: str, args: argparse.Namespace, out: Pa
         env["NORMLAB_MALLOC"] = mode
     if preload is not None:
         env["LD_PRELOAD"] = str(preload)
-    subprocess.run([sys.executable, "-m", "normlab", "train", "--out", str(out), "--quiet",
-                    "--subset", str(args.images), "--epochs", "1", "--threads",
-                    str(args.threads), "--precision", args.precision], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-    return json.loads((out / "metrics.jsonl").read_text())["train_seconds"] * 60_000 / args.images
+    proc = start_epoch(out, args.images, ["--threads", str(args.threads),
+                                          "--precision", args.precision], env)
+    if proc.wait():
+        raise SystemExit(f"normlab train failed ({proc.returncode})")
+    return seconds_per_60k(out, args.images)
 
 
 def untimed_metrics(out: Path) -> dict:

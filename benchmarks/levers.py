@@ -91,16 +91,17 @@ def replace_dropout(model: nn.Module, fold: bool) -> nn.Module:
     return model
 
 
-def seed_net(dropout: float) -> nn.Module:
-    """The seed's Net with ``nn.Dropout`` layers (the engine before this work), whatever
-    normlab's default dropout draw now is."""
+def seed_net(dropout: float, norm: str = "bn") -> nn.Module:
+    """The seed's Net with ``nn.Dropout`` layers and torch's ReLU and norms (the engine
+    before this work), whatever normlab's defaults now are."""
     try:
         from normlab.models import ModelConfig
 
-        cfg = ModelConfig(norms=("bn",), groups=2, dropout=dropout, dropout_draw="bernoulli")
+        cfg = ModelConfig(norms=(norm,), groups=2, dropout=dropout, dropout_draw="bernoulli",
+                          kernels="aten")
         model = Net.from_config(cfg)
-    except (ImportError, TypeError, AttributeError):  # before dropout_draw existed
-        model = Net(dropout_value=dropout)
+    except (ImportError, TypeError, AttributeError):  # before dropout_draw / kernels existed
+        model = Net(dropout_value=dropout, norm=norm)
     kinds = {type(m) for m in model.modules()}
     assert (nn.Dropout in kinds) == (dropout > 0), kinds
     return model

@@ -10,6 +10,7 @@ self CPU time with their shares of the profiled total.
     python benchmarks/profile_step.py                    # 1 and 2 threads, 100 steps
     python benchmarks/profile_step.py --threads 1 --dropout 0 --top 25
     python benchmarks/profile_step.py --dropout-impl fold --bf16 --contiguous
+    python benchmarks/profile_step.py --dropout-impl kernels --norm gn --threads 1
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from normlab.data import load_dataset
+from normlab.models import ModelConfig, Net
 from normlab.training.augment import to_input
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,9 +73,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--dropout", type=float, default=0.01)
     parser.add_argument("--contiguous", action="store_true", help="model not channels-last")
-    parser.add_argument("--dropout-impl", choices=["aten", "sparse", "fold"], default="aten",
-                        help="nn.Dropout (the seed's), SparseDropout, or the norm fused with "
-                        "its dropout (normlab.models.normdrop)")
+    parser.add_argument("--dropout-impl", choices=["aten", "sparse", "fold", "kernels"],
+                        default="aten",
+                        help="nn.Dropout (the seed's), SparseDropout, the norm fused with "
+                        "its dropout (normlab.models.normdrop), or that with the ReLU folded "
+                        "in too and normlab's C kernels (normlab's default network)")
+    parser.add_argument("--norm", default="bn", choices=["bn", "gn", "ln"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
@@ -81,9 +86,13 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         torch.manual_seed(1)
-        model = seed_net(args.dropout)  # nn.Dropout layers, as the seed (and engine) had
-        if args.dropout_impl != "aten":
-            replace_dropout(model, fold=args.dropout_impl == "fold")
+        if args.dropout_impl == "kernels":
+            model = Net.from_config(ModelConfig(norms=(args.norm,), dropout=args.dropout,
+                                                kernels="normlab"))
+        else:
+            model = seed_net(args.dropout, args.norm)  # nn.Dropout, torch's ReLU and norms
+            if args.dropout_impl != "aten":
+                replace_dropout(model, fold=args.dropout_impl == "fold")
         if not args.contiguous:
             model = model.to(memory_format=torch.channels_last)
         model.train()
@@ -101,7 +110,7 @@ def main() -> None:
                 step()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
-        print(f"\n=== {threads} thread(s), dropout {args.dropout}, "
+        print(f"\n=== {threads} thread(s), {args.norm}, dropout {args.dropout}, "
               f"{'contiguous' if args.contiguous else 'channels-last'}, "
               f"dropout impl {args.dropout_impl}{', bf16 autocast' if args.bf16 else ''}: "
               f"{wall:.2f} ms/step unprofiled; profiled self-CPU total "

@@ -15,15 +15,15 @@ from normlab.training.config import from_stored
 DATA = Path(__file__).parent / "data"
 # What tests/data/config-*.json hold: every format normlab has written, one config.
 EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01,
-                                       dropout_draw="bernoulli"),
+                                       dropout_draw="bernoulli", kernels="aten"),
                      protocol=resolve_protocol("seed", {"epochs": 2}), l1=3e-5, subset=2000)
 
 
-@pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "0.4.0"])
 def test_every_config_json_format_reads_to_the_same_config(version, tmp_path):
     stored = json.loads((DATA / f"config-{version}.json").read_text())
     assert stored["normlab"] == version
-    assert from_stored(stored["run"]) == EXPECTED  # 0.1 drew masks with nn.Dropout
+    assert from_stored(stored["run"]) == EXPECTED  # 0.1 drew masks with nn.Dropout, <0.4 ATen
     run = RunDir(tmp_path / "r")
     run.path.mkdir()
     shutil.copy(DATA / f"config-{version}.json", run.file("config.json"))
@@ -38,7 +38,7 @@ def test_the_current_format_round_trips():
     assert from_stored(EXPECTED.to_dict()) == EXPECTED
     assert RunConfig().model.dropout_draw == "positions"  # new runs: the faster draw
     assert from_stored(RunConfig().to_dict()) == RunConfig()
-    stored = json.loads((DATA / "config-0.2.0.json").read_text())
+    stored = json.loads((DATA / "config-0.4.0.json").read_text())
     assert EXPECTED.to_dict() == stored["run"]  # this version still writes that format
 
 
@@ -104,9 +104,12 @@ def test_a_suite_folder_of_normlab_0_1_is_read_and_continued_with_its_dropout(tm
     assert [v.config.model.dropout_draw for v in results.variants] == ["bernoulli"] * 5
     assert [v.config.l1 for v in results.variants] == [0.0, 0.0, 0.0, 3e-5, 1e-3]
     suite = load_suite("s6-quick")
-    with pytest.raises(ValueError, match="--dropout-draw bernoulli continues it"):
+    with pytest.raises(ValueError, match="--dropout-draw bernoulli continues it") as err:
         check_out(suite, tmp_path, [1, 2])
-    check_out(suite.with_model(dropout_draw="bernoulli"), tmp_path, [1, 2])  # the same suite
+    if suite.variants[0].config.model.kernels == "normlab":
+        assert "--kernels aten continues it" in str(err.value)
+    old = suite.with_model(dropout_draw="bernoulli", kernels="aten")
+    check_out(old, tmp_path, [1, 2])  # the same suite
 
 
 def test_options_as_the_command_line_and_the_notebook_give_them():

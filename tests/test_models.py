@@ -54,22 +54,33 @@ def test_seed_flags_resolve_to_registry_names():
 
 
 def test_layer_order_matches_seed():
-    seed = Net.from_config(ModelConfig(dropout_draw="bernoulli"))  # nn.Dropout, as the seed
+    aten = {"kernels": "aten"}  # torch's ReLU and BatchNorm, as the seed
+    seed = Net.from_config(ModelConfig(dropout_draw="bernoulli", **aten))  # and nn.Dropout
     kinds = [type(m).__name__ for m in seed.convblock1]
     assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "Dropout"]
     assert seed.convblock1[0].bias is None
     assert [type(m).__name__ for m in Net().convblock3] == ["Conv2d"]  # transition: bare
-    assert [type(m).__name__ for m in Net(dropout_value=0).convblock2] == [
+    assert [type(m).__name__ for m in
+            Net.from_config(ModelConfig(dropout=0, **aten)).convblock2] == [
         "Conv2d", "ReLU", "BatchNorm2d"]
-    # the default draws positions, the dropout fused into the norm: the seed's state dict
-    fused = Net()
+    # positions: the dropout fused into the norm; normlab's kernels: the ReLU too. The
+    # seed's state dict (the ReLU's place is kept), and in eval mode exactly its network.
+    fused = Net.from_config(ModelConfig(dropout_draw="positions", **aten))
     assert [type(m).__name__ for m in fused.convblock1] == ["Conv2d", "ReLU", "BatchNormDropout"]
-    assert isinstance(fused.convblock1[2], torch.nn.BatchNorm2d)
-    assert list(fused.state_dict()) == list(seed.state_dict())
-    fused.load_state_dict(seed.state_dict())
-    fused.eval(), seed.eval()
+    folded = Net.from_config(ModelConfig(kernels="normlab"))
+    assert [type(m).__name__ for m in folded.convblock1] == [
+        "Conv2d", "FoldedReLU", "BatchNormDropout"]
+    assert "FoldedReLU(applied by the norm after it)" in repr(folded)
+    assert [type(m).__name__ for m in
+            Net.from_config(ModelConfig(dropout_draw="bernoulli")).convblock1] == [
+        "Conv2d", "FoldedReLU", "BatchNormDropout", "Dropout"]
     x = torch.randn(5, 1, 28, 28)
-    assert torch.equal(fused(x), seed(x))  # in eval mode exactly the seed's network
+    for net in (fused, folded):
+        assert isinstance(net.convblock1[2], torch.nn.BatchNorm2d)
+        assert list(net.state_dict()) == list(seed.state_dict())
+        net.load_state_dict(seed.state_dict())
+        net.eval(), seed.eval()
+        assert torch.equal(net(x), seed(x))
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -124,7 +135,10 @@ def test_stacked_seed_flags_warn_and_stack():
         model = Net(layer_norm=True)
     assert model.config.norms == ("bn", "ln")
     kinds = [type(m).__name__ for m in model.convblock1]
-    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "GroupNormDropout"]  # into the last
+    if model.config.kernels == "aten":
+        assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "GroupNormDropout"]  # into the last
+    else:  # the ReLU folded into the BatchNorm after it
+        assert kinds == ["Conv2d", "FoldedReLU", "BatchNormDropout", "GroupNormDropout"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Net(batch_norm=False, layer_norm=True)  # one norm: no warning

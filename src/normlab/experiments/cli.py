@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 
-from normlab.models.net import DROPOUT_DRAWS
+from normlab.models.net import DROPOUT_DRAWS, KERNELS
 from normlab.training.cli import add_run_arguments
 from normlab.training.config import PRECISIONS
 
@@ -79,6 +79,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="how every run draws dropout masks: positions (normlab's default) "
                              "or bernoulli (nn.Dropout; what a folder written by normlab 0.1 "
                              "holds: pass it to continue such a folder)")
+    parser.add_argument("--kernels", choices=KERNELS, default=None,
+                        help="what computes every run's ReLU -> BatchNorm: normlab (its C "
+                             "kernel; the default where a C compiler is on the PATH) or aten "
+                             "(torch's; what a folder written by normlab 0.3 or before holds: "
+                             "pass it to continue such a folder)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="every run in fp32 or with bf16 autocast (fast on CPUs with AMX "
                              "or AVX512-BF16); default: the suite file's (fp32 if unset)")
@@ -148,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_config(precision=args.precision)
     if args.dropout_draw:
         suite = suite.with_model(dropout_draw=args.dropout_draw)
+    if args.kernels:
+        suite = suite.with_model(kernels=args.kernels)
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list
     out = args.out or default_out(suite)
     executor = make_executor(args)

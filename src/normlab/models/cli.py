@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from normlab.models.net import DROPOUT_DRAWS, ModelConfig, Net
+from normlab.models.net import DROPOUT_DRAWS, KERNELS, ModelConfig, Net
 from normlab.models.norms import NORMS
 
 
@@ -34,12 +34,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
              "dropped units on a CPU, a mask drawn on the device on a GPU; fused into the "
              "norm: faster) or bernoulli (nn.Dropout, as the seed) (default: %(default)s)",
     )
+    group.add_argument(
+        "--kernels", default=None, choices=KERNELS,
+        help="what computes each block's ReLU -> BatchNorm: normlab (the ReLU folded into "
+             "the norm, and normlab's C kernel for channels-last CPU training, compiled on "
+             "first use with the system's cc) or aten (torch's nn.ReLU and nn.BatchNorm2d) "
+             "(default: normlab where a C compiler is on the PATH, else aten)",
+    )
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The model options as a (validated) ModelConfig."""
-    return ModelConfig(norms=(args.norm,), groups=args.groups, dropout=args.dropout,
-                       dropout_draw=args.dropout_draw)
+    return ModelConfig.from_dict({"norm": args.norm, "groups": args.groups,
+                                  "dropout": args.dropout, "dropout_draw": args.dropout_draw,
+                                  "kernels": args.kernels})
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

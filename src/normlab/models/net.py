@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.fields import ConfigError, check_keys, coerce
+from normlab.models import kernels
 from normlab.models.dropout import SparseDropout
-from normlab.models.normdrop import with_dropout
+from normlab.models.normdrop import fold_relu, with_dropout
 from normlab.models.norms import check_norm, make_norm
 
 # (name, in, out, kernel, padding, is_conv_block). A conv block is Conv -> ReLU -> norm ->
@@ -28,6 +29,12 @@ LAYOUT = (
 )
 POOL_AFTER = "convblock3"
 GAP_KERNEL = 6  # the seed's AvgPool2d(6) on an 8x8 map: it averages the top-left 6x6 window
+
+
+def default_kernels() -> str:
+    """``"normlab"`` where its C kernel can be compiled (a C compiler is on the PATH),
+    else ``"aten"``."""
+    return "normlab" if kernels.compiler() else "aten"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class ModelConfig:
     groups: int = 2
     dropout: float = 0.01
     dropout_draw: str = "positions"
+    kernels: str = field(default_factory=default_kernels)
 
     def __post_init__(self) -> None:
         norms = self.norms.split("+") if isinstance(self.norms, str) else tuple(self.norms)
@@ -68,6 +76,9 @@ class ModelConfig:
             raise ConfigError("dropout_draw", f"dropout_draw must be one of "
                                               f"{', '.join(DROPOUT_DRAWS)}, "
                                               f"got {self.dropout_draw!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError("kernels", f"kernels must be one of {', '.join(KERNELS)}, "
+                                         f"got {self.kernels!r}")
         if "gn" in self.norms:
             for name, _, out, _, _, is_block in LAYOUT:
                 if is_block and out % groups:
@@ -85,18 +96,20 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"norm": self.norm, "groups": self.groups, "dropout": self.dropout,
-                "dropout_draw": self.dropout_draw}
+                "dropout_draw": self.dropout_draw, "kernels": self.kernels}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         check_keys(data, MODEL_KEYS, "model key")
         return cls(norms=data.get("norm", "bn"), groups=data.get("groups", 2),
                    dropout=data.get("dropout", 0.01),
-                   dropout_draw=data.get("dropout_draw", "positions"))
+                   dropout_draw=data.get("dropout_draw", "positions"),
+                   kernels=data.get("kernels") or default_kernels())
 
 
-MODEL_KEYS = ("norm", "groups", "dropout", "dropout_draw")
+MODEL_KEYS = ("norm", "groups", "dropout", "dropout_draw", "kernels")
 DROPOUT_DRAWS = ("positions", "bernoulli")
+KERNELS = ("normlab", "aten")
 
 
 def resolve_seed_flags(
@@ -204,6 +217,8 @@ class Net(nn.Module):
                 layers += [make_norm(n, c_out, cfg.groups) for n in cfg.norms if n != "none"]
                 if cfg.dropout > 0:
                     layers += _dropout(layers, cfg)
+                if cfg.kernels == "normlab":
+                    fold_relu(layers)
             setattr(self, name, nn.Sequential(*layers))
             if name == POOL_AFTER:
                 self.pool1 = nn.MaxPool2d(2, 2)

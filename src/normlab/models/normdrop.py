@@ -7,9 +7,10 @@ input, not their output, for the backward). So dropout costs no full pass forwar
 (the gradient with the same positions zeroed) backward, and the positions are drawn by
 :func:`~normlab.models.dropout.bernoulli_positions` (about n·p random numbers instead of n;
 on a GPU a dense mask is drawn on the device instead, see :mod:`normlab.models.dropout`).
-The modules subclass ``nn.BatchNorm2d`` and ``nn.GroupNorm`` and only add ``p``, so a
-network built with them has the seed's state-dict keys (a Dropout has none). In eval mode,
-and at p = 0, each is exactly its norm. Numerically the folded affine agrees with norm-then-
+The modules subclass ``nn.BatchNorm2d`` and ``nn.GroupNorm`` and only add ``p`` (and
+a folded-in ReLU, :func:`fold_relu`), so a network built with them has the seed's
+state-dict keys (a Dropout has none). In eval mode, and at p = 0, each is exactly its norm
+(after the ReLU, where it is folded in). Numerically the folded affine agrees with norm-then-
 scale to rounding, not bitwise: a run's config records which draw it used.
 """
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.models import kernels
 from normlab.models.dropout import (
     bernoulli_positions,
     dense_drop_,
@@ -36,13 +38,32 @@ def _drop(y: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class BatchNormDropout(nn.BatchNorm2d):
-    """``BatchNorm2d(channels)`` followed by dropout(p)."""
+    """``BatchNorm2d(channels)`` followed by dropout(p) (p may be 0).
 
-    def __init__(self, channels: int, p: float) -> None:
+    With ``relu=True`` the ReLU before the norm is folded in too (the block then holds a
+    :class:`FoldedReLU` where the ReLU was), and in training a channels-last CPU input
+    goes through normlab's kernel (:mod:`normlab.models.kernels`): ReLU, statistics,
+    normalisation and the dropout's scale in two passes forward and two backward.
+    Elsewhere (eval mode, another layout or device) it is ``F.relu`` then torch's norm.
+    (:class:`GroupNormDropout` likewise.)
+    """
+
+    def __init__(self, channels: int, p: float, relu: bool = False) -> None:
         super().__init__(channels)
         self.p = float(p)
+        self.relu = bool(relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.relu and kernels.applies(x, self.weight):
+            self.num_batches_tracked.add_(1)  # as _BatchNorm.forward does in training
+            momentum = (self.momentum if self.momentum is not None
+                        else 1.0 / float(self.num_batches_tracked))
+            y = kernels.batch_norm(x, self.weight, self.bias, self.running_mean,
+                                   self.running_var, momentum, self.eps,
+                                   scale=1.0 / (1.0 - self.p), relu=True)
+            return _drop(y, self.p) if self.p else y
+        if self.relu:
+            x = F.relu(x)
         if not self.training or self.p == 0.0:
             return super().forward(x)
         s = 1.0 / (1.0 - self.p)
@@ -52,25 +73,61 @@ class BatchNormDropout(nn.BatchNorm2d):
         return _drop(y, self.p)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return f"{super().extra_repr()}, p={self.p}" + (", relu=True" if self.relu else "")
+
+
+class FoldedReLU(nn.Identity):
+    """Where a block's ReLU was when the norm after it applies the ReLU itself (a
+    :class:`BatchNormDropout` or :class:`GroupNormDropout` with ``relu=True``): the identity,
+    holding the ReLU's place
+    so the block's layer indices (and state-dict keys) stay the seed's."""
+
+    def extra_repr(self) -> str:
+        return "applied by the norm after it"
 
 
 class GroupNormDropout(nn.GroupNorm):
-    """``GroupNorm(groups, channels)`` followed by dropout(p) (normlab's LN and IN too)."""
+    """``GroupNorm(groups, channels)`` followed by dropout(p) (normlab's LN and IN too);
+    ``relu=True`` as :class:`BatchNormDropout`'s."""
 
-    def __init__(self, groups: int, channels: int, p: float) -> None:
+    def __init__(self, groups: int, channels: int, p: float, relu: bool = False) -> None:
         super().__init__(groups, channels)
         self.p = float(p)
+        self.relu = bool(relu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 1.0 / (1.0 - self.p)
+        if self.training and self.relu and kernels.applies(x, self.weight):
+            y = kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                   scale=s, relu=True)
+            return _drop(y, self.p) if self.p else y
+        if self.relu:
+            x = F.relu(x)
         if not self.training or self.p == 0.0:
             return super().forward(x)
-        s = 1.0 / (1.0 - self.p)
         y = F.group_norm(x, self.num_groups, self.weight * s, self.bias * s, self.eps)
         return _drop(y, self.p)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}"
+        return f"{super().extra_repr()}, p={self.p}" + (", relu=True" if self.relu else "")
+
+
+def fold_relu(layers: list[nn.Module]) -> None:
+    """In a block ``[Conv, ReLU, norm, ...]`` whose norm is a BatchNorm or a GroupNorm, move
+    the ReLU into the norm (in place): the norm becomes its ``...Dropout`` module with
+    ``relu=True`` (its dropout, if any, kept) and the ReLU a :class:`FoldedReLU`. Any other
+    block is left as it is."""
+    if len(layers) < 3 or type(layers[1]) is not nn.ReLU:
+        return
+    norm = layers[2]
+    p = getattr(norm, "p", 0.0)
+    if type(norm) in (nn.BatchNorm2d, BatchNormDropout):
+        layers[2] = BatchNormDropout(norm.num_features, p, relu=True)
+    elif type(norm) in (nn.GroupNorm, GroupNormDropout):
+        layers[2] = GroupNormDropout(norm.num_groups, norm.num_channels, p, relu=True)
+    else:
+        return
+    layers[1] = FoldedReLU()
 
 
 def with_dropout(norm: nn.Module, p: float) -> nn.Module | None:

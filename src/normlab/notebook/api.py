@@ -117,8 +117,8 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
     """Train one run into ``out`` and return it as a :class:`Run`.
 
     The ``options`` are ``normlab train``'s: ``norm`` (bn, gn, ln, in, none), ``groups``,
-    ``dropout``, ``dropout_draw``, ``l1``, ``l1_scope``, ``weight_decay``, ``seed``,
-    ``subset``, ``dataset``, ``precision``, and any field of the named ``protocol``
+    ``dropout``, ``dropout_draw``, ``kernels``, ``l1``, ``l1_scope``, ``weight_decay``,
+    ``seed``, ``subset``, ``dataset``, ``precision``, and any field of the named ``protocol``
     (``epochs=5``, ``lr=0.05``, ...); unset ones keep the defaults (the seed's BN model and
     protocol). Or pass a whole ``config``.
     ``out`` defaults to runs/train/<norm>-seed<k>-<a hash of the config>, so running the

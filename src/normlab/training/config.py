@@ -97,8 +97,8 @@ class RunConfig:
     def from_options(cls, protocol: str = "seed", **options: Any) -> RunConfig:
         """A config from ``normlab train``'s options, flat, as the command line and
         ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
-        ``dropout_draw``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``, ``seed``,
-        ``subset``, ``precision``) and any field of the named ``protocol`` (``epochs``,
+        ``dropout_draw``, ``kernels``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``,
+        ``seed``, ``subset``, ``precision``) and any field of the named ``protocol`` (``epochs``,
         ``lr``, ...). An option given as None keeps its default."""
         run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)
                                    if f.name not in ("model", "protocol"))]
@@ -113,14 +113,16 @@ class RunConfig:
 def from_stored(data: dict[str, Any]) -> RunConfig:
     """A config as stored by any normlab version (config.json's "run", a suite.json variant's
     config). Stored before ``dropout_draw`` existed (normlab 0.1), the dropout masks were
-    nn.Dropout's: such a config reads as ``dropout_draw="bernoulli"``,
-    so its run resumes and reports exactly as it was trained."""
+    nn.Dropout's: such a config reads as ``dropout_draw="bernoulli"``; stored before
+    ``kernels`` existed (normlab 0.3 and before), the norms were torch's: it reads as
+    ``kernels="aten"``. So a run resumes and reports exactly as it was trained."""
     data = dict(data)
     model = data.get("model")
     if isinstance(model, dict):
-        data["model"] = {"dropout_draw": "bernoulli", **model}
+        data["model"] = {"dropout_draw": "bernoulli", "kernels": "aten", **model}
     elif model is None:
         data.setdefault("dropout_draw", "bernoulli")
+        data.setdefault("kernels", "aten")
     return RunConfig.from_dict(data)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.models import ModelConfig
 from normlab.training.augment import to_input
 
 
@@ -38,13 +39,18 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def memory_format(device: torch.device, threads: int) -> torch.memory_format:
-    """Channels-last, except on a CPU with more than one thread: there BatchNorm's backward
-    in channels-last gains nothing from a second thread and the contiguous layout is faster
-    (benchmarks/README.md). The model and its inputs are kept in this layout."""
-    if device.type == "cpu" and threads > 1:
-        return torch.contiguous_format
-    return torch.channels_last
+def memory_format(device: torch.device, threads: int,
+                  model: ModelConfig | None = None) -> torch.memory_format:
+    """Channels-last, except on a CPU with more than one thread when torch's norms do the
+    work: their backward in channels-last gains nothing from a second thread, and the
+    contiguous layout is faster there. normlab's kernels (``kernels="normlab"``, one norm
+    per block) are fastest in channels-last at any thread count (benchmarks/README.md).
+    The model and its inputs are kept in this layout."""
+    if device.type != "cpu" or threads <= 1:
+        return torch.channels_last
+    if model is not None and model.kernels == "normlab" and len(model.norms) == 1:
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _layout(model: nn.Module) -> torch.memory_format:

@@ -17,6 +17,7 @@ import torch
 
 from normlab import __version__
 from normlab.memory import allocator, keep_freed_memory
+from normlab.models import kernels
 from normlab.training.config import RunConfig
 from normlab.training.engine import (
     TensorData,
@@ -134,6 +135,8 @@ def train(
         torch.set_num_threads(threads)
     keep_freed_memory()
     dev = resolve_device(device)
+    if config.model.kernels == "normlab" and dev.type == "cpu":
+        kernels.library()  # built now: a run that cannot have it fails before it starts
     with run.lock():
         result = _train_locked(config, run, dev, tensorboard, data, listener, name)
     listener(RunFinished(name, result.status, tuple(result.history), result.message,
@@ -175,7 +178,8 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -
     p = config.protocol
     steps_per_epoch = -(-len(train_data) // p.batch_size)
     torch.manual_seed(config.seed)
-    model = config.make_model().to(dev, memory_format=memory_format(dev, torch.get_num_threads()))
+    layout = memory_format(dev, torch.get_num_threads(), config.model)
+    model = config.make_model().to(dev, memory_format=layout)
     opt, per_epoch, per_step = make_optimizer(model, config, steps_per_epoch)
     covered = l1_parameters(model, config.l1_scope)
     history: list[dict] = []

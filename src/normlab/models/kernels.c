@@ -1,0 +1,280 @@
+/* normlab's BatchNorm and GroupNorm kernels for channels-last tensors, training mode,
+ * optionally with the ReLU before the norm folded in (kernels.py builds and loads this
+ * file). GroupNorm covers normlab's LayerNorm (1 group) and InstanceNorm (C groups).
+ *
+ * A channels-last (N, C, H, W) tensor is n = N*H*W*C values in which channel c sits at every
+ * index i with i % C == c. The loops walk it in blocks of L values, L a multiple of both C
+ * and 16, so lane j of a block always holds channel j % C; they take 16 lanes at a time in
+ * GCC/Clang vector types (the compiler maps them onto whatever vector registers the CPU
+ * has). Every sum is one accumulator per lane, added to in order, in double: no sum is
+ * reordered, so the result is the same on every CPU, and arithmetic is compiled with
+ * -ffp-contract=off for the same reason.
+ *
+ * Single-threaded, no allocation: the caller passes every buffer.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LMAX 128 /* lanes at most; the caller picks L <= LMAX, L % 16 == 0 */
+
+typedef float f16v __attribute__((vector_size(64)));     /* 16 floats */
+typedef float f8v __attribute__((vector_size(32)));      /* 8 floats */
+typedef double d8v __attribute__((vector_size(64)));     /* 8 doubles */
+typedef int32_t i16v __attribute__((vector_size(64)));   /* 16 int32 */
+typedef uint32_t u16v __attribute__((vector_size(64)));  /* 16 uint32 */
+typedef uint16_t h16v __attribute__((vector_size(32)));  /* 16 bf16 bit patterns */
+
+/* 16 values from fp32 or bf16 memory, as floats. */
+static inline f16v load_f32(const float *p) { f16v v; memcpy(&v, p, sizeof v); return v; }
+static inline f16v load_bf16(const uint16_t *p) {
+    h16v h;
+    memcpy(&h, p, sizeof h);
+    u16v u = __builtin_convertvector(h, u16v) << 16;
+    f16v v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static inline void store_f32(float *p, f16v v) { memcpy(p, &v, sizeof v); }
+/* Round to nearest even, as torch's bfloat16 conversion does; NaN stays a quiet NaN. */
+static inline void store_bf16(uint16_t *p, f16v v) {
+    u16v u;
+    memcpy(&u, &v, sizeof u);
+    u16v rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    i16v nan = (u & 0x7fffffffu) > 0x7f800000u;
+    u16v out = (rounded & ~(u16v)nan) | (((u >> 16) | 0x40u) & (u16v)nan);
+    h16v h = __builtin_convertvector(out, h16v);
+    memcpy(p, &h, sizeof h);
+}
+
+/* ReLU with torch's semantics (NaN passes through); and the identity. */
+static inline f16v relu(f16v v) {
+    i16v negative = v < (f16v){0};
+    u16v bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= ~(u16v)negative;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+static inline f16v keep(f16v v) { return v; }
+/* A gradient r where the ReLU passed x (x > 0), else 0; and r everywhere. */
+static inline f16v relu_grad(f16v x, f16v r) {
+    u16v bits;
+    memcpy(&bits, &r, sizeof bits);
+    bits &= (u16v)(x > (f16v){0});
+    memcpy(&r, &bits, sizeof r);
+    return r;
+}
+static inline f16v all_grad(f16v x, f16v r) { (void)x; return r; }
+
+static inline d8v lo(f16v v) { f8v h; memcpy(&h, &v, 32); return __builtin_convertvector(h, d8v); }
+static inline d8v hi(f16v v) { f8v h; memcpy(&h, (char *)&v + 32, 32); return __builtin_convertvector(h, d8v); }
+
+/* Per-channel totals from per-lane sums (lane j holds channel j % C). */
+static void fold(const double *lane_a, const double *lane_b, int64_t L, int64_t C,
+                 double *a, double *b) {
+    for (int64_t c = 0; c < C; c++) a[c] = b[c] = 0.0;
+    for (int64_t j = 0; j < L; j++) {
+        a[j % C] += lane_a[j];
+        b[j % C] += lane_b[j];
+    }
+}
+
+/* n is a multiple of C but not always of L: the last block is partial. It is handled by
+ * copying it into a zero-padded buffer; for sums this adds zeros (exactly), and for the
+ * elementwise passes only the real values are copied back. */
+#define DEFINE(SUF, T, LOAD, STORE, RELU, GRAD)                                            \
+/* Lane sums of v and v*v, v = relu(x) or x. */                                            \
+static void stats_##SUF(const T *x, int64_t n, int64_t L, double *s, double *q) {          \
+    T pad[LMAX] = {0};                                                                     \
+    int64_t full = n / L * L;                                                              \
+    memcpy(pad, x + full, (size_t)(n - full) * sizeof(T));                                 \
+    for (int64_t j = 0; j < L; j += 16) {                                                  \
+        d8v s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                        \
+        for (int64_t i = 0; i <= full; i += L) {                                           \
+            f16v v = RELU(LOAD(i < full ? x + i + j : pad + j));                           \
+            d8v a = lo(v), b = hi(v);                                                      \
+            s0 += a; s1 += b; q0 += a * a; q1 += b * b;                                    \
+        }                                                                                  \
+        memcpy(s + j, &s0, 64); memcpy(s + j + 8, &s1, 64);                                \
+        memcpy(q + j, &q0, 64); memcpy(q + j + 8, &q1, 64);                                \
+    }                                                                                      \
+}                                                                                          \
+/* y = v * a + b per lane. */                                                              \
+static void affine_##SUF(const T *x, T *y, int64_t n, int64_t L, const float *a,           \
+                         const float *b) {                                                 \
+    T pad[LMAX] = {0}, out[LMAX];                                                          \
+    int64_t full = n / L * L;                                                              \
+    memcpy(pad, x + full, (size_t)(n - full) * sizeof(T));                                 \
+    for (int64_t j = 0; j < L; j += 16) {                                                  \
+        f16v av = load_f32(a + j), bv = load_f32(b + j);                                   \
+        for (int64_t i = 0; i < full; i += L)                                              \
+            STORE(y + i + j, RELU(LOAD(x + i + j)) * av + bv);                             \
+        STORE(out + j, RELU(LOAD(pad + j)) * av + bv);                                     \
+    }                                                                                      \
+    memcpy(y + full, out, (size_t)(n - full) * sizeof(T));                                 \
+}                                                                                          \
+/* Lane sums of g and g*v. */                                                              \
+static void grad_stats_##SUF(const T *x, const T *g, int64_t n, int64_t L, double *s,      \
+                             double *d) {                                                  \
+    T xpad[LMAX] = {0}, gpad[LMAX] = {0};                                                  \
+    int64_t full = n / L * L;                                                              \
+    memcpy(xpad, x + full, (size_t)(n - full) * sizeof(T));                                \
+    memcpy(gpad, g + full, (size_t)(n - full) * sizeof(T));                                \
+    for (int64_t j = 0; j < L; j += 16) {                                                  \
+        d8v s0 = {0}, s1 = {0}, d0 = {0}, d1 = {0};                                        \
+        for (int64_t i = 0; i <= full; i += L) {                                           \
+            f16v dy = LOAD(i < full ? g + i + j : gpad + j);                               \
+            f16v v = RELU(LOAD(i < full ? x + i + j : xpad + j));                          \
+            d8v a = lo(dy), b = hi(dy);                                                    \
+            s0 += a; s1 += b; d0 += a * lo(v); d1 += b * hi(v);                            \
+        }                                                                                  \
+        memcpy(s + j, &s0, 64); memcpy(s + j + 8, &s1, 64);                                \
+        memcpy(d + j, &d0, 64); memcpy(d + j + 8, &d1, 64);                                \
+    }                                                                                      \
+}                                                                                          \
+/* dx = g * k1 + (v * k2 + k3) per lane, and 0 where a folded-in ReLU blocked x. */        \
+static void grad_input_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t L,          \
+                             const float *k1, const float *k2, const float *k3) {          \
+    T xpad[LMAX] = {0}, gpad[LMAX] = {0}, out[LMAX];                                       \
+    int64_t full = n / L * L;                                                              \
+    memcpy(xpad, x + full, (size_t)(n - full) * sizeof(T));                                \
+    memcpy(gpad, g + full, (size_t)(n - full) * sizeof(T));                                \
+    for (int64_t j = 0; j < L; j += 16) {                                                  \
+        f16v a = load_f32(k1 + j), b = load_f32(k2 + j), c = load_f32(k3 + j);             \
+        for (int64_t i = 0; i < full; i += L) {                                            \
+            f16v v = LOAD(x + i + j);                                                      \
+            STORE(dx + i + j, GRAD(v, LOAD(g + i + j) * a + (v * b + c)));                 \
+        }                                                                                  \
+        f16v v = LOAD(xpad + j);                                                           \
+        STORE(out + j, GRAD(v, LOAD(gpad + j) * a + (v * b + c)));                         \
+    }                                                                                      \
+    memcpy(dx + full, out, (size_t)(n - full) * sizeof(T));                                \
+}                                                                                          \
+                                                                                           \
+/* Training-mode forward: batch statistics; the running statistics updated in place      \
+ * (momentum, unbiased variance, as torch does); y = ((v - mean) * invstd * w + b) * scale \
+ * (scale: a following dropout's 1 / (1 - p), folded in); save = (mean, invstd) per      \
+ * channel, for the backward. */                                                           \
+void nl_bn_forward_##SUF(const T *x, T *y, int64_t n, int64_t C, int64_t L, const float *w, \
+                         const float *b, float *running_mean, float *running_var,          \
+                         double momentum, double eps, double scale, double *save) {        \
+    double s[LMAX], q[LMAX], sum[LMAX], sq[LMAX];                                          \
+    float a[LMAX], c[LMAX];                                                                \
+    const double m = (double)(n / C);                                                      \
+    stats_##SUF(x, n, L, s, q);                                                            \
+    fold(s, q, L, C, sum, sq);                                                             \
+    for (int64_t k = 0; k < C; k++) {                                                      \
+        double mean = sum[k] / m, var = sq[k] / m - mean * mean;                           \
+        if (var < 0.0) var = 0.0;                                                          \
+        double invstd = 1.0 / sqrt(var + eps);                                             \
+        save[k] = mean;                                                                    \
+        save[C + k] = invstd;                                                              \
+        running_mean[k] = (float)((1.0 - momentum) * running_mean[k] + momentum * mean);   \
+        running_var[k] = (float)((1.0 - momentum) * running_var[k]                         \
+                                 + momentum * var * m / (m > 1.0 ? m - 1.0 : 1.0));        \
+        a[k] = (float)(w[k] * invstd * scale);                                             \
+        c[k] = (float)((b[k] - mean * w[k] * invstd) * scale);                             \
+    }                                                                                      \
+    for (int64_t j = C; j < L; j++) { a[j] = a[j % C]; c[j] = c[j % C]; }                  \
+    affine_##SUF(x, y, n, L, a, c);                                                        \
+}                                                                                          \
+/* Its backward for the output gradient g: dx, and dw, db (written, not added to). */     \
+void nl_bn_backward_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t C, int64_t L, \
+                          const float *w, double scale, const double *save, float *dw,     \
+                          float *db) {                                                     \
+    double s[LMAX], d[LMAX], sum_g[LMAX], sum_gv[LMAX];                                    \
+    float k1[LMAX], k2[LMAX], k3[LMAX];                                                    \
+    const double m = (double)(n / C);                                                      \
+    grad_stats_##SUF(x, g, n, L, s, d);                                                    \
+    fold(s, d, L, C, sum_g, sum_gv);                                                       \
+    for (int64_t k = 0; k < C; k++) {                                                      \
+        double mean = save[k], invstd = save[C + k];                                       \
+        double sum_g_xhat = (sum_gv[k] - mean * sum_g[k]) * invstd;                        \
+        double A = w[k] * invstd * scale, B = -A * invstd * sum_g_xhat / m;                \
+        dw[k] = (float)(sum_g_xhat * scale);                                               \
+        db[k] = (float)(sum_g[k] * scale);                                                 \
+        k1[k] = (float)A;                                                                  \
+        k2[k] = (float)B;                                                                  \
+        k3[k] = (float)(-A * sum_g[k] / m - B * mean);                                     \
+    }                                                                                      \
+    for (int64_t j = C; j < L; j++) { k1[j] = k1[j % C]; k2[j] = k2[j % C]; k3[j] = k3[j % C]; } \
+    grad_input_##SUF(x, g, dx, n, L, k1, k2, k3);                                          \
+}
+
+/* GroupNorm over one channels-last image at a time: the image is HW*C values, its lane
+ * sums fold into channels and the channels into G groups of C/G. */
+#define DEFINE_GN(SUF, T)                                                                  \
+/* Forward: y = ((v - mean_ng) * invstd_ng * w + b) * scale; save = (mean, invstd) per    \
+ * (image, group), N*G each. */                                                            \
+void nl_gn_forward_##SUF(const T *x, T *y, int64_t N, int64_t HW, int64_t C, int64_t G,    \
+                         int64_t L, const float *w, const float *b, double eps,            \
+                         double scale, double *save) {                                     \
+    double s[LMAX], q[LMAX], sum[LMAX], sq[LMAX];                                          \
+    float a[LMAX], c[LMAX];                                                                \
+    const int64_t n = HW * C, per = C / G;                                                 \
+    const double count = (double)(HW * per);                                               \
+    for (int64_t img = 0; img < N; img++) {                                                \
+        stats_##SUF(x + img * n, n, L, s, q);                                              \
+        fold(s, q, L, C, sum, sq);                                                         \
+        for (int64_t g = 0; g < G; g++) {                                                  \
+            double gs = 0.0, gq = 0.0;                                                     \
+            for (int64_t k = g * per; k < (g + 1) * per; k++) { gs += sum[k]; gq += sq[k]; } \
+            double mean = gs / count, var = gq / count - mean * mean;                      \
+            if (var < 0.0) var = 0.0;                                                      \
+            double invstd = 1.0 / sqrt(var + eps);                                         \
+            save[img * G + g] = mean;                                                      \
+            save[N * G + img * G + g] = invstd;                                            \
+            for (int64_t k = g * per; k < (g + 1) * per; k++) {                            \
+                a[k] = (float)(w[k] * invstd * scale);                                     \
+                c[k] = (float)((b[k] - mean * w[k] * invstd) * scale);                     \
+            }                                                                              \
+        }                                                                                  \
+        for (int64_t j = C; j < L; j++) { a[j] = a[j % C]; c[j] = c[j % C]; }              \
+        affine_##SUF(x + img * n, y + img * n, n, L, a, c);                                \
+    }                                                                                      \
+}                                                                                          \
+/* Backward for the output gradient g: dx, and dw, db (written, not added to). */         \
+void nl_gn_backward_##SUF(const T *x, const T *g, T *dx, int64_t N, int64_t HW, int64_t C, \
+                          int64_t G, int64_t L, const float *w, double scale,              \
+                          const double *save, float *dw, float *db) {                      \
+    double s[LMAX], d[LMAX], s1[LMAX], s2[LMAX], dws[LMAX] = {0}, dbs[LMAX] = {0};         \
+    float k1[LMAX], k2[LMAX], k3[LMAX];                                                    \
+    const int64_t n = HW * C, per = C / G;                                                 \
+    const double count = (double)(HW * per);                                               \
+    for (int64_t img = 0; img < N; img++) {                                                \
+        grad_stats_##SUF(x + img * n, g + img * n, n, L, s, d);                            \
+        fold(s, d, L, C, s1, s2);                                                          \
+        for (int64_t grp = 0; grp < G; grp++) {                                            \
+            double mean = save[img * G + grp], invstd = save[N * G + img * G + grp];       \
+            double m1 = 0.0, m2 = 0.0;                                                     \
+            for (int64_t k = grp * per; k < (grp + 1) * per; k++) {                       \
+                double sum_g_xhat = (s2[k] - mean * s1[k]) * invstd;                       \
+                m1 += scale * w[k] * s1[k];                                                \
+                m2 += scale * w[k] * sum_g_xhat;                                           \
+                dws[k] += scale * sum_g_xhat;                                              \
+                dbs[k] += scale * s1[k];                                                   \
+            }                                                                              \
+            m1 /= count;                                                                   \
+            m2 /= count;                                                                   \
+            for (int64_t k = grp * per; k < (grp + 1) * per; k++) {                        \
+                k1[k] = (float)(invstd * scale * w[k]);                                    \
+                k2[k] = (float)(-invstd * invstd * m2);                                    \
+                k3[k] = (float)(-invstd * m1 + invstd * invstd * m2 * mean);               \
+            }                                                                              \
+        }                                                                                  \
+        for (int64_t j = C; j < L; j++) { k1[j] = k1[j % C]; k2[j] = k2[j % C]; k3[j] = k3[j % C]; } \
+        grad_input_##SUF(x + img * n, g + img * n, dx + img * n, n, L, k1, k2, k3);        \
+    }                                                                                      \
+    for (int64_t k = 0; k < C; k++) { dw[k] = (float)dws[k]; db[k] = (float)dbs[k]; }      \
+}
+
+DEFINE(f32, float, load_f32, store_f32, keep, all_grad)
+DEFINE(bf16, uint16_t, load_bf16, store_bf16, keep, all_grad)
+DEFINE(f32_relu, float, load_f32, store_f32, relu, relu_grad)
+DEFINE(bf16_relu, uint16_t, load_bf16, store_bf16, relu, relu_grad)
+DEFINE_GN(f32, float)
+DEFINE_GN(bf16, uint16_t)
+DEFINE_GN(f32_relu, float)
+DEFINE_GN(bf16_relu, uint16_t)

@@ -1,0 +1,258 @@
+"""ReLU -> BatchNorm / GroupNorm for channels-last CPU tensors, two passes each way, in C.
+
+torch's CPU norms take several passes over a channels-last tensor, with the ReLU before
+them two more: in a one-thread training step of the seed's network ReLU and BatchNorm
+were a third of the time, ReLU and GroupNorm more (benchmarks/README.md). ``kernels.c``
+does a training-mode forward in two passes (statistics, then the affine, the ReLU applied
+on the way in) and the backward in two (gradient sums, then the input's gradient, the
+ReLU's mask applied on the way out), with a following dropout's 1/(1-p) folded into the
+affine as :mod:`normlab.models.normdrop` does. It reads fp32 and bf16 and sums in double,
+each sum in a fixed order, so a result does not depend on the machine's vector width.
+GroupNorm covers normlab's LayerNorm (1 group) and InstanceNorm (C groups).
+
+The kernels are compiled on first use with the system's C compiler (``$CC`` or ``cc``)
+into ``$NORMLAB_KERNEL_CACHE`` (default ``~/.cache/normlab/kernels``), keyed by the source,
+the flags and the CPU, and loaded with ctypes: no torch headers, about a second to build.
+Where they do not apply (another device, a contiguous layout, other dtypes, eval mode) the
+ReLU and the norm are torch's. A run's config says whether its norms use them
+(``ModelConfig.kernels``): the numbers differ from torch's at rounding level.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+         "-fPIC", "-shared")
+MAX_LANES = 128  # LMAX in kernels.c
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+class KernelUnavailable(ValueError):
+    """The C kernel cannot be built here (no compiler, or it failed). A ValueError: the
+    remedy is a setting (``kernels = "aten"``), and commands report it in one line."""
+
+
+def compiler() -> str | None:
+    """The C compiler normlab would use: ``$CC`` or ``cc``, if it is on the PATH."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NORMLAB_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "normlab" / "kernels"
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build(cc: str | None = None) -> Path:
+    """Compile ``kernels.c`` (or reuse the cached build); returns the shared library."""
+    cc = cc or compiler()
+    if cc is None:
+        raise KernelUnavailable(
+            f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on the PATH); "
+            "install one (Debian: apt install gcc) or set kernels = \"aten\" "
+            "(--kernels aten) to use torch's norms"
+        )
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
+                    _cpu_id().encode()])
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a unique name and renamed: processes building at once never see half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise KernelUnavailable(
+                f"{cc} could not build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}\n"
+                "set kernels = \"aten\" (--kernels aten) to use torch's norms"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded kernels (built on first use); raises :class:`KernelUnavailable`."""
+    lib = ctypes.CDLL(str(build()))
+    p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    signatures = {
+        "bn_forward": [p, p, i64, i64, i64, p, p, p, p, f64, f64, f64, p],
+        "bn_backward": [p, p, p, i64, i64, i64, p, f64, p, p, p],
+        "gn_forward": [p, p, i64, i64, i64, i64, i64, p, p, f64, f64, p],
+        "gn_backward": [p, p, p, i64, i64, i64, i64, i64, p, f64, p, p, p],
+    }
+    for name, argtypes in signatures.items():
+        for suffix in ("f32", "bf16", "f32_relu", "bf16_relu"):
+            fn = getattr(lib, f"nl_{name}_{suffix}")
+            fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _function(name: str, x: torch.Tensor, relu: bool):
+    return getattr(library(), f"nl_{name}_{_SUFFIX[x.dtype]}{'_relu' if relu else ''}")
+
+
+def lanes(channels: int) -> int:
+    """Values per block: the least common multiple of C and 16 (the kernel takes 16 lanes
+    at a time and needs lane j to hold channel j % C)."""
+    return channels * 16 // math.gcd(channels, 16)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether the kernels can take this input: a CPU fp32/bf16 4-d tensor in channels-last
+    layout whose channel count C has lcm(C, 16) <= 128 (every width up to 16, and 24, 32,
+    ..., 128) and an fp32 affine."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in _SUFFIX
+        and x.shape[1] > 0 and lanes(x.shape[1]) <= MAX_LANES
+        and x.numel() > x.shape[1]
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and weight is not None
+        and weight.dtype == torch.float32
+    )
+
+
+def _grad_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+class _BatchNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, scale, relu):
+        c = x.shape[1]
+        y = torch.empty_like(x)
+        saved = torch.empty(2 * c, dtype=torch.float64)  # mean, invstd
+        _function("bn_forward", x, relu)(
+            x.data_ptr(), y.data_ptr(), x.numel(), c, lanes(c), weight.data_ptr(),
+            bias.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(), momentum, eps,
+            scale, saved.data_ptr())
+        ctx.save_for_backward(x, weight, saved)
+        ctx.scale, ctx.relu = scale, relu
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, saved = ctx.saved_tensors
+        grad = _grad_like(grad, x)
+        c = x.shape[1]
+        dx = torch.empty_like(x)
+        dw, db = torch.empty(2, c).unbind()
+        _function("bn_backward", x, ctx.relu)(
+            x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), c, lanes(c),
+            weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr())
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class _GroupNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, groups, weight, bias, eps, scale, relu):
+        n, c, h, w = x.shape
+        y = torch.empty_like(x)
+        saved = torch.empty(2 * n * groups, dtype=torch.float64)  # mean, invstd
+        _function("gn_forward", x, relu)(
+            x.data_ptr(), y.data_ptr(), n, h * w, c, groups, lanes(c), weight.data_ptr(),
+            bias.data_ptr(), eps, scale, saved.data_ptr())
+        ctx.save_for_backward(x, weight, saved)
+        ctx.groups, ctx.scale, ctx.relu = groups, scale, relu
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, saved = ctx.saved_tensors
+        grad = _grad_like(grad, x)
+        n, c, h, w = x.shape
+        dx = torch.empty_like(x)
+        dw, db = torch.empty(2, c).unbind()
+        _function("gn_backward", x, ctx.relu)(
+            x.data_ptr(), grad.data_ptr(), dx.data_ptr(), n, h * w, c, ctx.groups, lanes(c),
+            weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr())
+        return dx, None, dw, db, None, None, None
+
+
+def _check(x: torch.Tensor, *tensors: torch.Tensor) -> None:
+    if not applies(x, tensors[0]):
+        raise ValueError("normlab's kernels take a CPU fp32/bf16 4-d channels-last tensor "
+                         "(see normlab.models.kernels.applies)")
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError("the norm's weight, bias and running statistics must be "
+                             "contiguous fp32 tensors")
+
+
+@torch.compiler.disable
+def batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    scale: float = 1.0,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Training-mode ``F.batch_norm(relu(x) if relu else x, ...) * scale`` by the kernel:
+    batch statistics, running statistics updated in place (``momentum`` as torch's,
+    unbiased variance). ``x`` must satisfy :func:`applies`; differentiable in x, weight,
+    bias."""
+    _check(x, weight, bias, running_mean, running_var)
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum),
+                            float(eps), float(scale), bool(relu))
+
+
+@torch.compiler.disable
+def group_norm(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    scale: float = 1.0,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``F.group_norm(relu(x) if relu else x, groups, ...) * scale`` by the kernel. ``x``
+    must satisfy :func:`applies` and ``groups`` divide its channels; differentiable in x,
+    weight, bias."""
+    if groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"{groups} groups do not divide {x.shape[1]} channels")
+    _check(x, weight, bias)
+    return _GroupNorm.apply(x, int(groups), weight, bias, float(eps), float(scale),
+                            bool(relu))

@@ -1,0 +1,181 @@
+"""normlab's C kernels for ReLU -> BatchNorm / GroupNorm: against float64 references, inside
+the network against torch's ops, reproducible, and failing clearly where they cannot be
+built. Under CI a missing C compiler is a failure, not a skip."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import require_tool
+from normlab.models import ModelConfig, Net, kernels
+from normlab.models.net import default_kernels
+
+CL = torch.channels_last
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    require_tool(kernels.compiler() is not None, "a C compiler (cc)")
+    kernels.library()
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    return x, w, b, grad
+
+
+def _kernel_run(fn, x, w, b, grad, dtype):
+    xk = x.to(dtype).contiguous(memory_format=CL).requires_grad_()
+    wk, bk = w.float().requires_grad_(), b.float().requires_grad_()
+    y = fn(xk, wk, bk)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    return (y, *torch.autograd.grad(y, (xk, wk, bk), grad.to(dtype).contiguous(memory_format=CL)))
+
+
+def _reference_run(fn, x, w, b, grad):
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    y = fn(xr, wr, br)
+    return (y, *torch.autograd.grad(y, (xr, wr, br), grad))
+
+
+def _close(got, want, dtype):
+    """Relative to each tensor's scale: fp32 to ~1e-6, bf16 to its 8-bit mantissa."""
+    tol = 2e-5 if dtype == torch.float32 else 6e-2
+    for a, r in zip(got, want, strict=True):
+        scale = r.abs().max().item()
+        assert (a.double() - r).abs().max().item() <= tol * max(scale, 1.0), (a, r)
+
+
+# (shape, groups): widths of the seed's network (8, 16, 12, 14: lanes 16, 16, 48, 112),
+# maps whose value count is not a whole number of lane blocks, and a 1x1 map.
+SHAPES = [((6, 8, 5, 5), 2), ((4, 16, 6, 6), 2), ((3, 12, 5, 3), 2), ((5, 14, 3, 3), 1),
+          ((2, 14, 8, 8), 14), ((7, 4, 1, 1), 1), ((2, 32, 3, 3), 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize(("shape", "groups"), SHAPES)
+def test_batch_norm_matches_float64(shape, groups, relu, dtype):
+    x, w, b, grad = _inputs(shape, dtype)
+    c, scale, momentum = shape[1], 1.25, 0.1
+    mean0, var0 = torch.randn(c), torch.rand(c) + 0.5
+    rm, rv = mean0.clone(), var0.clone()
+    got = _kernel_run(lambda x, w, b: kernels.batch_norm(x, w, b, rm, rv, momentum, 1e-5,
+                                                         scale, relu), x, w, b, grad, dtype)
+    rm_ref, rv_ref = mean0.double(), var0.double()
+    want = _reference_run(lambda x, w, b: scale * F.batch_norm(
+        F.relu(x) if relu else x, rm_ref, rv_ref, w, b, True, momentum, 1e-5), x, w, b, grad)
+    _close(got, want, dtype)
+    _close((rm, rv), (rm_ref, rv_ref), dtype)  # running stats: momentum, unbiased variance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize(("shape", "groups"), SHAPES)
+def test_group_norm_matches_float64(shape, groups, relu, dtype):
+    x, w, b, grad = _inputs(shape, dtype, seed=1)
+    scale = 1.25
+    got = _kernel_run(lambda x, w, b: kernels.group_norm(x, groups, w, b, 1e-5, scale, relu),
+                      x, w, b, grad, dtype)
+    want = _reference_run(lambda x, w, b: scale * F.group_norm(
+        F.relu(x) if relu else x, groups, w, b, 1e-5), x, w, b, grad)
+    _close(got, want, dtype)
+
+
+def test_relu_keeps_torchs_edge_cases():
+    """relu(NaN) is NaN (a diverging run stays visible) and relu'(0) is 0."""
+    x = torch.zeros(2, 8, 3, 3).contiguous(memory_format=CL)
+    x[0, 0, 0, 0] = float("nan")
+    w, b = torch.ones(8), torch.zeros(8)
+    y = kernels.group_norm(x, 2, w, b, 1e-5, 1.0, True)
+    assert y[0, :4].isnan().all() and not y[1].isnan().any()  # that image's group only
+    x = torch.zeros(4, 8, 3, 3).contiguous(memory_format=CL)
+    x[:, :, 0, 0] = torch.arange(1.0, 5.0).view(4, 1)  # positive, so the norm is defined
+    x.requires_grad_()
+    y = kernels.batch_norm(x, w.clone().requires_grad_(), b, torch.zeros(8), torch.ones(8),
+                           0.1, 1e-5, 1.0, True)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) + x.detach())
+    assert (gx[:, :, 1:, :] == 0).all() and (gx[:, :, 0, 0] != 0).all()
+
+
+def _train_step(kernel_choice, seed=3, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = Net.from_config(ModelConfig(norms=("bn",), kernels=kernel_choice))
+    model = model.to(memory_format=CL).train()
+    x = torch.randn(16, 1, 28, 28).contiguous(memory_format=CL)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(x)
+    loss = F.nll_loss(out.float(), torch.arange(16) % 10)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return out.detach().float(), grads, [b.clone() for b in model.buffers()]
+
+
+def test_the_network_trains_as_with_torchs_ops():
+    """The same step (same init, input and dropout draws) through the kernels and through
+    torch's ReLU and BatchNorm: equal to rounding, and bitwise equal run to run."""
+    ours, aten = _train_step("normlab"), _train_step("aten")
+    assert torch.allclose(ours[0], aten[0], atol=1e-4)
+    for a, b in zip(ours[1] + ours[2], aten[1] + aten[2], strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+    again = _train_step("normlab")
+    for a, b in zip([ours[0], *ours[1], *ours[2]], [again[0], *again[1], *again[2]],
+                    strict=True):
+        assert torch.equal(a, b)
+    bf16 = _train_step("normlab", dtype=torch.bfloat16)
+    assert bf16[0].isfinite().all() and all(g.isfinite().all() for g in bf16[1])
+
+
+def test_where_the_kernels_do_not_apply_torchs_ops_run():
+    torch.manual_seed(0)
+    model = Net.from_config(ModelConfig(norms=("bn",), kernels="normlab")).train()
+    x = torch.randn(4, 1, 28, 28)  # contiguous: torch's ReLU and BatchNorm
+    assert not kernels.applies(model.convblock1[0](x), model.convblock1[2].weight)
+    model(x).sum().backward()
+    assert model.convblock1[0].weight.grad.isfinite().all()
+    bad = torch.randn(2, 9, 3, 3).contiguous(memory_format=CL)  # lcm(9, 16) > 128
+    assert not kernels.applies(bad, torch.ones(9))
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.batch_norm(torch.randn(2, 8, 3, 3), torch.ones(8), torch.zeros(8),
+                           torch.zeros(8), torch.ones(8), 0.1, 1e-5)
+    with pytest.raises(ValueError, match="3 groups do not divide 8 channels"):
+        kernels.group_norm(torch.randn(2, 8, 3, 3).contiguous(memory_format=CL), 3,
+                           torch.ones(8), torch.zeros(8), 1e-5)
+
+
+def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-cc")
+    assert kernels.compiler() is None
+    assert default_kernels() == "aten"  # the default where nothing can build them
+    with pytest.raises(kernels.KernelUnavailable, match=r"no C compiler.*--kernels aten"):
+        kernels.build()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_build_says_why_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_KERNEL_CACHE", str(tmp_path))
+    fake = tmp_path / "fake-cc"
+    fake.write_text("#!/bin/sh\necho 'kernels.c:1: error: something broke' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(kernels.KernelUnavailable, match="something broke"):
+        kernels.build(str(fake))
+    assert [p.name for p in tmp_path.iterdir()] == ["fake-cc"]
+
+
+def test_the_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    cc = kernels.compiler()
+    first = kernels.build(cc)
+    assert first.exists() and first.parent == tmp_path / "cache"
+    assert kernels.build(cc) == first  # reused, not rebuilt
+    other = tmp_path / "cc"
+    other.symlink_to(shutil.which(cc))
+    assert kernels.build(str(other)) != first  # another compiler: another build
