@@ -78,7 +78,8 @@ def normlab_epoch(config: RunConfig, steps: int, threads: int) -> tuple[float, f
     train = TensorData(ds.train_images[:n], ds.train_labels[:n], ds.mean, ds.std)
     test = TensorData(ds.test_images, ds.test_labels, ds.mean, ds.std)
     torch.manual_seed(config.seed)
-    model = config.make_model().to(memory_format=memory_format(torch.device("cpu"), threads))
+    model = config.make_model().to(
+        memory_format=memory_format(torch.device("cpu"), threads, config.model))
     opt, _, _ = make_optimizer(model, config, steps)
     p = config.protocol
     warm = TensorData(train.images[:WARMUP_STEPS * 64], train.labels[:WARMUP_STEPS * 64],
@@ -155,7 +156,8 @@ def main() -> None:
         malloc = in_fresh_process(allocator_in_use)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, capability "
           f"{torch.backends.cpu.get_cpu_capability()}; normlab: dropout "
-          f"{config.model.dropout_draw}, {args.precision}, malloc {malloc}; {args.rounds} "
+          f"{config.model.dropout_draw}, kernels {config.model.kernels}, {args.precision}, "
+          f"malloc {malloc}; {args.rounds} "
           f"rounds of {args.steps} steps", flush=True)
     epoch_ratios, suite_ratios = [], []
     for r in range(1, args.rounds + 1):

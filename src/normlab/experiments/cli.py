@@ -80,8 +80,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "or bernoulli (nn.Dropout; what a folder written by normlab 0.1 "
                              "holds: pass it to continue such a folder)")
     parser.add_argument("--kernels", choices=KERNELS, default=None,
-                        help="what computes every run's ReLU -> BatchNorm: normlab (its C "
-                             "kernel; the default where a C compiler is on the PATH) or aten "
+                        help="what computes every run's ReLU -> norm: normlab (its C "
+                             "kernels; the default where a C compiler is on the PATH) or aten "
                              "(torch's; what a folder written by normlab 0.3 or before holds: "
                              "pass it to continue such a folder)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,

@@ -36,10 +36,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--kernels", default=None, choices=KERNELS,
-        help="what computes each block's ReLU -> BatchNorm: normlab (the ReLU folded into "
-             "the norm, and normlab's C kernel for channels-last CPU training, compiled on "
-             "first use with the system's cc) or aten (torch's nn.ReLU and nn.BatchNorm2d) "
-             "(default: normlab where a C compiler is on the PATH, else aten)",
+        help="what computes each block's ReLU -> norm (BN, GN, LN, IN): normlab (the ReLU "
+             "folded into the norm, and normlab's C kernels for channels-last CPU training, "
+             "compiled on first use with the system's cc) or aten (torch's nn.ReLU and "
+             "norm layers) (default: normlab where a C compiler is on the PATH, else aten)",
     )
 
 

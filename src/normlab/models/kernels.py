@@ -148,8 +148,13 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     )
 
 
-def _grad_like(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+def _backward_buffers(ctx, grad: torch.Tensor):
+    """What a backward needs: the saved (x, weight, statistics), the output gradient in x's
+    dtype and layout, and fresh dx, dw, db."""
+    x, weight, saved = ctx.saved_tensors
+    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    dw, db = torch.empty(2, x.shape[1]).unbind()
+    return x, weight, saved, grad, torch.empty_like(x), dw, db
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -169,11 +174,8 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, saved = ctx.saved_tensors
-        grad = _grad_like(grad, x)
+        x, weight, saved, grad, dx, dw, db = _backward_buffers(ctx, grad)
         c = x.shape[1]
-        dx = torch.empty_like(x)
-        dw, db = torch.empty(2, c).unbind()
         _function("bn_backward", x, ctx.relu)(
             x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), c, lanes(c),
             weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr())
@@ -196,11 +198,8 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, saved = ctx.saved_tensors
-        grad = _grad_like(grad, x)
+        x, weight, saved, grad, dx, dw, db = _backward_buffers(ctx, grad)
         n, c, h, w = x.shape
-        dx = torch.empty_like(x)
-        dw, db = torch.empty(2, c).unbind()
         _function("gn_backward", x, ctx.relu)(
             x.data_ptr(), grad.data_ptr(), dx.data_ptr(), n, h * w, c, ctx.groups, lanes(c),
             weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr())

@@ -52,6 +52,15 @@ class ModelConfig:
     p = 0.01); ``"bernoulli"`` is ``nn.Dropout``, one random number per unit, as the seed
     and normlab 0.1 drew them (a stored config without the field reads as that:
     ``normlab.training.config.from_stored``).
+
+    ``kernels`` says what computes a block's ReLU -> norm (-> dropout scale), for
+    BatchNorm and GroupNorm (so LN and IN): ``"normlab"`` folds the ReLU into the norm and,
+    for channels-last CPU training, runs normlab's C kernels
+    (:mod:`normlab.models.kernels`; built on first use with the system's C compiler),
+    ``"aten"`` is torch's ``nn.ReLU`` and norm layers. They agree to rounding, not
+    bitwise. The default is ``"normlab"`` where a C compiler is on the PATH, else
+    ``"aten"``; a stored config without the field (normlab 0.3 and before) reads as
+    ``"aten"``.
     """
 
     norms: tuple[str, ...] = ("bn",)
