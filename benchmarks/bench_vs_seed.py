@@ -18,8 +18,9 @@ Every measurement runs in a fresh process (spawned; data loading and a 20-step w
 timed), so each side runs with the allocator it has in use (``normlab.memory``): normlab's
 processes with tcmalloc preloaded when it is installed and glibc's malloc tuned, the seed's
 notebook with glibc's defaults; a setting global to a process cannot leak from one side to
-the other. ``--precision bf16`` runs normlab's side with bf16 autocast (the seed's side is always
-fp32). Absolute times vary by 30% between runs on shared machines; the ratios are what the
+the other. normlab's side runs in normlab's default precision (bf16 autocast on CPUs with AMX
+or AVX512-BF16, else fp32), or the one ``--precision`` names; the seed's side is always
+fp32. Absolute times vary by 30% between runs on shared machines; the ratios are what the
 script is for.
 
     python benchmarks/bench_vs_seed.py                 # 3 rounds of 300 steps, ~10 min
@@ -146,12 +147,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="normlab's precision (default: normlab's, bf16 on CPUs with "
+                             "AMX or AVX512-BF16, else fp32)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 100
     load_dataset("mnist")  # fetched and cached before anything is timed
-    config = RunConfig(precision=args.precision)
+    config = RunConfig.from_options(precision=args.precision)
+    args.precision = config.precision
     with workers_preloaded():
         malloc = in_fresh_process(allocator_in_use)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, capability "

@@ -16,7 +16,8 @@ DATA = Path(__file__).parent / "data"
 # What tests/data/config-*.json hold: every format normlab has written, one config.
 EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01,
                                        dropout_draw="bernoulli", kernels="aten"),
-                     protocol=resolve_protocol("seed", {"epochs": 2}), l1=3e-5, subset=2000)
+                     protocol=resolve_protocol("seed", {"epochs": 2}), l1=3e-5, subset=2000,
+                     precision="fp32")
 
 
 @pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "0.4.0"])
@@ -108,7 +109,10 @@ def test_a_suite_folder_of_normlab_0_1_is_read_and_continued_with_its_dropout(tm
         check_out(suite, tmp_path, [1, 2])
     if suite.variants[0].config.model.kernels == "normlab":
         assert "--kernels aten continues it" in str(err.value)
-    old = suite.with_model(dropout_draw="bernoulli", kernels="aten")
+    if suite.variants[0].config.precision == "bf16":
+        assert "--precision fp32 continues it" in str(err.value)
+    old = suite.with_model(dropout_draw="bernoulli", kernels="aten").with_config(
+        precision="fp32")
     check_out(old, tmp_path, [1, 2])  # the same suite
 
 
@@ -126,3 +130,18 @@ def test_options_as_the_command_line_and_the_notebook_give_them():
     with pytest.raises(ConfigError) as err:
         RunConfig.from_options(groups=3, norm="gn")
     assert err.value.field == "groups"
+
+
+def test_the_default_precision_is_the_machines_and_stored_ones_are_kept(monkeypatch):
+    """bf16 autocast by default only where the CPU computes bf16 natively; a stored config
+    keeps the precision it was trained in (one without any, normlab 0.1's, is fp32)."""
+    from normlab.training import config as config_module
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(config_module, "native_bf16", lambda native=native: native)
+        assert RunConfig().precision == expected
+        assert RunConfig.from_options().precision == expected
+        stored = RunConfig(precision="bf16" if expected == "fp32" else "fp32").to_dict()
+        assert from_stored(stored).precision == stored["precision"]
+        del stored["precision"]
+        assert from_stored(stored).precision == "fp32"

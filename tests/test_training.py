@@ -46,8 +46,9 @@ def small(mnist):
 
 
 def config(**kw):
+    """A small run's config, fp32 unless given (the default precision is the machine's)."""
     proto = resolve_protocol("seed", {"epochs": kw.pop("epochs", 2), "batch_size": 64})
-    return RunConfig.from_dict({"protocol": proto, "subset": 1000, **kw})
+    return RunConfig.from_dict({"protocol": proto, "subset": 1000, "precision": "fp32", **kw})
 
 
 def kill_after_epoch_1(event):

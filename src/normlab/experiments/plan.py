@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from normlab.experiments.suite import Suite, Variant, run_dir
-from normlab.training.config import RunConfig, config_diff, from_stored
+from normlab.training.config import RunConfig, config_diff, continue_hint, from_stored
 from normlab.training.rundir import FAILED, NEW, PARTIAL, RunDir
 
 MANIFEST = "suite.json"
@@ -153,16 +153,6 @@ def manifest_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-# (a difference that says an older normlab wrote the folder, what continues it)
-CONTINUE_HINTS = (
-    ("dropout_draw: 'bernoulli'",
-     "; it was trained with nn.Dropout masks (normlab 0.1): --dropout-draw bernoulli "
-     "continues it"),
-    ("kernels: 'aten'",
-     "; its norms were torch's (normlab 0.3 or before): --kernels aten continues it"),
-)
-
-
 def merged_manifest(out: Path, suite: Suite, seeds: list[int]) -> tuple[dict, list[int]]:
     """suite.json to write: the new one, keeping the seeds of earlier invocations (their run
     directories are still there). Refuses a suite.json of a different suite."""
@@ -177,7 +167,7 @@ def merged_manifest(out: Path, suite: Suite, seeds: list[int]) -> tuple[dict, li
         ) from err
     diffs = manifest_differences(old, manifest(suite, seeds))
     if diffs:
-        hint = "".join(text for marker, text in CONTINUE_HINTS if any(marker in d for d in diffs))
+        hint = continue_hint(diffs)
         raise ValueError(
             f"{out} holds a different suite ({'; '.join(diffs)}){hint}; use another --out, "
             f"or delete {path} and the run directories that no longer match"

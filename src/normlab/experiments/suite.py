@@ -7,7 +7,8 @@ A suite is a TOML file::
     dataset = "mnist"
     seeds = [1, 2, 3]                # or a count: seeds = 3 means 1, 2, 3
     subset = 2000                    # optional: the first N training images
-    precision = "bf16"               # optional: fp32 (default) or bf16 autocast
+    precision = "bf16"               # optional: fp32 or bf16 autocast (default: bf16 on CPUs
+                                     # with AMX or AVX512-BF16, else fp32)
 
     [protocol]
     name = "seed"                    # a named protocol (normlab.training.PROTOCOLS)
@@ -38,7 +39,7 @@ from normlab.fields import ConfigError, check_keys
 from normlab.files import TomlLines, parse_toml
 from normlab.models import NORM_LABELS, ModelConfig
 from normlab.models.net import MODEL_KEYS
-from normlab.training.config import REGULARIZER_KEYS, RunConfig
+from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precision
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "protocol",
@@ -163,7 +164,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     seeds = parse_seeds(data.get("seeds", [1]), lambda msg: fail(msg, "seeds"))
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
-              "precision": data.get("precision", "fp32"), "protocol": protocol}
+              "precision": data.get("precision") or default_precision(), "protocol": protocol}
     try:  # the suite-wide options, checked once before the variants
         RunConfig.from_dict(shared)
     except ConfigError as err:

@@ -183,13 +183,16 @@ def _l1_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Block]
 
 def _seed_model(v: VariantResults, want: RunConfig) -> bool:
     """Whether ``v`` is the seed study's ``want`` (its protocol, data, dropout), any seed;
-    GroupNorm's group count matters only for GN."""
+    GroupNorm's group count matters only for GN, and how the same model is computed (the
+    dropout draw, the kernels, the precision) not at all."""
     if v.config is None:
         return False
     model = v.config.model
     groups = model.groups if "gn" in model.norms else want.model.groups
-    mine = dataclasses.replace(v.config, seed=want.seed,
-                               model=dataclasses.replace(model, groups=groups))
+    same_model = dataclasses.replace(model, groups=groups, dropout_draw=want.model.dropout_draw,
+                                     kernels=want.model.kernels)
+    mine = dataclasses.replace(v.config, seed=want.seed, precision=want.precision,
+                               model=same_model)
     return mine == want
 
 

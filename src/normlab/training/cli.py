@@ -50,9 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fixes init, data order, augmentation and dropout (default: 1)")
     parser.add_argument("--subset", type=int, default=None,
                         help="train on the first N training images only (quick checks)")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="fp32, or bf16 autocast (fast on CPUs with AMX or AVX512-BF16 "
-                             "and on recent GPUs) (default: %(default)s)")
+                             "and on recent GPUs) (default: bf16 where the CPU has AMX or "
+                             "AVX512-BF16, else fp32)")
     add_model_arguments(parser)
     reg = parser.add_argument_group("regularizers")
     reg.add_argument("--l1", type=float, default=0.0,

@@ -18,7 +18,7 @@ import torch
 from normlab import __version__
 from normlab.memory import allocator, keep_freed_memory
 from normlab.models import kernels
-from normlab.training.config import RunConfig
+from normlab.training.config import RunConfig, continue_hint
 from normlab.training.engine import (
     TensorData,
     evaluate,
@@ -153,8 +153,8 @@ def _check_config(run: RunDir, config: RunConfig, meta: dict, listener: Listener
     diffs = run.conflicts(config)
     if diffs:
         raise ValueError(
-            f"{run.path} holds a run with a different config ({'; '.join(diffs)}); "
-            "use another --out or delete that directory"
+            f"{run.path} holds a run with a different config ({'; '.join(diffs)})"
+            f"{continue_hint(diffs)}; use another --out or delete that directory"
         )
     if run.state() == "partial":
         for key in ("device", "threads"):  # both change the floating-point sums
