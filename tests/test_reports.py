@@ -256,6 +256,8 @@ def test_seed_protocol_is_compared_with_the_seed_study(tmp_path, computed):
     (root / "suite.json").write_text(json.dumps(manifest))
     analysis = analysis_md(root)
     assert "## Compared with the seed study" in analysis
+    if computed:
+        assert "Computed in bf16 autocast with torch's ReLU and norms." in analysis
     assert "| BN only | 99.36 | BN | 99.20 ± 0.14 | 2 | -0.16 |" in analysis
     assert "| BN + L1 λ=0.001 (buggy L1) | 92.70 | BN + L1 | 99.00 ± 0.00 | 2 | +6.30 |" in analysis
     assert "lead of 0.00 points over BN" in analysis

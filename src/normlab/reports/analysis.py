@@ -226,6 +226,22 @@ def _seed_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Bloc
     ]
 
 
+COMPUTED = {"fp32": "in fp32", "bf16": "in bf16 autocast",
+            "normlab": "normlab's ReLU → norm kernels", "aten": "torch's ReLU and norms"}
+
+
+def _computed(suite: SuiteResults) -> str:
+    """How the runs computed their models ("Computed in bf16 autocast with normlab's ReLU →
+    norm kernels. "), per variant where the variants differ; "" without configs."""
+    ways = {v.label: f"{COMPUTED[v.config.precision]} with {COMPUTED[v.config.model.kernels]}"
+            for v in suite.variants if v.config is not None}
+    if not ways:
+        return ""
+    if len(set(ways.values())) == 1:
+        return f"Computed {next(iter(ways.values()))}. "
+    return "Computed " + "; ".join(f"{label}: {way}" for label, way in ways.items()) + ". "
+
+
 def analysis_blocks(suite: SuiteResults, summaries: list[Summary], standalone: bool = True,
                     ) -> list[Block]:
     """The analysis; ``standalone=False`` leaves out the title and description (for the
@@ -239,9 +255,9 @@ def analysis_blocks(suite: SuiteResults, summaries: list[Summary], standalone: b
             intro.append(Para(suite.description))
     intro.append(Para(
         f"Dataset {suite.dataset}, protocol {', '.join(protocols)}, seeds "
-        f"{', '.join(map(str, suite.seeds)) or '—'}. Accuracies are test accuracies in %, "
-        "given as mean ± sample standard deviation over seeds (the single value when one seed "
-        "finished). " + COMMON_RANDOM_NUMBERS))
+        f"{', '.join(map(str, suite.seeds)) or '—'}. {_computed(suite)}Accuracies are test "
+        "accuracies in %, given as mean ± sample standard deviation over seeds (the single "
+        "value when one seed finished). " + COMMON_RANDOM_NUMBERS))
     return [
         *intro,
         *_runs_section(suite),
