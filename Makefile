@@ -25,7 +25,7 @@ system-deps:
 	bash scripts/system-deps.sh
 
 run: venv
-	bash scripts/system-deps.sh run || echo "tcmalloc not installed: training uses glibc's malloc (tuned), ~1.3x slower"
+	bash scripts/system-deps.sh run || echo "tcmalloc or gcc not installed: training uses glibc's malloc (tuned) or torch's norms, slower"
 	$(BIN)/normlab data fetch --dataset mnist
 	$(BIN)/normlab suite s6 --seeds $(SEEDS) --out runs/s6
 
