@@ -179,3 +179,17 @@ def test_the_build_is_cached_per_source_and_compiler(tmp_path, monkeypatch):
     other = tmp_path / "cc"
     other.symlink_to(shutil.which(cc))
     assert kernels.build(str(other)) != first  # another compiler: another build
+
+
+def test_the_layout_follows_the_kernels():
+    """Channels-last on one thread; on more, only where normlab's kernels do the norms
+    (torch's are faster contiguous there)."""
+    from normlab.training.engine import memory_format
+
+    cpu = torch.device("cpu")
+    assert memory_format(cpu, 1, ModelConfig(kernels="aten")) == CL
+    assert memory_format(cpu, 2, ModelConfig(norms=("gn",), kernels="normlab")) == CL
+    assert memory_format(cpu, 2, ModelConfig(kernels="aten")) == torch.contiguous_format
+    for norms in (("none",), ("bn", "ln")):  # nothing, or not everything, for the kernels
+        assert memory_format(cpu, 2, ModelConfig(norms=norms, kernels="normlab")) == \
+            torch.contiguous_format

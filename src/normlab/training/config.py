@@ -17,6 +17,7 @@ L1_SCOPES = ("all", "conv")
 # fp32, or bf16 autocast (AMX / AVX512-BF16 CPUs, recent GPUs): convolutions in bfloat16,
 # the loss, the norms' statistics and the weights in float32.
 PRECISIONS = ("fp32", "bf16")
+REGULARIZER_KEYS = ("l1", "l1_scope", "weight_decay")
 
 
 def native_bf16() -> bool:
@@ -32,7 +33,6 @@ def default_precision() -> str:
     benchmarks/README.md), else fp32. A config stores the precision it resolved to, so a
     run resumes, and is compared, in the precision it started with."""
     return "bf16" if native_bf16() else "fp32"
-REGULARIZER_KEYS = ("l1", "l1_scope", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,9 @@ CONTINUE_HINTS = (
     ("precision: 'fp32' -> 'bf16'",
      "it was trained in fp32 (normlab 0.3 or before, or another machine's default): "
      "--precision fp32 continues it"),
+    ("precision: 'bf16' -> 'fp32'",
+     "it was trained with bf16 autocast (the default on a CPU with AMX or AVX512-BF16): "
+     "--precision bf16 continues it"),
 )
 
 

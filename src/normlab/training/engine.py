@@ -48,7 +48,8 @@ def memory_format(device: torch.device, threads: int,
     The model and its inputs are kept in this layout."""
     if device.type != "cpu" or threads <= 1:
         return torch.channels_last
-    if model is not None and model.kernels == "normlab" and len(model.norms) == 1:
+    if model is not None and model.kernels == "normlab" and model.norms[0] != "none" \
+            and len(model.norms) == 1:
         return torch.channels_last
     return torch.contiguous_format
 
