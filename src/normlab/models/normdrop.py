@@ -79,8 +79,8 @@ class BatchNormDropout(nn.BatchNorm2d):
 class FoldedReLU(nn.Identity):
     """Where a block's ReLU was when the norm after it applies the ReLU itself (a
     :class:`BatchNormDropout` or :class:`GroupNormDropout` with ``relu=True``): the identity,
-    holding the ReLU's place
-    so the block's layer indices (and state-dict keys) stay the seed's."""
+    holding the ReLU's place so the block's layer indices (and state-dict keys) stay the
+    seed's."""
 
     def extra_repr(self) -> str:
         return "applied by the norm after it"

@@ -48,8 +48,8 @@ def memory_format(device: torch.device, threads: int,
     The model and its inputs are kept in this layout."""
     if device.type != "cpu" or threads <= 1:
         return torch.channels_last
-    if model is not None and model.kernels == "normlab" and model.norms[0] != "none" \
-            and len(model.norms) == 1:
+    one_norm = model is not None and len(model.norms) == 1 and model.norms != ("none",)
+    if one_norm and model.kernels == "normlab":
         return torch.channels_last
     return torch.contiguous_format
 

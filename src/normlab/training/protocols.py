@@ -51,9 +51,10 @@ PROTOCOLS: dict[str, Protocol] = {
     # The seed notebook, exactly: SGD 0.1/0.9, StepLR(8, 0.01) per epoch, batch 64, 20 epochs.
     "seed": Protocol(),
     # A faster modern schedule: larger batches, one-cycle LR with Nesterov momentum. With
-    # --precision bf16 --dropout 0 on two CPU threads the BN model reaches 99.41% (mean of 5
-    # seeds) in about 50 s of training (benchmarks/README.md). normlab 0.2 had 8 epochs of
-    # batch 128 at lr 0.2: run directories store every field, so theirs read unchanged.
+    # --dropout 0 on two CPU threads (bf16 and the kernels, normlab 0.4's defaults on an AMX
+    # CPU) the BN model reaches 99.44% (mean of 5 seeds) in 45-48 s of training
+    # (benchmarks/README.md). normlab 0.2 had 8 epochs of batch 128 at lr 0.2: run
+    # directories store every field, so theirs read unchanged.
     "fast": Protocol(
         name="fast", epochs=10, batch_size=256, lr=0.4, nesterov=True, scheduler="onecycle"
     ),
