@@ -30,17 +30,13 @@ static inline f16v load_f32(const float *p) { f16v v; memcpy(&v, p, sizeof v); r
 static inline f16v load_bf16(const uint16_t *p) {
     h16v h;
     memcpy(&h, p, sizeof h);
-    u16v u = __builtin_convertvector(h, u16v) << 16;
-    f16v v;
-    memcpy(&v, &u, sizeof v);
-    return v;
+    return (f16v)(__builtin_convertvector(h, u16v) << 16);
 }
 
 static inline void store_f32(float *p, f16v v) { memcpy(p, &v, sizeof v); }
 /* Round to nearest even, as torch's bfloat16 conversion does; NaN stays a quiet NaN. */
 static inline void store_bf16(uint16_t *p, f16v v) {
-    u16v u;
-    memcpy(&u, &v, sizeof u);
+    u16v u = (u16v)v;
     u16v rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     i16v nan = (u & 0x7fffffffu) > 0x7f800000u;
     u16v out = (rounded & ~(u16v)nan) | (((u >> 16) | 0x40u) & (u16v)nan);
@@ -50,26 +46,23 @@ static inline void store_bf16(uint16_t *p, f16v v) {
 
 /* ReLU with torch's semantics (NaN passes through); and the identity. */
 static inline f16v relu(f16v v) {
-    i16v negative = v < (f16v){0};
-    u16v bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= ~(u16v)negative;
-    memcpy(&v, &bits, sizeof v);
-    return v;
+    return (f16v)((u16v)v & ~(u16v)(v < (f16v){0}));
 }
 static inline f16v keep(f16v v) { return v; }
 /* A gradient r where the ReLU passed x (x > 0), else 0; and r everywhere. */
 static inline f16v relu_grad(f16v x, f16v r) {
-    u16v bits;
-    memcpy(&bits, &r, sizeof bits);
-    bits &= (u16v)(x > (f16v){0});
-    memcpy(&r, &bits, sizeof r);
-    return r;
+    return (f16v)((u16v)r & (u16v)(x > (f16v){0}));
 }
 static inline f16v all_grad(f16v x, f16v r) { (void)x; return r; }
 
-static inline d8v lo(f16v v) { f8v h; memcpy(&h, &v, 32); return __builtin_convertvector(h, d8v); }
-static inline d8v hi(f16v v) { f8v h; memcpy(&h, (char *)&v + 32, 32); return __builtin_convertvector(h, d8v); }
+/* The low and high 8 lanes, widened to double (in registers: no trip through memory). */
+static inline d8v lo(f16v v) {
+    return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), d8v);
+}
+static inline d8v hi(f16v v) {
+    return __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15),
+                                   d8v);
+}
 
 /* Per-channel totals from per-lane sums (lane j holds channel j % C). */
 static void fold(const double *lane_a, const double *lane_b, int64_t L, int64_t C,
