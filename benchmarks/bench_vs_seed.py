@@ -9,10 +9,14 @@ on real MNIST. Each round runs, alternating A B A B:
   engine, each for ``--steps`` steps plus one test pass, at 1 and at 2 threads. An epoch's
   time is 938 steps at the measured ms/step plus the test pass; each side is taken at its
   best thread setting of the round.
-* suite: the five ``s6`` variants, ``--steps`` steps each plus a test pass each: the seed
-  pipeline runs them one after another at its best thread setting (as the seed notebook
-  did), normlab trains them through its default executor for this machine (all cores,
-  one run per core: ``ProcessExecutor``), worker start-up included.
+* suite: the five ``s6`` variants, ``--suite-epochs`` epochs each (default 2; the real
+  suite has 20), an epoch being ``--steps`` steps plus a test pass: the seed pipeline runs
+  them one after another at its best thread setting (as the seed notebook did), normlab
+  trains them through its default executor for this machine (all cores, one run per core:
+  ``ProcessExecutor``, which splits a run between workers at an epoch boundary so that they
+  finish together), worker start-up included. With one epoch per variant no run could be
+  split, and five runs on two cores would take three runs' time however they are
+  scheduled; the real suite's 20 epochs split as two do.
 
 Every measurement runs in a fresh process (spawned; data loading and a 20-step warm-up not
 timed), so each side runs with the allocator it has in use (``normlab.memory``): normlab's
@@ -115,22 +119,29 @@ def epoch_seconds(ms_per_step: float, test_seconds: float) -> float:
     return STEPS_PER_EPOCH * ms_per_step / 1000 + test_seconds
 
 
-def seed_suite(steps: int, threads: int, variants: int) -> float:
+def seed_suite(steps: int, threads: int, variants: int, epochs: int) -> float:
     """Wall seconds of the seed pipeline over ``variants`` models, one after another (in one
-    process, as the notebook ran them; the data loaded beforehand)."""
+    process, as the notebook ran them; the data loaded beforehand), ``epochs`` epochs of
+    ``steps`` steps and a test pass each."""
     ds = load_dataset("mnist")
     start = time.perf_counter()
     for _ in range(variants):
-        seed_steps(ds, steps, threads)
+        loader = seed.make_loader(ds.train_images, ds.train_labels, seed=1)
+        model, opt, _ = seed.make_model_and_optimizer(seed=1)
+        for _ in range(epochs):
+            seed.train_epoch(model, loader, opt, max_steps=steps, threads=threads,
+                             progress_file=io.StringIO())
+            seed.test(model, ds.test_images, ds.test_labels, threads=threads)
     return time.perf_counter() - start
 
 
-def normlab_suite(steps: int, precision: str) -> float:
-    """Wall seconds of normlab training the s6 variants, ``steps`` steps each, through its
-    default executor for this machine (one run per core, one thread each)."""
+def normlab_suite(steps: int, precision: str, epochs: int) -> float:
+    """Wall seconds of normlab training the s6 variants, ``epochs`` epochs of ``steps``
+    steps each, through its default executor for this machine (one run per core, one
+    thread each)."""
     suite = load_suite("s6").map_configs(lambda c: dataclasses.replace(
         c, subset=steps * 64, precision=precision,
-        protocol=dataclasses.replace(c.protocol, epochs=1)))
+        protocol=dataclasses.replace(c.protocol, epochs=epochs)))
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as out:
         jobs = [r.job for r in plan(suite, out, [1])]
@@ -146,6 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--suite-epochs", type=int, default=2,
+                        help="epochs of --steps steps per variant in the suite (default 2)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                         help="normlab's precision (default: normlab's, bf16 on CPUs with "
@@ -175,13 +188,14 @@ def main() -> None:
         best = {side: min((times[(side, t)], t) for t in (1, 2)) for side in ("seed", "normlab")}
         epoch_ratios.append(best["seed"][0] / best["normlab"][0])
         t_seed = best["seed"][1]
-        seed_wall = in_fresh_process(seed_suite, args.steps, t_seed, 5)
-        normlab_wall = normlab_suite(args.steps, args.precision)
+        seed_wall = in_fresh_process(seed_suite, args.steps, t_seed, 5, args.suite_epochs)
+        normlab_wall = normlab_suite(args.steps, args.precision, args.suite_epochs)
         suite_ratios.append(seed_wall / normlab_wall)
         print(f"round {r}: epoch (938 steps + test): seed "
               + ", ".join(f"{times[('seed', t)]:.1f} s @{t}t" for t in (1, 2))
               + "; normlab " + ", ".join(f"{times[('normlab', t)]:.1f} s @{t}t" for t in (1, 2))
-              + f" -> {epoch_ratios[-1]:.2f}x;  suite of 5 x {args.steps} steps: seed "
+              + f" -> {epoch_ratios[-1]:.2f}x;  suite of 5 x {args.suite_epochs} x {args.steps} "
+              f"steps: seed "
               f"{seed_wall:.1f} s @{t_seed}t, normlab {normlab_wall:.1f} s "
               f"-> {suite_ratios[-1]:.2f}x", flush=True)
     print(f"median over {args.rounds} rounds: epoch {statistics.median(epoch_ratios):.2f}x, "

@@ -9,7 +9,9 @@ same run directories whichever trains them (same device and threads per run).
 
 - :class:`SerialExecutor`: one run after another in this process (the data loaded once).
 - :class:`ProcessExecutor`: N runs at once in worker processes; the parent turns what the
-  workers append to metrics.jsonl into events (:class:`MetricsWatcher`).
+  workers append to metrics.jsonl into events (:class:`MetricsWatcher`). It may split a
+  run between workers at an epoch boundary (:func:`split_plan`), so that N slots finish
+  together: five runs on two cores take two and a half runs' time, not three.
 - ``normlab.experiments.ray_executor.RayExecutor``: runs as Ray tasks, on one machine or a
   cluster.
 """
@@ -29,6 +31,7 @@ from normlab.training.events import (
     Listener,
     RunFailed,
     RunFinished,
+    RunPaused,
     RunStarted,
 )
 from normlab.training.rundir import FAILED, RunDir
@@ -41,7 +44,10 @@ class Outcome:
 
 
 class Executor(abc.ABC):
-    """Trains jobs; ``device`` and ``threads`` are per run."""
+    """Trains jobs; ``device`` and ``threads`` are per run. ``splits_runs``: whether it may
+    train a run in parts on different workers (for the time-left estimate)."""
+
+    splits_runs = False
 
     def __init__(self, device: str = "auto", threads: int | None = None) -> None:
         self.device, self.threads = device, threads
@@ -80,12 +86,59 @@ class SerialExecutor(Executor):
         return outcomes
 
 
-def train_job(job: Job, device: str, threads: int | None) -> Outcome:
-    """Train one job in a worker (module level, so that it pickles)."""
+PAUSED = "paused"  # a chunk's outcome when its run has epochs left for a later chunk
+
+
+def train_job(job: Job, device: str, threads: int | None, until: int | None = None) -> Outcome:
+    """Train one job in a worker (module level, so that it pickles), up to epoch ``until``
+    (None: to the end)."""
     from normlab.training.run import train
 
-    result = train(job.config, job.dir, device=device, threads=threads)
-    return Outcome(result.status, result.message)
+    result = train(job.config, job.dir, device=device, threads=threads, until=until)
+    return Outcome(PAUSED if result.paused else result.status, result.message)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Epochs ``first``..``until`` of the job ``rel``, planned to start at ``start`` (in
+    epochs) on slot ``slot``."""
+
+    rel: str
+    first: int
+    until: int
+    start: int
+    slot: int
+
+
+def split_plan(left: list[tuple[str, int, int]], slots: int) -> list[Chunk]:
+    """Chunks for runs ``(rel, epochs done, epochs in all)`` on ``slots`` workers, in the
+    order to hand them out, by McNaughton's wrap-around rule: with epochs of equal cost
+    every slot finishes at T = max(ceil(total left / slots), longest run), and at most
+    ``slots - 1`` runs are split, each in two chunks that never overlap in time (the one
+    planned first in time takes the earlier epochs). Runs with nothing left come first (the
+    worker only finds them finished)."""
+    chunks = [Chunk(rel, total + 1, total, 0, 0) for rel, done, total in left if done >= total]
+    todo = [(rel, done, total) for rel, done, total in left if done < total]
+    if not todo:
+        return chunks
+    span = max(-(-sum(total - done for _, done, total in todo) // slots),
+               max(total - done for _, done, total in todo))
+    planned, slot, at = [], 0, 0
+    for rel, done, total in todo:
+        size = total - done
+        room = span - at
+        if size <= room:
+            planned.append(Chunk(rel, done + 1, total, at, slot))
+            at += size
+        else:  # McNaughton: the first epochs open the next slot, the rest close this one
+            head = size - room
+            planned.append(Chunk(rel, done + 1, done + head, 0, slot + 1))
+            planned.append(Chunk(rel, done + head + 1, total, at, slot))
+            slot, at = slot + 1, head
+            continue
+        if at == span:
+            slot, at = slot + 1, 0
+    return chunks + sorted(planned, key=lambda c: (c.start, c.slot))
 
 
 class MetricsWatcher:
@@ -113,6 +166,15 @@ class MetricsWatcher:
             self.listener(EpochFinished(rel, record, self.jobs[rel].config.protocol.epochs))
         self.seen[rel] = max(self.seen[rel], len(history))
         return history
+
+    def pause(self, rel: str) -> None:
+        """A run stopped at an epoch boundary to balance the workers; it goes on later."""
+        history = self._emit_new(rel)
+        self.listener(RunPaused(rel, len(history), self.jobs[rel].config.protocol.epochs))
+
+    def resume(self, job: Job) -> None:
+        """A paused run goes on."""
+        self.listener(RunStarted(job.rel, self.seen[job.rel], job.config.protocol.epochs))
 
     def forget(self, rel: str) -> None:
         """Stop watching a run that will be started again."""
@@ -153,8 +215,11 @@ def _stop_workers(pool) -> None:
 class ProcessExecutor(Executor):
     """``jobs`` runs at a time in spawned worker processes (no forked torch thread pools).
     With ``threads`` unset each run gets cores / jobs threads. If the parent is interrupted
-    (Ctrl-C, SIGTERM) or dies, the workers stop too."""
+    (Ctrl-C, SIGTERM) or dies, the workers stop too. Runs are handed out in chunks of
+    epochs by :func:`split_plan`: a split run stops at an epoch boundary (checkpointed, as
+    after an interruption) and goes on later, in another worker, to the same numbers."""
 
+    splits_runs = True
     POLL_SECONDS = 1.0
     ATTEMPTS = 2  # a run whose worker died is retried once (it resumes from its checkpoint)
 
@@ -174,36 +239,58 @@ class ProcessExecutor(Executor):
         from concurrent.futures.process import BrokenProcessPool
 
         ctx = multiprocessing.get_context("spawn")
-        watcher, outcomes, queue = MetricsWatcher(listener), {}, list(jobs)
-        attempts = dict.fromkeys((job.rel for job in jobs), 0)
-        pending: dict = {}
+        by_rel = {job.rel: job for job in jobs}
+        left = [(job.rel, len(RunDir(job.dir).metrics()), job.config.protocol.epochs)
+                for job in jobs]
+        queue = split_plan(left, self.jobs)
+        watcher, outcomes = MetricsWatcher(listener), {}
+        attempts = dict.fromkeys(by_rel, 0)
+        pending: dict = {}  # future -> chunk
 
         def new_pool():
             return ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx,
                                        initializer=_die_with_parent, initargs=(os.getpid(),))
 
+        def next_chunk() -> Chunk | None:
+            """The first chunk in plan order whose run is not being trained now."""
+            busy = {c.rel for c in pending.values()}
+            for i, chunk in enumerate(queue):
+                if chunk.rel not in busy:
+                    return queue.pop(i)
+            return None
+
         pool = new_pool()
         try:
             while queue or pending:
-                while queue and len(pending) < self.jobs:
-                    job = queue.pop(0)
-                    attempts[job.rel] += 1
-                    watcher.start(job)
-                    pending[pool.submit(train_job, job, self.device, self.threads)] = job
+                while len(pending) < self.jobs and (chunk := next_chunk()) is not None:
+                    job = by_rel[chunk.rel]
+                    if job.rel in watcher.jobs:
+                        watcher.resume(job)
+                    else:
+                        attempts[job.rel] += 1
+                        watcher.start(job)
+                    until = None if chunk.until >= job.config.protocol.epochs else chunk.until
+                    future = pool.submit(train_job, job, self.device, self.threads, until)
+                    pending[future] = chunk
                 finished, _ = wait(pending, timeout=self.POLL_SECONDS,
                                    return_when=FIRST_COMPLETED)
                 watcher.poll()
                 broken = False
                 for future in finished:
-                    job = pending.pop(future)
+                    chunk = pending.pop(future)
+                    job = by_rel[chunk.rel]
                     err = future.exception()
                     died = isinstance(err, BrokenProcessPool)
                     broken |= died
                     if died and attempts[job.rel] < self.ATTEMPTS:
                         watcher.forget(job.rel)
-                        queue.insert(0, job)  # a worker died (maybe another's): try again
+                        queue.insert(0, chunk)  # a worker died (maybe another's): try again
                         continue
                     outcome = future.result() if err is None else fail(job, err)
+                    if outcome.status == PAUSED:
+                        watcher.pause(job.rel)
+                        continue
+                    queue = [c for c in queue if c.rel != job.rel]  # ended early: diverged
                     outcomes[job.rel] = outcome
                     watcher.finish(job.rel, outcome)
                 if broken:  # a worker died: the pool is unusable, start a fresh one

@@ -19,6 +19,7 @@ from normlab.training.events import (
     Notice,
     RunFailed,
     RunFinished,
+    RunPaused,
     RunStarted,
     StepsDone,
 )
@@ -55,8 +56,9 @@ class ConsoleProgress:
 
     def __init__(self, heads: dict[str, str] | None = None, epochs_left: int | None = None, *,
                  quiet: bool = False, out: TextIO | None = None, stream: TextIO | None = None,
-                 live: bool | None = None, bar=None) -> None:
+                 live: bool | None = None, bar=None, splits_runs: bool = False) -> None:
         self.heads = heads or {}
+        self.splits_runs = splits_runs
         self.epochs_left = epochs_left
         self.quiet = quiet
         self.out = out or sys.stdout
@@ -93,9 +95,11 @@ class ConsoleProgress:
 
     def time_left(self) -> str:
         """The suite's time left: the epochs left, spread over as many runs at once as have
-        run together so far (whole runs to a slot, the way the executor hands them out),
-        at the recent wall time of one run's epoch. Wall time per finished epoch of the
-        suite would run low once fewer runs than slots are left."""
+        run together so far, at the recent wall time of one run's epoch. Whole runs go to a
+        slot, the way the executor hands them out, unless it splits runs between slots
+        (``splits_runs``: then the slots finish together, or the longest run decides).
+        Wall time per finished epoch of the suite would run low once fewer runs than slots
+        are left."""
         if self.epochs_left is None:
             return ""
         left = max(self.epochs_left - self.epochs_done, 0)
@@ -103,8 +107,12 @@ class ConsoleProgress:
             return "estimating time left"
         recent = self.epoch_seconds[-20:]
         per_epoch = sum(recent) / len(recent)
+        queued = max(left - sum(self.remaining.get(r, 0) for r in self.running), 0)
+        if self.splits_runs:
+            unstarted = left - sum(self.remaining.values()) > 0
+            longest = max([*self.remaining.values(), self.run_epochs if unstarted else 0])
+            return f"about {duration(max(left / self.slots, longest) * per_epoch)} left"
         loads = [self.remaining.get(r, 0) for r in self.running]
-        queued = max(left - sum(loads), 0)
         loads += [0] * max(self.slots - len(loads), 0)  # slots >= 1: never empty
         heapq.heapify(loads)
         while queued > 0:
@@ -175,6 +183,12 @@ class ConsoleProgress:
                       + (f"  (suite: {left})" if left else ""))
         if self._suite_bar is not None:
             self._suite_bar.update(1)
+        self._refresh()
+
+    def _on_RunPaused(self, e: RunPaused) -> None:
+        self.running.discard(e.run)
+        self.line(f"{self._head(e.run)}: paused after epoch {e.epoch}/{e.epochs}; it goes on "
+                  f"when a worker is free (the workers then finish together)")
         self._refresh()
 
     def _on_RunFinished(self, e: RunFinished) -> None:

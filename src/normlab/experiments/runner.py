@@ -92,7 +92,8 @@ def run_suite(
     write_json(out / MANIFEST, data_manifest)
 
     heads = {r.rel: f"[{i}/{len(runs)}] {r.head}" for i, r in enumerate(runs, 1)}
-    console = ConsoleProgress(heads, sum(r.epochs_left for r in runs), quiet=quiet)
+    console = ConsoleProgress(heads, sum(r.epochs_left for r in runs), quiet=quiet,
+                              splits_runs=executor.splits_runs)
     listener = listener or console
     say = log or (lambda text: print(text, flush=True))
     if kept:

@@ -17,6 +17,7 @@ from normlab.training.events import (
     Notice,
     RunFailed,
     RunFinished,
+    RunPaused,
     RunStarted,
     StepsDone,
     ignore,
@@ -58,6 +59,10 @@ class NotebookProgress:
             self.runs_bar.set_postfix_str(", ".join(parts), refresh=True)
 
     def _on_RunStarted(self, e: RunStarted) -> None:
+        if e.run in self.epoch_bars:  # a paused run goes on
+            self.epoch_bars[e.run].set_postfix_str(f"resumed after epoch {e.epochs_done}",
+                                                   refresh=True)
+            return
         bar = self.bar(total=e.epochs, initial=e.epochs_done, desc=self.heads.get(e.run, e.run),
                        unit="epoch", leave=self.leave)
         if e.epochs_done:
@@ -78,6 +83,12 @@ class NotebookProgress:
             bar.set_postfix_str(f"test acc {r['test_acc']:.2f}%, loss {r['test_loss']:.4f}",
                                 refresh=False)
             bar.update(1)
+
+    def _on_RunPaused(self, e: RunPaused) -> None:
+        bar = self.epoch_bars.get(e.run)
+        if bar is not None:
+            bar.set_postfix_str(f"paused after epoch {e.epoch}: goes on when a worker is free",
+                                refresh=True)
 
     def _end_run(self, run: str) -> None:
         bar = self.epoch_bars.pop(run, None)

@@ -46,6 +46,16 @@ class RunFinished:
 
 
 @dataclass(frozen=True)
+class RunPaused:
+    """The run stopped after ``epoch`` (checkpointed) so that an executor's workers finish
+    together; a RunStarted follows when it goes on."""
+
+    run: str
+    epoch: int
+    epochs: int
+
+
+@dataclass(frozen=True)
 class RunFailed:
     run: str
     error: str
@@ -59,7 +69,8 @@ class Notice:
     message: str
 
 
-Event = RunStarted | StepsDone | EpochFinished | RunFinished | RunFailed | Notice
+Event = (RunStarted | StepsDone | EpochFinished | RunPaused | RunFinished | RunFailed
+         | Notice)
 Listener = Callable[[Event], None]
 
 

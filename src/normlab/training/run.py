@@ -48,6 +48,7 @@ class RunResult:
     status: str = "ok"  # "ok" | "diverged"
     message: str = ""
     skipped: bool = False  # already finished before this call
+    paused: bool = False  # stopped at ``until`` with epochs left (it resumes later)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -122,11 +123,17 @@ def train(
     data: tuple[TensorData, TensorData] | None = None,
     listener: Listener = ignore,
     name: str | None = None,
+    until: int | None = None,
 ) -> RunResult:
     """Train ``config`` into the run directory ``out`` (resuming or skipping as needed).
 
     Progress goes to ``listener`` as events naming the run ``name`` (default: ``out``).
+    With ``until`` it stops after that epoch, checkpointed as after an interruption, and
+    returns ``paused`` (no RunFinished event): a later call continues it, to the same
+    numbers as an uninterrupted run (an executor's way of splitting a run between workers).
     """
+    if until is not None and until < 1:
+        raise ValueError(f"until must be an epoch number >= 1, got {until}")
     run = RunDir(out)
     name = name or str(run.path)
     if tensorboard:
@@ -138,7 +145,9 @@ def train(
     if config.model.kernels == "normlab" and dev.type == "cpu":
         kernels.library()  # built now: a run that cannot have it fails before it starts
     with run.lock():
-        result = _train_locked(config, run, dev, tensorboard, data, listener, name)
+        result = _train_locked(config, run, dev, tensorboard, data, listener, name, until)
+    if result.paused:
+        return result
     listener(RunFinished(name, result.status, tuple(result.history), result.message,
                          result.skipped))
     return result
@@ -164,7 +173,8 @@ def _check_config(run: RunDir, config: RunConfig, meta: dict, listener: Listener
                                       f"uninterrupted run's (pass --{key} {stored[key]} for that)"))
 
 
-def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -> RunResult:
+def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
+                  until) -> RunResult:
     meta = {"normlab": __version__, "torch": torch.__version__, "device": str(dev),
             "threads": torch.get_num_threads(), "malloc": allocator()}
     _check_config(run, config, meta, listener, name)
@@ -199,7 +209,8 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -
     listener(RunStarted(name, len(history), p.epochs))
 
     status, message, final = "ok", "", None
-    for epoch in range(len(history) + 1, p.epochs + 1):
+    last = p.epochs if until is None else min(until, p.epochs)
+    for epoch in range(len(history) + 1, last + 1):
         lr = opt.param_groups[0]["lr"]
         tr = train_one_epoch(
             model, train_data, opt, seed=config.seed, epoch=epoch, batch_size=p.batch_size,
@@ -229,6 +240,10 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name) -
         if message:
             break
 
+    if not message and len(history) < p.epochs:  # stopped at ``until``
+        if writer is not None:
+            writer.close()
+        return RunResult(run.path, history, status, message, paused=True)
     if final is None:  # every epoch was done before a kill that came before predictions.pt
         final = evaluate(model, test_data, p.eval_batch_size, predictions=True,
                          precision=config.precision)["predictions"]
