@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from conftest import require_tool
 from normlab.models import ModelConfig, Net, kernels
+from normlab.models.dropout import bernoulli_positions, drop_positions
 from normlab.models.net import default_kernels
 
 CL = torch.channels_last
@@ -87,6 +88,45 @@ def test_group_norm_matches_float64(shape, groups, relu, dtype):
     want = _reference_run(lambda x, w, b: scale * F.group_norm(
         F.relu(x) if relu else x, groups, w, b, 1e-5), x, w, b, grad)
     _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+@pytest.mark.parametrize(("shape", "groups"), SHAPES)
+def test_folded_dropout_equals_zeroing_copies_bitwise(shape, groups, norm, dtype):
+    """The kernels given the dropped units give exactly what dropping them after the
+    kernel gives (``drop_positions``: zero the output, and a copy of the gradient)."""
+    x, w, b, grad = _inputs(shape, dtype, seed=5)
+    drop = bernoulli_positions(x.numel(), 0.2, torch.Generator().manual_seed(9))
+    assert 0 < drop.numel() < x.numel()
+
+    def norm_fn(drop_arg):
+        if norm == "bn":
+            stats = (torch.zeros(shape[1]), torch.ones(shape[1]))
+            return lambda xk, wk, bk: kernels.batch_norm(xk, wk, bk, *stats, 0.1, 1e-5, 1.25,
+                                                         relu=True, drop=drop_arg)
+        return lambda xk, wk, bk: kernels.group_norm(xk, groups, wk, bk, 1e-5, 1.25,
+                                                     relu=True, drop=drop_arg)
+
+    folded = _kernel_run(norm_fn(drop), x, w, b, grad, dtype)
+    after = norm_fn(None)
+    composed = _kernel_run(lambda *a: drop_positions(after(*a), drop), x, w, b, grad, dtype)
+    for got, want in zip(folded, composed, strict=True):
+        assert torch.equal(got, want)
+    assert (folded[0].flatten()[drop] == 0).all()  # logical indices, whatever the layout
+
+
+def test_dropped_units_outside_the_tensor_are_refused_before_anything_changes():
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=CL)
+    w, b, mean, var = torch.ones(8), torch.zeros(8), torch.zeros(8), torch.ones(8)
+    for bad in (torch.tensor([0, x.numel()]), torch.tensor([-1])):
+        with pytest.raises(ValueError, match="outside the tensor"):
+            kernels.batch_norm(x, w, b, mean, var, 0.1, 1e-5, drop=bad)
+        with pytest.raises(ValueError, match="outside the tensor"):
+            kernels.group_norm(x, 2, w, b, 1e-5, drop=bad)
+    assert torch.equal(mean, torch.zeros(8)) and torch.equal(var, torch.ones(8))
+    with pytest.raises(ValueError, match="int64"):
+        kernels.batch_norm(x, w, b, mean, var, 0.1, 1e-5, drop=torch.tensor([0.0]))
 
 
 def test_relu_keeps_torchs_edge_cases():

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #define LMAX 128 /* lanes at most; the caller picks L <= LMAX, L % 16 == 0 */
+#define BITMAP_SLACK 32 /* bytes past n / 8 in a dropout bitmap */
 
 typedef float f16v __attribute__((vector_size(64)));     /* 16 floats */
 typedef float f8v __attribute__((vector_size(32)));      /* 8 floats */
@@ -64,6 +65,44 @@ static inline d8v hi(f16v v) {
                                    d8v);
 }
 
+/* A following dropout, folded in: its dropped units are logical (row-major NCHW) indices,
+ * sorted. Forward, the norm's output is zeroed there; backward, the output gradient reads
+ * as +0 there (what zeroing a copy of it would give, without the copy), through a bitmap
+ * over storage offsets built from the indices. */
+static inline int64_t storage_offset(int64_t i, int64_t C, int64_t HW) {
+    int64_t img = i / (C * HW), rest = i - img * C * HW, c = rest / HW;
+    return (img * HW + (rest - c * HW)) * C + c;
+}
+/* 0 if every index is in [0, n), else -1. */
+static int check_drop(const int64_t *drop, int64_t ndrop, int64_t n) {
+    for (int64_t k = 0; k < ndrop; k++)
+        if (drop[k] < 0 || drop[k] >= n) return -1;
+    return 0;
+}
+/* The bitmap of dropped storage offsets (n / 8 + BITMAP_SLACK bytes), or NULL if none. */
+static const uint8_t *drop_bitmap(const int64_t *drop, int64_t ndrop, int64_t n, int64_t C,
+                                  int64_t HW, uint8_t *bits) {
+    if (ndrop == 0) return NULL;
+    memset(bits, 0, (size_t)(n / 8 + BITMAP_SLACK));
+    for (int64_t k = 0; k < ndrop; k++) {
+        int64_t o = storage_offset(drop[k], C, HW);
+        bits[o >> 3] |= (uint8_t)(1u << (o & 7));
+    }
+    return bits;
+}
+/* v with the lanes whose units (storage offsets e..e+15) are dropped set to +0. */
+static inline f16v drop_lanes(f16v v, const uint8_t *bits, int64_t e) {
+    if (!bits) return v;
+    uint32_t w;
+    memcpy(&w, bits + (e >> 3), sizeof w);
+    uint32_t m = (w >> (e & 7)) & 0xffffu;
+    if (!m) return v;
+    const u16v lane = {1u << 0, 1u << 1, 1u << 2, 1u << 3, 1u << 4, 1u << 5, 1u << 6, 1u << 7,
+                       1u << 8, 1u << 9, 1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14,
+                       1u << 15};
+    return (f16v)((u16v)v & ~(u16v)((lane & m) != 0));
+}
+
 /* Per-channel totals from per-lane sums (lane j holds channel j % C). */
 static void fold(const double *lane_a, const double *lane_b, int64_t L, int64_t C,
                  double *a, double *b) {
@@ -108,9 +147,9 @@ static void affine_##SUF(const T *x, T *y, int64_t n, int64_t L, const float *a,
     }                                                                                      \
     memcpy(y + full, out, (size_t)(n - full) * sizeof(T));                                 \
 }                                                                                          \
-/* Lane sums of g and g*v. */                                                              \
+/* Lane sums of g and g*v (g read as +0 where the bitmap, from storage offset e0, drops). */ \
 static void grad_stats_##SUF(const T *x, const T *g, int64_t n, int64_t L, double *s,      \
-                             double *d) {                                                  \
+                             double *d, const uint8_t *bits, int64_t e0) {                 \
     T xpad[LMAX] = {0}, gpad[LMAX] = {0};                                                  \
     int64_t full = n / L * L;                                                              \
     memcpy(xpad, x + full, (size_t)(n - full) * sizeof(T));                                \
@@ -118,7 +157,7 @@ static void grad_stats_##SUF(const T *x, const T *g, int64_t n, int64_t L, doubl
     for (int64_t j = 0; j < L; j += 16) {                                                  \
         d8v s0 = {0}, s1 = {0}, d0 = {0}, d1 = {0};                                        \
         for (int64_t i = 0; i <= full; i += L) {                                           \
-            f16v dy = LOAD(i < full ? g + i + j : gpad + j);                               \
+            f16v dy = drop_lanes(LOAD(i < full ? g + i + j : gpad + j), bits, e0 + i + j); \
             f16v v = RELU(LOAD(i < full ? x + i + j : xpad + j));                          \
             d8v a = lo(dy), b = hi(dy);                                                    \
             s0 += a; s1 += b; d0 += a * lo(v); d1 += b * hi(v);                            \
@@ -127,9 +166,11 @@ static void grad_stats_##SUF(const T *x, const T *g, int64_t n, int64_t L, doubl
         memcpy(d + j, &d0, 64); memcpy(d + j + 8, &d1, 64);                                \
     }                                                                                      \
 }                                                                                          \
-/* dx = g * k1 + (v * k2 + k3) per lane, and 0 where a folded-in ReLU blocked x. */        \
+/* dx = g * k1 + (v * k2 + k3) per lane, and 0 where a folded-in ReLU blocked x (g read  \
+ * as in grad_stats). */                                                                   \
 static void grad_input_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t L,          \
-                             const float *k1, const float *k2, const float *k3) {          \
+                             const float *k1, const float *k2, const float *k3,            \
+                             const uint8_t *bits, int64_t e0) {                            \
     T xpad[LMAX] = {0}, gpad[LMAX] = {0}, out[LMAX];                                       \
     int64_t full = n / L * L;                                                              \
     memcpy(xpad, x + full, (size_t)(n - full) * sizeof(T));                                \
@@ -138,24 +179,34 @@ static void grad_input_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t L
         f16v a = load_f32(k1 + j), b = load_f32(k2 + j), c = load_f32(k3 + j);             \
         for (int64_t i = 0; i < full; i += L) {                                            \
             f16v v = LOAD(x + i + j);                                                      \
-            STORE(dx + i + j, GRAD(v, LOAD(g + i + j) * a + (v * b + c)));                 \
+            f16v dy = drop_lanes(LOAD(g + i + j), bits, e0 + i + j);                       \
+            STORE(dx + i + j, GRAD(v, dy * a + (v * b + c)));                              \
         }                                                                                  \
         f16v v = LOAD(xpad + j);                                                           \
-        STORE(out + j, GRAD(v, LOAD(gpad + j) * a + (v * b + c)));                         \
+        f16v dy = drop_lanes(LOAD(gpad + j), bits, e0 + full + j);                         \
+        STORE(out + j, GRAD(v, dy * a + (v * b + c)));                                     \
     }                                                                                      \
     memcpy(dx + full, out, (size_t)(n - full) * sizeof(T));                                \
 }                                                                                          \
                                                                                            \
+/* y zeroed at the dropped units. */                                                       \
+static void zero_dropped_##SUF(T *y, const int64_t *drop, int64_t ndrop, int64_t C,       \
+                               int64_t HW) {                                               \
+    for (int64_t k = 0; k < ndrop; k++) y[storage_offset(drop[k], C, HW)] = (T)0;          \
+}                                                                                          \
 /* Training-mode forward: batch statistics; the running statistics updated in place      \
  * (momentum, unbiased variance, as torch does); y = ((v - mean) * invstd * w + b) * scale \
- * (scale: a following dropout's 1 / (1 - p), folded in); save = (mean, invstd) per      \
- * channel, for the backward. */                                                           \
-void nl_bn_forward_##SUF(const T *x, T *y, int64_t n, int64_t C, int64_t L, const float *w, \
-                         const float *b, float *running_mean, float *running_var,          \
-                         double momentum, double eps, double scale, double *save) {        \
+ * (scale: a following dropout's 1 / (1 - p), folded in), then 0 at the ndrop dropped    \
+ * units drop (the dropout's mask); save = (mean, invstd) per channel, for the backward.  \
+ * Returns -1, having changed nothing, if a dropped unit is out of range; else 0. */       \
+int nl_bn_forward_##SUF(const T *x, T *y, int64_t n, int64_t C, int64_t HW, int64_t L,    \
+                        const float *w, const float *b, float *running_mean,               \
+                        float *running_var, double momentum, double eps, double scale,     \
+                        double *save, const int64_t *drop, int64_t ndrop) {                \
     double s[LMAX], q[LMAX], sum[LMAX], sq[LMAX];                                          \
     float a[LMAX], c[LMAX];                                                                \
     const double m = (double)(n / C);                                                      \
+    if (check_drop(drop, ndrop, n)) return -1;                                             \
     stats_##SUF(x, n, L, s, q);                                                            \
     fold(s, q, L, C, sum, sq);                                                             \
     for (int64_t k = 0; k < C; k++) {                                                      \
@@ -172,15 +223,22 @@ void nl_bn_forward_##SUF(const T *x, T *y, int64_t n, int64_t C, int64_t L, cons
     }                                                                                      \
     for (int64_t j = C; j < L; j++) { a[j] = a[j % C]; c[j] = c[j % C]; }                  \
     affine_##SUF(x, y, n, L, a, c);                                                        \
+    zero_dropped_##SUF(y, drop, ndrop, C, HW);                                             \
+    return 0;                                                                              \
 }                                                                                          \
-/* Its backward for the output gradient g: dx, and dw, db (written, not added to). */     \
-void nl_bn_backward_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t C, int64_t L, \
-                          const float *w, double scale, const double *save, float *dw,     \
-                          float *db) {                                                     \
+/* Its backward for the output gradient g (read as 0 at the dropped units): dx, and dw,  \
+ * db (written, not added to); bits: scratch of n / 8 + BITMAP_SLACK bytes. Returns -1,   \
+ * having written nothing, if a dropped unit is out of range; else 0. */                   \
+int nl_bn_backward_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t C, int64_t HW,  \
+                         int64_t L, const float *w, double scale, const double *save,      \
+                         float *dw, float *db, const int64_t *drop, int64_t ndrop,         \
+                         uint8_t *bits) {                                                  \
     double s[LMAX], d[LMAX], sum_g[LMAX], sum_gv[LMAX];                                    \
     float k1[LMAX], k2[LMAX], k3[LMAX];                                                    \
     const double m = (double)(n / C);                                                      \
-    grad_stats_##SUF(x, g, n, L, s, d);                                                    \
+    if (check_drop(drop, ndrop, n)) return -1;                                             \
+    const uint8_t *dropped = drop_bitmap(drop, ndrop, n, C, HW, bits);                     \
+    grad_stats_##SUF(x, g, n, L, s, d, dropped, 0);                                        \
     fold(s, d, L, C, sum_g, sum_gv);                                                       \
     for (int64_t k = 0; k < C; k++) {                                                      \
         double mean = save[k], invstd = save[C + k];                                       \
@@ -193,21 +251,24 @@ void nl_bn_backward_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t C, i
         k3[k] = (float)(-A * sum_g[k] / m - B * mean);                                     \
     }                                                                                      \
     for (int64_t j = C; j < L; j++) { k1[j] = k1[j % C]; k2[j] = k2[j % C]; k3[j] = k3[j % C]; } \
-    grad_input_##SUF(x, g, dx, n, L, k1, k2, k3);                                          \
+    grad_input_##SUF(x, g, dx, n, L, k1, k2, k3, dropped, 0);                              \
+    return 0;                                                                              \
 }
 
 /* GroupNorm over one channels-last image at a time: the image is HW*C values, its lane
  * sums fold into channels and the channels into G groups of C/G. */
 #define DEFINE_GN(SUF, T)                                                                  \
-/* Forward: y = ((v - mean_ng) * invstd_ng * w + b) * scale; save = (mean, invstd) per    \
- * (image, group), N*G each. */                                                            \
-void nl_gn_forward_##SUF(const T *x, T *y, int64_t N, int64_t HW, int64_t C, int64_t G,    \
-                         int64_t L, const float *w, const float *b, double eps,            \
-                         double scale, double *save) {                                     \
+/* Forward: y = ((v - mean_ng) * invstd_ng * w + b) * scale, then 0 at the dropped units; \
+ * save = (mean, invstd) per (image, group), N*G each. Returns -1 (nothing changed) if a  \
+ * dropped unit is out of range; else 0. */                                                \
+int nl_gn_forward_##SUF(const T *x, T *y, int64_t N, int64_t HW, int64_t C, int64_t G,     \
+                        int64_t L, const float *w, const float *b, double eps,             \
+                        double scale, double *save, const int64_t *drop, int64_t ndrop) {  \
     double s[LMAX], q[LMAX], sum[LMAX], sq[LMAX];                                          \
     float a[LMAX], c[LMAX];                                                                \
     const int64_t n = HW * C, per = C / G;                                                 \
     const double count = (double)(HW * per);                                               \
+    if (check_drop(drop, ndrop, N * n)) return -1;                                         \
     for (int64_t img = 0; img < N; img++) {                                                \
         stats_##SUF(x + img * n, n, L, s, q);                                              \
         fold(s, q, L, C, sum, sq);                                                         \
@@ -227,17 +288,24 @@ void nl_gn_forward_##SUF(const T *x, T *y, int64_t N, int64_t HW, int64_t C, int
         for (int64_t j = C; j < L; j++) { a[j] = a[j % C]; c[j] = c[j % C]; }              \
         affine_##SUF(x + img * n, y + img * n, n, L, a, c);                                \
     }                                                                                      \
+    zero_dropped_##SUF(y, drop, ndrop, C, HW);                                             \
+    return 0;                                                                              \
 }                                                                                          \
-/* Backward for the output gradient g: dx, and dw, db (written, not added to). */         \
-void nl_gn_backward_##SUF(const T *x, const T *g, T *dx, int64_t N, int64_t HW, int64_t C, \
-                          int64_t G, int64_t L, const float *w, double scale,              \
-                          const double *save, float *dw, float *db) {                      \
+/* Backward for the output gradient g (read as 0 at the dropped units): dx, and dw, db    \
+ * (written, not added to); bits as nl_bn_backward's. Returns -1 (nothing written) if a   \
+ * dropped unit is out of range; else 0. */                                                \
+int nl_gn_backward_##SUF(const T *x, const T *g, T *dx, int64_t N, int64_t HW, int64_t C,  \
+                         int64_t G, int64_t L, const float *w, double scale,               \
+                         const double *save, float *dw, float *db, const int64_t *drop,    \
+                         int64_t ndrop, uint8_t *bits) {                                   \
     double s[LMAX], d[LMAX], s1[LMAX], s2[LMAX], dws[LMAX] = {0}, dbs[LMAX] = {0};         \
     float k1[LMAX], k2[LMAX], k3[LMAX];                                                    \
     const int64_t n = HW * C, per = C / G;                                                 \
     const double count = (double)(HW * per);                                               \
+    if (check_drop(drop, ndrop, N * n)) return -1;                                         \
+    const uint8_t *dropped = drop_bitmap(drop, ndrop, N * n, C, HW, bits);                 \
     for (int64_t img = 0; img < N; img++) {                                                \
-        grad_stats_##SUF(x + img * n, g + img * n, n, L, s, d);                            \
+        grad_stats_##SUF(x + img * n, g + img * n, n, L, s, d, dropped, img * n);          \
         fold(s, d, L, C, s1, s2);                                                          \
         for (int64_t grp = 0; grp < G; grp++) {                                            \
             double mean = save[img * G + grp], invstd = save[N * G + img * G + grp];       \
@@ -258,9 +326,11 @@ void nl_gn_backward_##SUF(const T *x, const T *g, T *dx, int64_t N, int64_t HW, 
             }                                                                              \
         }                                                                                  \
         for (int64_t j = C; j < L; j++) { k1[j] = k1[j % C]; k2[j] = k2[j % C]; k3[j] = k3[j % C]; } \
-        grad_input_##SUF(x + img * n, g + img * n, dx + img * n, n, L, k1, k2, k3);        \
+        grad_input_##SUF(x + img * n, g + img * n, dx + img * n, n, L, k1, k2, k3,         \
+                         dropped, img * n);                                                \
     }                                                                                      \
     for (int64_t k = 0; k < C; k++) { dw[k] = (float)dws[k]; db[k] = (float)dbs[k]; }      \
+    return 0;                                                                              \
 }
 
 DEFINE(f32, float, load_f32, store_f32, keep, all_grad)

@@ -5,8 +5,9 @@ them two more: in a one-thread training step of the seed's network ReLU and Batc
 were a third of the time, ReLU and GroupNorm more (benchmarks/README.md). ``kernels.c``
 does a training-mode forward in two passes (statistics, then the affine, the ReLU applied
 on the way in) and the backward in two (gradient sums, then the input's gradient, the
-ReLU's mask applied on the way out), with a following dropout's 1/(1-p) folded into the
-affine as :mod:`normlab.models.normdrop` does. It reads fp32 and bf16 and sums in double,
+ReLU's mask applied on the way out), with a following dropout folded in: its 1/(1-p) in the
+affine as :mod:`normlab.models.normdrop` does, its dropped units zeroed as the output is
+written and read as 0 in the gradient (the same numbers as zeroing copies, without them). It reads fp32 and bf16 and sums in double,
 each sum in a fixed order, so a result does not depend on the machine's vector width.
 GroupNorm covers normlab's LayerNorm (1 group) and InstanceNorm (C groups).
 
@@ -110,20 +111,35 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()))
     p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     signatures = {
-        "bn_forward": [p, p, i64, i64, i64, p, p, p, p, f64, f64, f64, p],
-        "bn_backward": [p, p, p, i64, i64, i64, p, f64, p, p, p],
-        "gn_forward": [p, p, i64, i64, i64, i64, i64, p, p, f64, f64, p],
-        "gn_backward": [p, p, p, i64, i64, i64, i64, i64, p, f64, p, p, p],
+        "bn_forward": [p, p, i64, i64, i64, i64, p, p, p, p, f64, f64, f64, p, p, i64],
+        "bn_backward": [p, p, p, i64, i64, i64, i64, p, f64, p, p, p, p, i64, p],
+        "gn_forward": [p, p, i64, i64, i64, i64, i64, p, p, f64, f64, p, p, i64],
+        "gn_backward": [p, p, p, i64, i64, i64, i64, i64, p, f64, p, p, p, p, i64, p],
     }
     for name, argtypes in signatures.items():
         for suffix in ("f32", "bf16", "f32_relu", "bf16_relu"):
             fn = getattr(lib, f"nl_{name}_{suffix}")
-            fn.argtypes, fn.restype = argtypes, None
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib
 
 
-def _function(name: str, x: torch.Tensor, relu: bool):
-    return getattr(library(), f"nl_{name}_{_SUFFIX[x.dtype]}{'_relu' if relu else ''}")
+@functools.cache
+def _function(name: str, dtype: torch.dtype, relu: bool):
+    return getattr(library(), f"nl_{name}_{_SUFFIX[dtype]}{'_relu' if relu else ''}")
+
+
+def _call(fn, *args) -> None:
+    if fn(*args):
+        raise ValueError("a dropped unit's index is outside the tensor")
+
+
+def _no_drop() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long)
+
+
+def _bitmap(n: int) -> torch.Tensor:
+    """Scratch for the backward's bitmap of dropped units (BITMAP_SLACK in kernels.c)."""
+    return torch.empty(n // 8 + 32, dtype=torch.uint8)
 
 
 def lanes(channels: int) -> int:
@@ -149,64 +165,70 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
 
 
 def _backward_buffers(ctx, grad: torch.Tensor):
-    """What a backward needs: the saved (x, weight, statistics), the output gradient in x's
-    dtype and layout, and fresh dx, dw, db."""
-    x, weight, saved = ctx.saved_tensors
+    """What a backward needs: the saved (x, weight, statistics, dropped units), the output
+    gradient in x's dtype and layout, and fresh dx, dw, db."""
+    x, weight, saved, drop = ctx.saved_tensors
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     dw, db = torch.empty(2, x.shape[1]).unbind()
-    return x, weight, saved, grad, torch.empty_like(x), dw, db
+    return x, weight, saved, drop, grad, torch.empty_like(x), dw, db
 
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, scale, relu):
-        c = x.shape[1]
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, scale, relu,
+                drop):
+        _, c, h, w = x.shape
         y = torch.empty_like(x)
         saved = torch.empty(2 * c, dtype=torch.float64)  # mean, invstd
-        _function("bn_forward", x, relu)(
-            x.data_ptr(), y.data_ptr(), x.numel(), c, lanes(c), weight.data_ptr(),
-            bias.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(), momentum, eps,
-            scale, saved.data_ptr())
-        ctx.save_for_backward(x, weight, saved)
+        _call(_function("bn_forward", x.dtype, relu),
+              x.data_ptr(), y.data_ptr(), x.numel(), c, h * w, lanes(c), weight.data_ptr(),
+              bias.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(), momentum, eps,
+              scale, saved.data_ptr(), drop.data_ptr(), drop.numel())
+        ctx.save_for_backward(x, weight, saved, drop)
         ctx.scale, ctx.relu = scale, relu
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, saved, grad, dx, dw, db = _backward_buffers(ctx, grad)
-        c = x.shape[1]
-        _function("bn_backward", x, ctx.relu)(
-            x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), c, lanes(c),
-            weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr())
-        return dx, dw, db, None, None, None, None, None, None
+        x, weight, saved, drop, grad, dx, dw, db = _backward_buffers(ctx, grad)
+        _, c, h, w = x.shape
+        bits = _bitmap(x.numel())  # held here: the C call must not outlive it
+        _call(_function("bn_backward", x.dtype, ctx.relu),
+              x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), c, h * w, lanes(c),
+              weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr(),
+              drop.data_ptr(), drop.numel(), bits.data_ptr())
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups, weight, bias, eps, scale, relu):
+    def forward(ctx, x, groups, weight, bias, eps, scale, relu, drop):
         n, c, h, w = x.shape
         y = torch.empty_like(x)
         saved = torch.empty(2 * n * groups, dtype=torch.float64)  # mean, invstd
-        _function("gn_forward", x, relu)(
-            x.data_ptr(), y.data_ptr(), n, h * w, c, groups, lanes(c), weight.data_ptr(),
-            bias.data_ptr(), eps, scale, saved.data_ptr())
-        ctx.save_for_backward(x, weight, saved)
+        _call(_function("gn_forward", x.dtype, relu),
+              x.data_ptr(), y.data_ptr(), n, h * w, c, groups, lanes(c), weight.data_ptr(),
+              bias.data_ptr(), eps, scale, saved.data_ptr(), drop.data_ptr(), drop.numel())
+        ctx.save_for_backward(x, weight, saved, drop)
         ctx.groups, ctx.scale, ctx.relu = groups, scale, relu
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, saved, grad, dx, dw, db = _backward_buffers(ctx, grad)
+        x, weight, saved, drop, grad, dx, dw, db = _backward_buffers(ctx, grad)
         n, c, h, w = x.shape
-        _function("gn_backward", x, ctx.relu)(
-            x.data_ptr(), grad.data_ptr(), dx.data_ptr(), n, h * w, c, ctx.groups, lanes(c),
-            weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr())
-        return dx, None, dw, db, None, None, None
+        bits = _bitmap(x.numel())  # held here: the C call must not outlive it
+        _call(_function("gn_backward", x.dtype, ctx.relu),
+              x.data_ptr(), grad.data_ptr(), dx.data_ptr(), n, h * w, c, ctx.groups, lanes(c),
+              weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr(),
+              drop.data_ptr(), drop.numel(), bits.data_ptr())
+        return dx, None, dw, db, None, None, None, None
 
 
-def _check(x: torch.Tensor, *tensors: torch.Tensor) -> None:
+def _check(x: torch.Tensor, drop: torch.Tensor | None, *tensors: torch.Tensor) -> torch.Tensor:
+    """Raise unless the kernels can take these; returns ``drop`` as the kernels read it."""
     if not applies(x, tensors[0]):
         raise ValueError("normlab's kernels take a CPU fp32/bf16 4-d channels-last tensor "
                          "(see normlab.models.kernels.applies)")
@@ -214,6 +236,11 @@ def _check(x: torch.Tensor, *tensors: torch.Tensor) -> None:
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError("the norm's weight, bias and running statistics must be "
                              "contiguous fp32 tensors")
+    if drop is None:
+        return _no_drop()
+    if drop.dtype != torch.long or drop.dim() != 1 or drop.device.type != "cpu":
+        raise ValueError("drop must be a 1-d CPU int64 tensor of unit indices")
+    return drop.contiguous()
 
 
 @torch.compiler.disable
@@ -227,14 +254,18 @@ def batch_norm(
     eps: float,
     scale: float = 1.0,
     relu: bool = False,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Training-mode ``F.batch_norm(relu(x) if relu else x, ...) * scale`` by the kernel:
     batch statistics, running statistics updated in place (``momentum`` as torch's,
-    unbiased variance). ``x`` must satisfy :func:`applies`; differentiable in x, weight,
-    bias."""
-    _check(x, weight, bias, running_mean, running_var)
+    unbiased variance). ``drop``: the units a following dropout zeroes, as logical
+    (row-major NCHW) indices (:func:`~normlab.models.dropout.bernoulli_positions`): the
+    output is 0 there and so is the gradient that flows back through them, exactly as
+    ``drop_positions`` after the norm gives. ``x`` must satisfy :func:`applies`;
+    differentiable in x, weight, bias; an index outside ``x`` raises ValueError."""
+    drop = _check(x, drop, weight, bias, running_mean, running_var)
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum),
-                            float(eps), float(scale), bool(relu))
+                            float(eps), float(scale), bool(relu), drop)
 
 
 @torch.compiler.disable
@@ -246,12 +277,13 @@ def group_norm(
     eps: float,
     scale: float = 1.0,
     relu: bool = False,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.group_norm(relu(x) if relu else x, groups, ...) * scale`` by the kernel. ``x``
-    must satisfy :func:`applies` and ``groups`` divide its channels; differentiable in x,
-    weight, bias."""
+    """``F.group_norm(relu(x) if relu else x, groups, ...) * scale`` by the kernel, with
+    ``drop`` as :func:`batch_norm`'s. ``x`` must satisfy :func:`applies` and ``groups``
+    divide its channels; differentiable in x, weight, bias."""
     if groups < 1 or x.shape[1] % groups:
         raise ValueError(f"{groups} groups do not divide {x.shape[1]} channels")
-    _check(x, weight, bias)
+    drop = _check(x, drop, weight, bias)
     return _GroupNorm.apply(x, int(groups), weight, bias, float(eps), float(scale),
-                            bool(relu))
+                            bool(relu), drop)
