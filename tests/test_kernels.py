@@ -129,6 +129,50 @@ def test_dropped_units_outside_the_tensor_are_refused_before_anything_changes():
         kernels.batch_norm(x, w, b, mean, var, 0.1, 1e-5, drop=torch.tensor([0.0]))
 
 
+def _pool_input(shape, kind, dtype):
+    g = torch.Generator().manual_seed(2)
+    if kind == "ties":  # few distinct values: many windows with equal maxima
+        x = torch.randint(0, 3, shape, generator=g).float()
+    else:
+        x = torch.randn(shape, generator=g)
+    if kind == "inf":
+        x[0, :, :4, :4] = float("-inf")
+        x[0, 0, 0, 1] = float("inf")
+    if kind == "nan":
+        x.view(-1)[torch.randperm(x.numel(), generator=g)[:40]] = float("nan")
+    return x.to(dtype).contiguous(memory_format=CL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["randn", "ties", "inf", "nan"])
+@pytest.mark.parametrize("shape", [(3, 8, 24, 24), (2, 11, 7, 9), (2, 3, 4, 4), (1, 16, 6, 5)])
+def test_max_pool_picks_as_torch_does(shape, kind, dtype):
+    """Values and gradients bitwise torch's (NaN where torch has NaN): 8-channel vector
+    blocks, remainders, odd sizes, ties, infinities, NaNs."""
+    x = _pool_input(shape, kind, dtype)
+    g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(dtype)
+    g = g.contiguous(memory_format=CL)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, want = kernels.max_pool_2x2(ours), F.max_pool2d(theirs, 2, 2)
+    y.backward(g)
+    want.backward(g)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    assert torch.equal(y.isnan(), want.isnan())
+    assert torch.equal(y.detach().nan_to_num(), want.detach().nan_to_num())
+    assert torch.equal(ours.grad, theirs.grad)
+
+
+def test_the_network_pools_with_the_kernel_only_where_it_applies():
+    net = Net.from_config(ModelConfig(kernels="normlab"))
+    assert type(net.pool1).__name__ == "MaxPool2x2"
+    assert type(Net.from_config(ModelConfig(kernels="aten")).pool1) is torch.nn.MaxPool2d
+    x = torch.randn(2, 8, 6, 6)  # contiguous: torch's pooling, the same numbers
+    assert not kernels.pool_applies(x)
+    assert torch.equal(net.pool1(x), F.max_pool2d(x, 2, 2))
+    with pytest.raises(ValueError, match="channels-last"):
+        kernels.max_pool_2x2(x)
+
+
 def test_relu_keeps_torchs_edge_cases():
     """relu(NaN) is NaN (a diverging run stays visible) and relu'(0) is 0."""
     x = torch.zeros(2, 8, 3, 3).contiguous(memory_format=CL)

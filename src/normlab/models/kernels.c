@@ -341,3 +341,89 @@ DEFINE_GN(f32, float)
 DEFINE_GN(bf16, uint16_t)
 DEFINE_GN(f32_relu, float)
 DEFINE_GN(bf16_relu, uint16_t)
+
+/* 2x2 max pooling, stride 2, of a channels-last (N, C, H, W) tensor, as torch's CPU kernel
+ * picks: in each window the first largest value in (h, w) order, except that a NaN takes
+ * over (the last NaN); -inf everywhere picks the first. arg gets the pick (0..3) per output
+ * value, for the backward; an odd last row or column is left out, as torch does. Branch
+ * free, 8 channels at a time: the window's first value stands for torch's -inf start (a
+ * -inf or NaN first value ends the same). */
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint16_t h8v __attribute__((vector_size(16)));
+typedef uint8_t b8v __attribute__((vector_size(8)));
+static inline f8v load8_f32(const float *p) { f8v v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8_f32(float *p, f8v v) { memcpy(p, &v, sizeof v); }
+static inline f8v load8_bf16(const uint16_t *p) {
+    h8v h;
+    memcpy(&h, p, sizeof h);
+    return (f8v)(__builtin_convertvector(h, i8v) << 16);
+}
+static inline void store8_bf16(uint16_t *p, f8v v) {  /* exact for values read from bf16 */
+    h8v h = __builtin_convertvector((i8v)v >> 16, h8v);
+    memcpy(p, &h, sizeof h);
+}
+static inline void pick8(f8v *best, i8v *k, f8v v, int q) {
+    i8v take = (v > *best) | (v != v);
+    *best = (f8v)(((i8v)v & take) | ((i8v)*best & ~take));
+    *k = (*k & ~take) | ((i8v){q, q, q, q, q, q, q, q} & take);
+}
+#define DEFINE_POOL(SUF, T, TOF, FROMF, LOAD8, STORE8)                                     \
+void nl_maxpool2_forward_##SUF(const T *x, T *y, uint8_t *arg, int64_t N, int64_t H,       \
+                               int64_t W, int64_t C) {                                     \
+    const int64_t OH = H / 2, OW = W / 2;                                                  \
+    for (int64_t n = 0; n < N; n++)                                                        \
+        for (int64_t oh = 0; oh < OH; oh++)                                                \
+            for (int64_t ow = 0; ow < OW; ow++) {                                          \
+                const T *a = x + ((n * H + 2 * oh) * W + 2 * ow) * C, *b = a + W * C;     \
+                int64_t o = ((n * OH + oh) * OW + ow) * C, c = 0;                          \
+                for (; c + 8 <= C; c += 8) {                                               \
+                    f8v best = LOAD8(a + c);                                               \
+                    i8v k = {0};                                                           \
+                    pick8(&best, &k, LOAD8(a + C + c), 1);                                 \
+                    pick8(&best, &k, LOAD8(b + c), 2);                                     \
+                    pick8(&best, &k, LOAD8(b + C + c), 3);                                 \
+                    STORE8(y + o + c, best);                                               \
+                    b8v kb = __builtin_convertvector(k, b8v);                              \
+                    memcpy(arg + o + c, &kb, sizeof kb);                                   \
+                }                                                                          \
+                for (; c < C; c++) {                                                       \
+                    float v[4] = {TOF(a[c]), TOF(a[C + c]), TOF(b[c]), TOF(b[C + c])};     \
+                    float best = v[0];                                                     \
+                    uint8_t k = 0;                                                         \
+                    for (int q = 1; q < 4; q++)                                            \
+                        if (v[q] > best || v[q] != v[q]) { best = v[q]; k = (uint8_t)q; }  \
+                    y[o + c] = FROMF(best);                                                \
+                    arg[o + c] = k;                                                        \
+                }                                                                          \
+            }                                                                              \
+}                                                                                          \
+/* Its backward: dx is g at each window's pick and 0 elsewhere. */                         \
+void nl_maxpool2_backward_##SUF(const T *g, const uint8_t *arg, T *dx, int64_t N,          \
+                                int64_t H, int64_t W, int64_t C) {                         \
+    const int64_t OH = H / 2, OW = W / 2;                                                  \
+    const int64_t off[4] = {0, C, W * C, W * C + C};                                       \
+    memset(dx, 0, (size_t)(N * H * W * C) * sizeof(T));                                   \
+    for (int64_t n = 0; n < N; n++)                                                        \
+        for (int64_t oh = 0; oh < OH; oh++)                                                \
+            for (int64_t ow = 0; ow < OW; ow++) {                                          \
+                T *out = dx + ((n * H + 2 * oh) * W + 2 * ow) * C;                         \
+                int64_t o = ((n * OH + oh) * OW + ow) * C;                                 \
+                for (int64_t c = 0; c < C; c++) out[off[arg[o + c]] + c] = g[o + c];       \
+            }                                                                              \
+}
+
+/* bf16 <-> float, exact both ways for a float that came from a bf16 (NaN payloads too). */
+static inline float f32_value(float v) { return v; }
+static inline float bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+static inline uint16_t bf16_bits(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return (uint16_t)(u >> 16);
+}
+DEFINE_POOL(f32, float, f32_value, f32_value, load8_f32, store8_f32)
+DEFINE_POOL(bf16, uint16_t, bf16_value, bf16_bits, load8_bf16, store8_bf16)

@@ -1,15 +1,18 @@
-"""ReLU -> BatchNorm / GroupNorm for channels-last CPU tensors, two passes each way, in C.
+"""ReLU -> BatchNorm / GroupNorm for channels-last CPU tensors, two passes each way, in C;
+and the 2x2 max pooling.
 
 torch's CPU norms take several passes over a channels-last tensor, with the ReLU before
 them two more: in a one-thread training step of the seed's network ReLU and BatchNorm
 were a third of the time, ReLU and GroupNorm more (benchmarks/README.md). ``kernels.c``
 does a training-mode forward in two passes (statistics, then the affine, the ReLU applied
 on the way in) and the backward in two (gradient sums, then the input's gradient, the
-ReLU's mask applied on the way out), with a following dropout folded in: its 1/(1-p) in the
-affine as :mod:`normlab.models.normdrop` does, its dropped units zeroed as the output is
-written and read as 0 in the gradient (the same numbers as zeroing copies, without them). It reads fp32 and bf16 and sums in double,
-each sum in a fixed order, so a result does not depend on the machine's vector width.
-GroupNorm covers normlab's LayerNorm (1 group) and InstanceNorm (C groups).
+ReLU's mask applied on the way out), with a following dropout folded in: its 1/(1-p) in
+the affine as :mod:`normlab.models.normdrop` does, its dropped units zeroed as the output
+is written and read as 0 in the gradient (the same numbers as zeroing copies, without
+them). It reads fp32 and bf16 and sums in double, each sum in a fixed order, so a result
+does not depend on the machine's vector width. GroupNorm covers normlab's LayerNorm (1
+group) and InstanceNorm (C groups). :func:`max_pool_2x2` is torch's 2x2 max pooling pick
+for pick, in one pass, keeping a byte per output instead of an int64 index.
 
 The kernels are compiled on first use with the system's C compiler (``$CC`` or ``cc``)
 into ``$NORMLAB_KERNEL_CACHE`` (default ``~/.cache/normlab/kernels``), keyed by the source,
@@ -120,11 +123,15 @@ def library() -> ctypes.CDLL:
         for suffix in ("f32", "bf16", "f32_relu", "bf16_relu"):
             fn = getattr(lib, f"nl_{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    for name in ("maxpool2_forward", "maxpool2_backward"):
+        for suffix in ("f32", "bf16"):
+            fn = getattr(lib, f"nl_{name}_{suffix}")
+            fn.argtypes, fn.restype = [p, p, p, i64, i64, i64, i64], None
     return lib
 
 
 @functools.cache
-def _function(name: str, dtype: torch.dtype, relu: bool):
+def _function(name: str, dtype: torch.dtype, relu: bool = False):
     return getattr(library(), f"nl_{name}_{_SUFFIX[dtype]}{'_relu' if relu else ''}")
 
 
@@ -287,3 +294,47 @@ def group_norm(
     drop = _check(x, drop, weight, bias)
     return _GroupNorm.apply(x, int(groups), weight, bias, float(eps), float(scale),
                             bool(relu), drop)
+
+
+def pool_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`max_pool_2x2` can take ``x``: a CPU fp32/bf16 4-d channels-last
+    tensor."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _SUFFIX
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        n, c, h, w = x.shape
+        y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype,
+                        memory_format=torch.channels_last)
+        arg = torch.empty(y.numel(), dtype=torch.uint8)
+        _function("maxpool2_forward", x.dtype)(x.data_ptr(), y.data_ptr(), arg.data_ptr(),
+                                               n, h, w, c)
+        ctx.save_for_backward(arg)
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (arg,) = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        grad = grad.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
+        dx = torch.empty(ctx.shape, dtype=ctx.dtype, memory_format=torch.channels_last)
+        _function("maxpool2_backward", ctx.dtype)(grad.data_ptr(), arg.data_ptr(),
+                                                  dx.data_ptr(), n, h, w, c)
+        return dx
+
+
+@torch.compiler.disable
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2, 2)`` by the kernel, one pass and a byte per output for the
+    backward (torch keeps an int64 index): the same values and gradients as torch's CPU
+    kernel, which it follows pick for pick (the first largest value of a window in (h, w)
+    order, a NaN taking over). ``x`` must satisfy :func:`pool_applies`."""
+    if not pool_applies(x):
+        raise ValueError("normlab's max pooling takes a CPU fp32/bf16 4-d channels-last "
+                         "tensor")
+    return _MaxPool2x2.apply(x)

@@ -53,12 +53,12 @@ class ModelConfig:
     and normlab 0.1 drew them (a stored config without the field reads as that:
     ``normlab.training.config.from_stored``).
 
-    ``kernels`` says what computes a block's ReLU -> norm (-> dropout scale), for
-    BatchNorm and GroupNorm (so LN and IN): ``"normlab"`` folds the ReLU into the norm and,
-    for channels-last CPU training, runs normlab's C kernels
-    (:mod:`normlab.models.kernels`; built on first use with the system's C compiler),
-    ``"aten"`` is torch's ``nn.ReLU`` and norm layers. They agree to rounding, not
-    bitwise. The default is ``"normlab"`` where a C compiler is on the PATH, else
+    ``kernels`` says what computes a block's ReLU -> norm (-> dropout), for BatchNorm and
+    GroupNorm (so LN and IN): ``"normlab"`` folds the ReLU into the norm and, for
+    channels-last CPU training, runs normlab's C kernels (:mod:`normlab.models.kernels`;
+    built on first use with the system's C compiler), ``"aten"`` is torch's ``nn.ReLU``
+    and norm layers. They agree to rounding, not bitwise. (With ``"normlab"`` the max
+    pooling is the kernels' too, bitwise torch's.) The default is ``"normlab"`` where a C compiler is on the PATH, else
     ``"aten"``; a stored config without the field (normlab 0.3 and before) reads as
     ``"aten"``.
     """
@@ -230,7 +230,7 @@ class Net(nn.Module):
                     fold_relu(layers)
             setattr(self, name, nn.Sequential(*layers))
             if name == POOL_AFTER:
-                self.pool1 = nn.MaxPool2d(2, 2)
+                self.pool1 = MaxPool2x2() if cfg.kernels == "normlab" else nn.MaxPool2d(2, 2)
         self.gap = nn.AvgPool2d(GAP_KERNEL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,6 +241,21 @@ class Net(nn.Module):
         x = self.gap(x)
         x = self.convblock8(x)
         return F.log_softmax(x.flatten(1), dim=-1)
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2, 2)`` by normlab's kernel where it applies (a channels-last CPU
+    tensor: :func:`~normlab.models.kernels.max_pool_2x2`), torch's elsewhere: the same
+    numbers either way, the kernel's in one pass with a byte per output kept for the
+    backward."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.pool_applies(x):
+            return kernels.max_pool_2x2(x)
+        return super().forward(x)
 
 
 def _dropout(layers: list[nn.Module], cfg: ModelConfig) -> list[nn.Module]:
