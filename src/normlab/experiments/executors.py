@@ -151,8 +151,12 @@ class MetricsWatcher:
         self.seen: dict[str, int] = {}
         self.jobs: dict[str, Job] = {}
 
-    def start(self, job: Job) -> None:
-        done = len(RunDir(job.dir).metrics())
+    def start(self, job: Job, done: int | None = None) -> None:
+        """Follow ``job``, which had ``done`` epochs when it was handed out (default: as
+        many as its metrics.jsonl holds now); the epochs after those are reported as they
+        appear, even those finished before this call."""
+        if done is None:
+            done = len(RunDir(job.dir).metrics())
         self.seen[job.rel], self.jobs[job.rel] = done, job
         self.listener(RunStarted(job.rel, done, job.config.protocol.epochs))
 

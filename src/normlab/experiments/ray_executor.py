@@ -81,6 +81,7 @@ class _Task:
 
     job: Job
     lock: tuple | None  # (mtime_ns, pid text) of the run's .lock: at submission, then seen
+    done: int = 0  # epochs finished at submission
     started: bool = False
 
 
@@ -165,8 +166,10 @@ class RayExecutor(Executor):
         watcher = MetricsWatcher(listener)
         # Ray gives a task the GPUs it asked for; one that asked for none trains on the CPU
         device = "cpu" if self.device == "auto" and not self.gpus_per_run else self.device
-        pending = {task.remote(job, device, self.threads): _Task(job, _lock_state(job))
-                   for job in jobs}
+        # A task may train an epoch before a poll sees it start: what was done before it
+        # is counted at submission, so that every later epoch is reported.
+        tasks = [_Task(job, _lock_state(job), len(RunDir(job.dir).metrics())) for job in jobs]
+        pending = {task.remote(t.job, device, self.threads): t for t in tasks}
         outcomes: dict[str, Outcome] = {}
         try:
             while pending:
@@ -177,7 +180,7 @@ class RayExecutor(Executor):
                     t = pending.pop(ref)
                     if not t.started:  # started and ended between two polls
                         t.started = True
-                        watcher.start(t.job)
+                        watcher.start(t.job, t.done)
                     outcome = self._outcome(ray, ref, t.job)
                     outcomes[t.job.rel] = outcome
                     watcher.finish(t.job.rel, outcome)
@@ -197,7 +200,7 @@ class RayExecutor(Executor):
             return
         if not t.started:
             t.started = True
-            watcher.start(t.job)
+            watcher.start(t.job, t.done)
         elif t.lock is not None and lock[1] != t.lock[1]:
             epochs = len(RunDir(t.job.dir).metrics())
             listener(Notice(t.job.rel, f"its worker (pid {t.lock[1]}) died; Ray retried it in "
