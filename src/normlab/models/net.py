@@ -58,9 +58,9 @@ class ModelConfig:
     channels-last CPU training, runs normlab's C kernels (:mod:`normlab.models.kernels`;
     built on first use with the system's C compiler), ``"aten"`` is torch's ``nn.ReLU``
     and norm layers. They agree to rounding, not bitwise. (With ``"normlab"`` the max
-    pooling is the kernels' too, bitwise torch's.) The default is ``"normlab"`` where a C compiler is on the PATH, else
-    ``"aten"``; a stored config without the field (normlab 0.3 and before) reads as
-    ``"aten"``.
+    pooling is the kernels' too, bitwise torch's.) The default is ``"normlab"`` where a C
+    compiler is on the PATH, else ``"aten"``; a stored config without the field (normlab
+    0.3 and before) reads as ``"aten"``.
     """
 
     norms: tuple[str, ...] = ("bn",)
