@@ -92,7 +92,7 @@ def normlab_epoch(config: RunConfig, steps: int, threads: int) -> tuple[float, f
     for data in (warm, train):
         tr = train_one_epoch(model, data, opt, seed=config.seed, epoch=1,
                              batch_size=p.batch_size, rotation=p.rotation,
-                             precision=config.precision)
+                             precision=config.precision, augment=config.augment)
     te = evaluate(model, test, p.eval_batch_size, precision=config.precision)
     return 1000 * tr["train_seconds"] / steps, te["test_seconds"]
 

@@ -17,14 +17,15 @@ DATA = Path(__file__).parent / "data"
 EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01,
                                        dropout_draw="bernoulli", kernels="aten"),
                      protocol=resolve_protocol("seed", {"epochs": 2}), l1=3e-5, subset=2000,
-                     precision="fp32")
+                     precision="fp32", augment="aten")
 
 
-@pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "0.4.0"])
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "0.4.0", "0.5.0"])
 def test_every_config_json_format_reads_to_the_same_config(version, tmp_path):
     stored = json.loads((DATA / f"config-{version}.json").read_text())
     assert stored["normlab"] == version
-    assert from_stored(stored["run"]) == EXPECTED  # 0.1 drew masks with nn.Dropout, <0.4 ATen
+    # 0.1 drew masks with nn.Dropout, < 0.4 had torch's norms, < 0.5 torch's rotation
+    assert from_stored(stored["run"]) == EXPECTED
     run = RunDir(tmp_path / "r")
     run.path.mkdir()
     shutil.copy(DATA / f"config-{version}.json", run.file("config.json"))
@@ -39,7 +40,7 @@ def test_the_current_format_round_trips():
     assert from_stored(EXPECTED.to_dict()) == EXPECTED
     assert RunConfig().model.dropout_draw == "positions"  # new runs: the faster draw
     assert from_stored(RunConfig().to_dict()) == RunConfig()
-    stored = json.loads((DATA / "config-0.4.0.json").read_text())
+    stored = json.loads((DATA / "config-0.5.0.json").read_text())
     assert EXPECTED.to_dict() == stored["run"]  # this version still writes that format
 
 
@@ -111,8 +112,10 @@ def test_a_suite_folder_of_normlab_0_1_is_read_and_continued_with_its_dropout(tm
         assert "--kernels aten continues it" in str(err.value)
     if suite.variants[0].config.precision == "bf16":
         assert "--precision fp32 continues it" in str(err.value)
+    if suite.variants[0].config.augment == "normlab":
+        assert "--augment aten continues it" in str(err.value)
     old = suite.with_model(dropout_draw="bernoulli", kernels="aten").with_config(
-        precision="fp32")
+        precision="fp32", augment="aten")
     check_out(old, tmp_path, [1, 2])  # the same suite
 
 

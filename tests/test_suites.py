@@ -26,6 +26,7 @@ from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, manifest, run_suite
 from normlab.experiments.progress import ConsoleProgress
 from normlab.experiments.suite import default_label
+from normlab.models import kernels
 from normlab.training import RunConfig, RunDir, resolve_protocol
 from normlab.training.events import (
     EpochFinished,
@@ -59,21 +60,30 @@ def small_suite(tmp_path_factory):
 @pytest.fixture(scope="module")
 def done(mnist, small_suite, tmp_path_factory):
     """The small suite run once, uninterrupted, recording each run's training batches
-    (the uint8 images and the rotation angles that reach ``to_input``)."""
+    (the uint8 images and the rotation angles that reach ``to_input``, or the C kernel's
+    ``rotate_normalize`` with augment = "normlab")."""
     out = tmp_path_factory.mktemp("done") / "small"
     batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     events: list = []
     log: list[str] = []
-    real_to_input = engine.to_input
+    real_to_input, real_rotate = engine.to_input, kernels.rotate_normalize
+
+    def record(images, degrees):
+        current = next(e.run for e in reversed(events) if isinstance(e, RunStarted))
+        batches.setdefault(current, []).append((images.clone(), degrees.clone()))
 
     def to_input(images, mean, std, degrees=None, **kw):
         if degrees is not None:  # training batches only (evaluation is not augmented)
-            current = next(e.run for e in reversed(events) if isinstance(e, RunStarted))
-            batches.setdefault(current, []).append((images.clone(), degrees.clone()))
+            record(images, degrees)
         return real_to_input(images, mean, std, degrees, **kw)
+
+    def rotate_normalize(images, idx, degrees, mean, std):
+        record(images[idx], degrees)
+        return real_rotate(images, idx, degrees, mean, std)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "to_input", to_input)
+        mp.setattr(kernels, "rotate_normalize", rotate_normalize)
         report = run_suite(small_suite, out, jobs=1, listener=events.append, log=log.append)
     return out, report, batches, log, events
 

@@ -16,7 +16,7 @@ from conftest import require_tool
 from normlab import memory
 from normlab.cli import main
 from normlab.fields import ConfigError
-from normlab.models import dropout, normdrop
+from normlab.models import dropout, kernels, normdrop
 from normlab.training import (
     RunConfig,
     TensorData,
@@ -297,6 +297,26 @@ def test_bf16_autocast_trains_and_is_part_of_the_config(small, tmp_path):
     assert saved["precision"] == "bf16"
     with pytest.raises(ValueError, match=r"precision: 'bf16' -> 'fp32'"):
         train(config(epochs=1), tmp_path / "bf16", data=small)  # not resumed in another
+
+
+def test_what_rotates_the_images_is_part_of_the_config(small, tmp_path, monkeypatch):
+    """augment = "normlab" rotates every training batch with the C kernel (not the
+    evaluation's, which is not rotated), "aten" with torch's ops; a folder trained with one
+    is not continued with the other, and the refusal names the flag that continues it."""
+    require_tool(kernels.compiler() is not None, "a C compiler (cc)")
+    calls = []
+    real = kernels.rotate_normalize
+    monkeypatch.setattr(kernels, "rotate_normalize", lambda *a: calls.append(1) or real(*a))
+    ours = train(config(epochs=1, augment="normlab"), tmp_path / "c", data=small)
+    assert len(calls) == 16  # 1000 images in batches of 64
+    theirs = train(config(epochs=1, augment="aten"), tmp_path / "aten", data=small)
+    assert len(calls) == 16
+    assert abs(ours.history[0]["test_acc"] - theirs.history[0]["test_acc"]) < 5
+    saved = json.loads((tmp_path / "aten/config.json").read_text())["run"]
+    assert saved["augment"] == "aten"
+    with pytest.raises(ValueError, match=r"augment: 'aten' -> 'normlab'.*--augment aten "
+                                         r"continues it"):
+        train(config(epochs=1, augment="normlab"), tmp_path / "aten", data=small)
 
 
 @pytest.mark.parametrize("norm", ["bn", "ln", "none"])

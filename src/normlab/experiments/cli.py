@@ -84,6 +84,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "kernels; the default where a C compiler is on the PATH) or aten "
                              "(torch's; what a folder written by normlab 0.3 or before holds: "
                              "pass it to continue such a folder)")
+    parser.add_argument("--augment", choices=KERNELS, default=None,
+                        help="what rotates every run's training images: normlab (its C "
+                             "kernel, one pass; the default where a C compiler is on the "
+                             "PATH) or aten (torch's affine_grid + grid_sample; what a folder "
+                             "written by normlab 0.4 or before holds: pass it to continue "
+                             "such a folder)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="every run in fp32 or with bf16 autocast; default: the suite "
                              "file's, else bf16 where the CPU has AMX or AVX512-BF16 (an "
@@ -156,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_model(dropout_draw=args.dropout_draw)
     if args.kernels:
         suite = suite.with_model(kernels=args.kernels)
+    if args.augment:
+        suite = suite.with_config(augment=args.augment)
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list
     out = args.out or default_out(suite)
     executor = make_executor(args)

@@ -195,7 +195,7 @@ def _options(variant: Variant, suite: Suite) -> str:
     values = {**{k: (getattr(c.model, k), getattr(default.model, k))
                  for k in ("groups", "dropout", "dropout_draw", "kernels")},
               **{k: (getattr(c, k), getattr(default, k))
-                 for k in ("l1", "l1_scope", "weight_decay", "precision")}}
+                 for k in ("l1", "l1_scope", "weight_decay", "precision", "augment")}}
     for key, (value, base) in values.items():
         if (key == "groups" and "gn" in c.model.norms) or value != base:
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")

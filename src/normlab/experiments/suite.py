@@ -9,6 +9,8 @@ A suite is a TOML file::
     subset = 2000                    # optional: the first N training images
     precision = "bf16"               # optional: fp32 or bf16 autocast (default: bf16 on CPUs
                                      # with AMX or AVX512-BF16, else fp32)
+    augment = "aten"                 # optional: what rotates the training images (normlab's
+                                     # C kernel where a compiler is found, else torch's ops)
 
     [protocol]
     name = "seed"                    # a named protocol (normlab.training.PROTOCOLS)
@@ -42,8 +44,8 @@ from normlab.models.net import MODEL_KEYS
 from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precision
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
-TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "protocol",
-            "variant")
+TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "augment",
+            "protocol", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
 VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "protocol")
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -165,6 +167,8 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
               "precision": data.get("precision") or default_precision(), "protocol": protocol}
+    if "augment" in data:
+        shared["augment"] = data["augment"]
     try:  # the suite-wide options, checked once before the variants
         RunConfig.from_dict(shared)
     except ConfigError as err:

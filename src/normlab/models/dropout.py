@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from normlab.models.eager import eager
+
 __all__ = [
     "SparseDropout", "bernoulli_positions", "dense_drop_", "draws_positions", "drop_positions",
     "sparse_dropout",
@@ -57,7 +59,7 @@ def dense_drop_(x: torch.Tensor, p: float) -> torch.Tensor:
     return x.mul_(torch.empty_like(x).bernoulli_(1.0 - p))
 
 
-@torch.compiler.disable  # data-dependent sizes and a host read: kept out of compiled graphs
+@eager  # data-dependent sizes and a host read: kept out of compiled graphs
 def bernoulli_positions(
     n: int, p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -166,7 +168,7 @@ class _DropPositions(torch.autograd.Function):
         return grad_in, None, None, None
 
 
-@torch.compiler.disable
+@eager
 def drop_positions(
     x: torch.Tensor, positions: torch.Tensor, scale: float = 1.0, inplace: bool = False
 ) -> torch.Tensor:

@@ -18,6 +18,7 @@
 
 #define LMAX 128 /* lanes at most; the caller picks L <= LMAX, L % 16 == 0 */
 #define BITMAP_SLACK 32 /* bytes past n / 8 in a dropout bitmap */
+#define ROTATE_MAX 4096 /* image sides at most, for nl_rotate_normalize */
 
 typedef float f16v __attribute__((vector_size(64)));     /* 16 floats */
 typedef float f8v __attribute__((vector_size(32)));      /* 8 floats */
@@ -427,3 +428,35 @@ static inline uint16_t bf16_bits(float v) {
 }
 DEFINE_POOL(f32, float, f32_value, f32_value, load8_f32, store8_f32)
 DEFINE_POOL(bf16, uint16_t, bf16_value, bf16_bits, load8_bf16, store8_bf16)
+
+/* Training inputs (normlab's augment = "normlab"): the uint8 images images[idx[k]] (H x W
+ * each) rotated by degrees[k] about the centre, nearest pixel, 0 (black) outside, then
+ * (v / 255 - mean) / std, into out (N x H x W floats). The geometry is torch's affine_grid
+ * + grid_sample (align_corners False, nearest, half-way to even) computed in double rather
+ * than float32, so a pixel whose source lies within float32 rounding of a half-way point
+ * may come from the other neighbour (one pixel in 10 million did, at +-7 degrees); the
+ * values are exactly the torch path's (float32 v / 255, minus mean, over std). */
+void nl_rotate_normalize(const uint8_t *images, const int64_t *idx, const float *degrees,
+                         int64_t N, int64_t H, int64_t W, float mean, float std, float *out) {
+    const double pi = 3.14159265358979323846;
+    double xs[ROTATE_MAX], ys[ROTATE_MAX];  /* pixel centres in [-1, 1] */
+    for (int64_t j = 0; j < W; j++) xs[j] = (2.0 * (double)j + 1.0) / (double)W - 1.0;
+    for (int64_t i = 0; i < H; i++) ys[i] = (2.0 * (double)i + 1.0) / (double)H - 1.0;
+    float value[256];
+    for (int v = 0; v < 256; v++) value[v] = ((float)v / 255.0f - mean) / std;
+    for (int64_t k = 0; k < N; k++) {
+        const uint8_t *img = images + idx[k] * H * W;
+        float *o = out + k * H * W;
+        const double t = (double)degrees[k] * (pi / 180.0), c = cos(t), s = sin(t);
+        for (int64_t i = 0; i < H; i++)
+            for (int64_t j = 0; j < W; j++) {
+                /* source = ((R (x, y) + 1) * size - 1) / 2, to the nearest pixel */
+                const double ix =
+                    nearbyint(((c * xs[j] - s * ys[i] + 1.0) * (double)W - 1.0) * 0.5);
+                const double iy =
+                    nearbyint(((s * xs[j] + c * ys[i] + 1.0) * (double)H - 1.0) * 0.5);
+                const int inside = ix >= 0.0 && ix < (double)W && iy >= 0.0 && iy < (double)H;
+                o[i * W + j] = inside ? value[img[(int64_t)iy * W + (int64_t)ix]] : value[0];
+            }
+    }
+}

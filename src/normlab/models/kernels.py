@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from normlab.models.eager import eager
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
          "-fPIC", "-shared")
@@ -127,6 +129,9 @@ def library() -> ctypes.CDLL:
         for suffix in ("f32", "bf16"):
             fn = getattr(lib, f"nl_{name}_{suffix}")
             fn.argtypes, fn.restype = [p, p, p, i64, i64, i64, i64], None
+    f32 = ctypes.c_float
+    lib.nl_rotate_normalize.argtypes = [p, p, p, i64, i64, i64, f32, f32, p]
+    lib.nl_rotate_normalize.restype = None
     return lib
 
 
@@ -250,7 +255,7 @@ def _check(x: torch.Tensor, drop: torch.Tensor | None, *tensors: torch.Tensor) -
     return drop.contiguous()
 
 
-@torch.compiler.disable
+@eager
 def batch_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -275,7 +280,7 @@ def batch_norm(
                             float(eps), float(scale), bool(relu), drop)
 
 
-@torch.compiler.disable
+@eager
 def group_norm(
     x: torch.Tensor,
     groups: int,
@@ -328,7 +333,7 @@ class _MaxPool2x2(torch.autograd.Function):
         return dx
 
 
-@torch.compiler.disable
+@eager
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2, 2)`` by the kernel, one pass and a byte per output for the
     backward (torch keeps an int64 index): the same values and gradients as torch's CPU
@@ -338,3 +343,34 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
         raise ValueError("normlab's max pooling takes a CPU fp32/bf16 4-d channels-last "
                          "tensor")
     return _MaxPool2x2.apply(x)
+
+
+ROTATE_MAX = 4096  # image sides at most (ROTATE_MAX in kernels.c)
+
+
+def rotate_normalize(images: torch.Tensor, idx: torch.Tensor, degrees: torch.Tensor,
+                     mean: float, std: float) -> torch.Tensor:
+    """``to_input(images[idx], mean, std, degrees)`` (:mod:`normlab.training.augment`) in one
+    pass: each uint8 image rotated about its centre by its angle, nearest pixel, black
+    outside, then normalised, as float (N, 1, H, W). The geometry is torch's affine_grid +
+    grid_sample computed in double instead of float32: a pixel whose source lies within
+    float32 rounding of a half-way point may come from the other neighbour (one pixel in
+    10 million did, at +-7 degrees), so a run's config records which computed its inputs
+    (``RunConfig.augment``). ``images``: CPU uint8 (n, H, W); ``idx``: int64 indices into
+    it; ``degrees``: one float per index."""
+    if images.dtype != torch.uint8 or images.dim() != 3 or images.device.type != "cpu":
+        raise ValueError("images must be a CPU uint8 tensor of shape (n, H, W)")
+    n, h, w = images.shape
+    if max(h, w) > ROTATE_MAX:
+        raise ValueError(f"images larger than {ROTATE_MAX} pixels a side are not supported")
+    idx = idx.to(torch.long).contiguous()
+    degrees = degrees.to(torch.float32).contiguous()
+    if degrees.shape != idx.shape or idx.dim() != 1:
+        raise ValueError("idx and degrees must be 1-d and of the same length")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"an index is outside the {n} images")
+    images = images.contiguous()
+    out = torch.empty((idx.numel(), 1, h, w))
+    library().nl_rotate_normalize(images.data_ptr(), idx.data_ptr(), degrees.data_ptr(),
+                                  idx.numel(), h, w, float(mean), float(std), out.data_ptr())
+    return out

@@ -184,7 +184,7 @@ def _l1_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Block]
 def _seed_model(v: VariantResults, want: RunConfig) -> bool:
     """Whether ``v`` is the seed study's ``want`` (its protocol, data, dropout), any seed;
     GroupNorm's group count matters only for GN, and how the same model is computed (the
-    dropout draw, the kernels, the precision) not at all."""
+    dropout draw, the kernels, the precision, what rotates the images) not at all."""
     if v.config is None:
         return False
     model = v.config.model
@@ -192,7 +192,7 @@ def _seed_model(v: VariantResults, want: RunConfig) -> bool:
     same_model = dataclasses.replace(model, groups=groups, dropout_draw=want.model.dropout_draw,
                                      kernels=want.model.kernels)
     mine = dataclasses.replace(v.config, seed=want.seed, precision=want.precision,
-                               model=same_model)
+                               augment=want.augment, model=same_model)
     return mine == want
 
 

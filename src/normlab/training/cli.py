@@ -20,7 +20,7 @@ from pathlib import Path
 from normlab.fields import check_keys
 from normlab.files import parse_toml
 from normlab.models.cli import add_model_arguments
-from normlab.models.net import MODEL_KEYS
+from normlab.models.net import KERNELS, MODEL_KEYS
 from normlab.training.config import L1_SCOPES, PRECISIONS, RunConfig
 from normlab.training.protocols import PROTOCOLS, protocol_fields
 
@@ -54,6 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fp32, or bf16 autocast (fast on CPUs with AMX or AVX512-BF16 "
                              "and on recent GPUs) (default: bf16 where the CPU has AMX or "
                              "AVX512-BF16, else fp32)")
+    parser.add_argument("--augment", default=None, choices=KERNELS,
+                        help="what rotates the training images: normlab (its C kernel, one "
+                             "pass; the default where a C compiler is on the PATH) or aten "
+                             "(torch's affine_grid + grid_sample, as normlab 0.4 and before)")
     add_model_arguments(parser)
     reg = parser.add_argument_group("regularizers")
     reg.add_argument("--l1", type=float, default=0.0,
@@ -87,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, f"p_{f.name}") is not None:
             options[f.name] = getattr(args, f"p_{f.name}")
     run_options = ("dataset", *MODEL_KEYS, "l1", "l1_scope", "weight_decay", "seed", "subset",
-                   "precision")
+                   "precision", "augment")
     return RunConfig.from_options(args.protocol, **options,
                                   **{key: getattr(args, key) for key in run_options})
 

@@ -10,7 +10,7 @@ import torch
 
 from normlab.fields import ConfigError, check_keys, coerce
 from normlab.models import ModelConfig, Net
-from normlab.models.net import MODEL_KEYS
+from normlab.models.net import KERNELS, MODEL_KEYS, default_kernels
 from normlab.training.protocols import PROTOCOLS, Protocol, protocol_fields, resolve_protocol
 
 L1_SCOPES = ("all", "conv")
@@ -54,6 +54,11 @@ class RunConfig:
     seed: int = 1
     subset: int | None = None  # first N training images, for quick checks
     precision: str = field(default_factory=default_precision)  # "fp32" | "bf16" (autocast)
+    # what rotates and normalises the training images on a CPU: normlab's C kernel (one
+    # pass; the default where a C compiler is on the PATH) or "aten" (torch's affine_grid +
+    # grid_sample, as normlab 0.4 and before did); they may pick another neighbour for a
+    # pixel whose source is within float32 rounding of a half-way point
+    augment: str = field(default_factory=default_kernels)
 
     def __post_init__(self) -> None:
         from normlab.data import DATASETS
@@ -69,6 +74,9 @@ class RunConfig:
         if self.l1_scope not in L1_SCOPES:
             raise ConfigError("l1_scope", f"l1_scope must be one of {', '.join(L1_SCOPES)}, "
                                           f"got {self.l1_scope!r}")
+        if self.augment not in KERNELS:
+            raise ConfigError("augment", f"augment must be one of {', '.join(KERNELS)}, "
+                                         f"got {self.augment!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"precision must be one of {', '.join(PRECISIONS)}, "
                                            f"got {self.precision!r}")
@@ -115,8 +123,8 @@ class RunConfig:
         """A config from ``normlab train``'s options, flat, as the command line and
         ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
         ``dropout_draw``, ``kernels``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``,
-        ``seed``, ``subset``, ``precision``) and any field of the named ``protocol`` (``epochs``,
-        ``lr``, ...). An option given as None keeps its default."""
+        ``seed``, ``subset``, ``precision``, ``augment``) and any field of the named
+        ``protocol`` (``epochs``, ``lr``, ...). An option given as None keeps its default."""
         run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)
                                    if f.name not in ("model", "protocol"))]
         proto_keys = [f.name for f in protocol_fields()]
@@ -132,9 +140,10 @@ def from_stored(data: dict[str, Any]) -> RunConfig:
     config). Stored before ``dropout_draw`` existed (normlab 0.1), the dropout masks were
     nn.Dropout's: such a config reads as ``dropout_draw="bernoulli"``; stored before
     ``kernels`` existed (normlab 0.3 and before), the norms were torch's: it reads as
-    ``kernels="aten"``; and without a precision (normlab 0.1) as fp32. So a run resumes
-    and reports exactly as it was trained, on any machine."""
-    data = {"precision": "fp32", **data}
+    ``kernels="aten"``; without a precision (normlab 0.1) as fp32; and without ``augment``
+    (normlab 0.4 and before) as ``augment="aten"``. So a run resumes and reports exactly as
+    it was trained, on any machine."""
+    data = {"precision": "fp32", "augment": "aten", **data}
     model = data.get("model")
     if isinstance(model, dict):
         data["model"] = {"dropout_draw": "bernoulli", "kernels": "aten", **model}
@@ -151,6 +160,9 @@ CONTINUE_HINTS = (
      "continues it"),
     ("kernels: 'aten'",
      "its norms were torch's (normlab 0.3 or before): --kernels aten continues it"),
+    ("augment: 'aten'",
+     "its training images were rotated by torch's ops (normlab 0.4 or before): "
+     "--augment aten continues it"),
     ("precision: 'fp32' -> 'bf16'",
      "it was trained in fp32 (normlab 0.3 or before, or another machine's default): "
      "--precision fp32 continues it"),

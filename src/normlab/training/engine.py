@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.models import ModelConfig
+from normlab.models import ModelConfig, kernels
 from normlab.training.augment import to_input
 
 
@@ -94,8 +94,13 @@ def train_one_epoch(
     step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_step: Callable[[int], None] | None = None,
     precision: str = "fp32",
+    augment: str = "aten",
 ) -> dict[str, float]:
     """Train for one epoch; returns mean train loss (NLL), accuracy %, L1 term, seconds.
+
+    ``augment`` says what rotates and normalises the training images on a CPU: ``"aten"``
+    (:func:`~normlab.training.augment.to_input`, torch's ops) or ``"normlab"`` (the C
+    kernel, :func:`~normlab.models.kernels.rotate_normalize`, one pass).
 
     ``step_scheduler`` is stepped after every batch (one-cycle); per-epoch schedulers are
     the caller's. ``on_step(images_seen)`` is called after every batch (it must not read
@@ -115,10 +120,15 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     step_ids = torch.arange(-(-n // batch_size), device=device)  # no host->device per step
+    in_c = augment == "normlab" and device.type == "cpu" and bool(rotation)
     for step, begin in enumerate(range(0, n, batch_size)):
         idx = order[begin : begin + batch_size]
-        x = to_input(data.images[idx], data.mean, data.std, angles[idx] if rotation else None,
-                     memory_format=layout)
+        if in_c:
+            x = kernels.rotate_normalize(data.images, idx, angles[idx], data.mean, data.std)
+            x = x.contiguous(memory_format=layout)
+        else:
+            x = to_input(data.images[idx], data.mean, data.std,
+                         angles[idx] if rotation else None, memory_format=layout)
         y = data.labels[idx]
         with autocast(device, precision):
             out = model(x)

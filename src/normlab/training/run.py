@@ -142,7 +142,7 @@ def train(
         torch.set_num_threads(threads)
     keep_freed_memory()
     dev = resolve_device(device)
-    if config.model.kernels == "normlab" and dev.type == "cpu":
+    if "normlab" in (config.model.kernels, config.augment) and dev.type == "cpu":
         kernels.library()  # built now: a run that cannot have it fails before it starts
     with run.lock():
         result = _train_locked(config, run, dev, tensorboard, data, listener, name, until)
@@ -216,7 +216,7 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
             model, train_data, opt, seed=config.seed, epoch=epoch, batch_size=p.batch_size,
             rotation=p.rotation, l1=config.l1, l1_params=covered, step_scheduler=per_step,
             on_step=_step_events(listener, name, epoch, len(train_data), p.batch_size),
-            precision=config.precision,
+            precision=config.precision, augment=config.augment,
         )
         if per_epoch is not None:
             per_epoch.step()
