@@ -148,3 +148,21 @@ def test_the_default_precision_is_the_machines_and_stored_ones_are_kept(monkeypa
         assert from_stored(stored).precision == stored["precision"]
         del stored["precision"]
         assert from_stored(stored).precision == "fp32"
+
+
+def test_every_refusal_to_continue_names_the_flag_that_continues():
+    from normlab.training.config import continue_hint
+
+    hints = {
+        "model.dropout_draw: 'bernoulli' -> 'positions'": "--dropout-draw bernoulli",
+        "model.kernels: 'aten' -> 'normlab'": "--kernels aten",
+        "model.kernels: 'normlab' -> 'aten'": "--kernels normlab",
+        "augment: 'aten' -> 'normlab'": "--augment aten",
+        "augment: 'normlab' -> 'aten'": "--augment normlab",
+        "precision: 'fp32' -> 'bf16'": "--precision fp32",
+        "precision: 'bf16' -> 'fp32'": "--precision bf16",
+    }
+    for diff, flag in hints.items():
+        hint = continue_hint([diff])
+        assert flag in hint and hint.count("continues it") == 1, (diff, hint)
+    assert continue_hint(["l1: 0.0 -> 0.001"]) == ""

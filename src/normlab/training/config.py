@@ -158,11 +158,17 @@ CONTINUE_HINTS = (
     ("dropout_draw: 'bernoulli'",
      "it was trained with nn.Dropout masks (normlab 0.1): --dropout-draw bernoulli "
      "continues it"),
-    ("kernels: 'aten'",
+    ("kernels: 'aten' -> 'normlab'",
      "its norms were torch's (normlab 0.3 or before): --kernels aten continues it"),
-    ("augment: 'aten'",
+    ("kernels: 'normlab' -> 'aten'",
+     "its norms were normlab's C kernels: --kernels normlab continues it (with a C "
+     "compiler on the PATH)"),
+    ("augment: 'aten' -> 'normlab'",
      "its training images were rotated by torch's ops (normlab 0.4 or before): "
      "--augment aten continues it"),
+    ("augment: 'normlab' -> 'aten'",
+     "its training images were rotated by normlab's C kernel: --augment normlab continues "
+     "it (with a C compiler on the PATH)"),
     ("precision: 'fp32' -> 'bf16'",
      "it was trained in fp32 (normlab 0.3 or before, or another machine's default): "
      "--precision fp32 continues it"),
