@@ -244,20 +244,22 @@ def test_chance_level_run_is_flagged(tmp_path):
 
 
 @pytest.mark.parametrize("computed", [{}, {"kernels": "aten", "dropout_draw": "bernoulli",
-                                             "precision": "bf16"}])
+                                             "precision": "bf16", "augment": "aten"}])
 def test_seed_protocol_is_compared_with_the_seed_study(tmp_path, computed):
     """Also for runs that computed the same model another way (an older normlab's folder:
-    torch's norms, nn.Dropout's masks; or bf16)."""
+    torch's norms and rotation, nn.Dropout's masks; or bf16)."""
     root = make_suite(tmp_path, epochs=20)
     manifest = json.loads((root / "suite.json").read_text())
+    run_keys = ("precision", "augment")
     for v in manifest["variants"]:
-        v["config"]["precision"] = computed.get("precision", v["config"]["precision"])
-        v["config"]["model"].update({k: w for k, w in computed.items() if k != "precision"})
+        v["config"].update({k: w for k, w in computed.items() if k in run_keys})
+        v["config"]["model"].update({k: w for k, w in computed.items() if k not in run_keys})
     (root / "suite.json").write_text(json.dumps(manifest))
     analysis = analysis_md(root)
     assert "## Compared with the seed study" in analysis
     if computed:
-        assert "Computed in bf16 autocast with torch's ReLU and norms." in analysis
+        assert ("Computed in bf16 autocast with torch's ReLU and norms, the training images "
+                "rotated by torch's ops.") in analysis
     assert "| BN only | 99.36 | BN | 99.20 ± 0.14 | 2 | -0.16 |" in analysis
     assert "| BN + L1 λ=0.001 (buggy L1) | 92.70 | BN + L1 | 99.00 ± 0.00 | 2 | +6.30 |" in analysis
     assert "lead of 0.00 points over BN" in analysis

@@ -228,12 +228,15 @@ def _seed_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Bloc
 
 COMPUTED = {"fp32": "in fp32", "bf16": "in bf16 autocast",
             "normlab": "normlab's ReLU → norm kernels", "aten": "torch's ReLU and norms"}
+ROTATED = {"normlab": "normlab's rotation kernel", "aten": "torch's ops"}
 
 
 def _computed(suite: SuiteResults) -> str:
-    """How the runs computed their models ("Computed in bf16 autocast with normlab's ReLU →
-    norm kernels. "), per variant where the variants differ; "" without configs."""
-    ways = {v.label: f"{COMPUTED[v.config.precision]} with {COMPUTED[v.config.model.kernels]}"
+    """How the runs computed their models and inputs ("Computed in bf16 autocast with
+    normlab's ReLU → norm kernels, the training images rotated by normlab's rotation kernel.
+    "), per variant where the variants differ; "" without configs."""
+    ways = {v.label: f"{COMPUTED[v.config.precision]} with {COMPUTED[v.config.model.kernels]}, "
+                     f"the training images rotated by {ROTATED[v.config.augment]}"
             for v in suite.variants if v.config is not None}
     if not ways:
         return ""
