@@ -51,8 +51,8 @@ PROTOCOLS: dict[str, Protocol] = {
     # The seed notebook, exactly: SGD 0.1/0.9, StepLR(8, 0.01) per epoch, batch 64, 20 epochs.
     "seed": Protocol(),
     # A faster modern schedule: larger batches, one-cycle LR with Nesterov momentum. With
-    # --dropout 0 on two CPU threads (bf16 and the kernels, normlab 0.4's defaults on an AMX
-    # CPU) the BN model reaches 99.44% (mean of 5 seeds) in 45-48 s of training
+    # --dropout 0 on two CPU threads (bf16 and the kernels, normlab 0.5's defaults on an AMX
+    # CPU) the BN model reaches 99.43% (mean of 5 seeds) in 47-51 s of training
     # (benchmarks/README.md). normlab 0.2 had 8 epochs of batch 128 at lr 0.2: run
     # directories store every field, so theirs read unchanged.
     "fast": Protocol(
