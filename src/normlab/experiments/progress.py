@@ -107,12 +107,12 @@ class ConsoleProgress:
             return "estimating time left"
         recent = self.epoch_seconds[-20:]
         per_epoch = sum(recent) / len(recent)
-        queued = max(left - sum(self.remaining.get(r, 0) for r in self.running), 0)
         if self.splits_runs:
             unstarted = left - sum(self.remaining.values()) > 0
             longest = max([*self.remaining.values(), self.run_epochs if unstarted else 0])
             return f"about {duration(max(left / self.slots, longest) * per_epoch)} left"
         loads = [self.remaining.get(r, 0) for r in self.running]
+        queued = max(left - sum(loads), 0)
         loads += [0] * max(self.slots - len(loads), 0)  # slots >= 1: never empty
         heapq.heapify(loads)
         while queued > 0:

@@ -430,15 +430,19 @@ DEFINE_POOL(f32, float, f32_value, f32_value, load8_f32, store8_f32)
 DEFINE_POOL(bf16, uint16_t, bf16_value, bf16_bits, load8_bf16, store8_bf16)
 
 /* Training inputs (normlab's augment = "normlab"): the uint8 images images[idx[k]] (H x W
- * each) rotated by degrees[k] about the centre, nearest pixel, 0 (black) outside, then
+ * each, n of them) rotated by degrees[k] about the centre, nearest pixel, 0 (black) outside, then
  * (v / 255 - mean) / std, into out (N x H x W floats). The geometry is torch's affine_grid
  * + grid_sample (align_corners False, nearest, half-way to even) computed in double rather
  * than float32, so a pixel whose source lies within float32 rounding of a half-way point
  * may come from the other neighbour (one pixel in 10 million did, at +-7 degrees); the
- * values are exactly the torch path's (float32 v / 255, minus mean, over std). */
-void nl_rotate_normalize(const uint8_t *images, const int64_t *idx, const float *degrees,
-                         int64_t N, int64_t H, int64_t W, float mean, float std, float *out) {
+ * values are exactly the torch path's (float32 v / 255, minus mean, over std). Returns -1,
+ * having written nothing, if an index is outside the n images; else 0. */
+int nl_rotate_normalize(const uint8_t *images, int64_t n, const int64_t *idx,
+                        const float *degrees, int64_t N, int64_t H, int64_t W, float mean,
+                        float std, float *out) {
     const double pi = 3.14159265358979323846;
+    for (int64_t k = 0; k < N; k++)
+        if (idx[k] < 0 || idx[k] >= n) return -1;
     double xs[ROTATE_MAX], ys[ROTATE_MAX];  /* pixel centres in [-1, 1] */
     for (int64_t j = 0; j < W; j++) xs[j] = (2.0 * (double)j + 1.0) / (double)W - 1.0;
     for (int64_t i = 0; i < H; i++) ys[i] = (2.0 * (double)i + 1.0) / (double)H - 1.0;
@@ -459,4 +463,5 @@ void nl_rotate_normalize(const uint8_t *images, const int64_t *idx, const float 
                 o[i * W + j] = inside ? value[img[(int64_t)iy * W + (int64_t)ix]] : value[0];
             }
     }
+    return 0;
 }

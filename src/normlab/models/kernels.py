@@ -130,8 +130,8 @@ def library() -> ctypes.CDLL:
             fn = getattr(lib, f"nl_{name}_{suffix}")
             fn.argtypes, fn.restype = [p, p, p, i64, i64, i64, i64], None
     f32 = ctypes.c_float
-    lib.nl_rotate_normalize.argtypes = [p, p, p, i64, i64, i64, f32, f32, p]
-    lib.nl_rotate_normalize.restype = None
+    lib.nl_rotate_normalize.argtypes = [p, i64, p, p, i64, i64, i64, f32, f32, p]
+    lib.nl_rotate_normalize.restype = ctypes.c_int
     return lib
 
 
@@ -176,11 +176,16 @@ def applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     )
 
 
+def _grad_like(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An output gradient as the kernels read it: ``dtype``, channels-last."""
+    return grad.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
 def _backward_buffers(ctx, grad: torch.Tensor):
     """What a backward needs: the saved (x, weight, statistics, dropped units), the output
     gradient in x's dtype and layout, and fresh dx, dw, db."""
     x, weight, saved, drop = ctx.saved_tensors
-    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    grad = _grad_like(grad, x.dtype)
     dw, db = torch.empty(2, x.shape[1]).unbind()
     return x, weight, saved, drop, grad, torch.empty_like(x), dw, db
 
@@ -326,7 +331,7 @@ class _MaxPool2x2(torch.autograd.Function):
     def backward(ctx, grad):
         (arg,) = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        grad = grad.to(ctx.dtype).contiguous(memory_format=torch.channels_last)
+        grad = _grad_like(grad, ctx.dtype)
         dx = torch.empty(ctx.shape, dtype=ctx.dtype, memory_format=torch.channels_last)
         _function("maxpool2_backward", ctx.dtype)(grad.data_ptr(), arg.data_ptr(),
                                                   dx.data_ptr(), n, h, w, c)
@@ -367,10 +372,10 @@ def rotate_normalize(images: torch.Tensor, idx: torch.Tensor, degrees: torch.Ten
     degrees = degrees.to(torch.float32).contiguous()
     if degrees.shape != idx.shape or idx.dim() != 1:
         raise ValueError("idx and degrees must be 1-d and of the same length")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise ValueError(f"an index is outside the {n} images")
     images = images.contiguous()
     out = torch.empty((idx.numel(), 1, h, w))
-    library().nl_rotate_normalize(images.data_ptr(), idx.data_ptr(), degrees.data_ptr(),
-                                  idx.numel(), h, w, float(mean), float(std), out.data_ptr())
+    if library().nl_rotate_normalize(images.data_ptr(), n, idx.data_ptr(), degrees.data_ptr(),
+                                     idx.numel(), h, w, float(mean), float(std),
+                                     out.data_ptr()):
+        raise ValueError(f"an index is outside the {n} images")
     return out
