@@ -119,6 +119,35 @@ def test_a_suite_folder_of_normlab_0_1_is_read_and_continued_with_its_dropout(tm
     check_out(old, tmp_path, [1, 2])  # the same suite
 
 
+def test_run_directories_of_an_older_normlab_are_refused_naming_the_flags(tmp_path):
+    """A suite folder whose run directories an older normlab wrote (here one of 0.4: no
+    augment, torch's norms, fp32): the refusal names every flag that continues it, and with
+    them the same folder is the same suite again."""
+    from normlab.experiments import load_suite
+    from normlab.experiments.plan import check_out
+
+    suite = load_suite("s6-quick")
+    variant = suite.variants[0]
+    run = RunDir(tmp_path / variant.name / "seed1")
+    run.path.mkdir(parents=True)
+    stored = json.loads((DATA / "config-0.4.0.json").read_text())
+    old = variant.config_for(1).to_dict()
+    del old["augment"]
+    old["model"]["kernels"], old["precision"] = "aten", "fp32"
+    run.file("config.json").write_text(json.dumps({**stored, "run": old}))
+    current = suite.variants[0].config
+    with pytest.raises(ValueError, match="run directories hold runs with other configs") as err:
+        check_out(suite, tmp_path, [1])
+    if current.augment == "normlab":
+        assert "--augment aten continues it" in str(err.value)
+    if current.model.kernels == "normlab":
+        assert "--kernels aten continues it" in str(err.value)
+    if current.precision == "bf16":
+        assert "--precision fp32 continues it" in str(err.value)
+    check_out(suite.with_model(kernels="aten").with_config(precision="fp32", augment="aten"),
+              tmp_path, [1])
+
+
 def test_options_as_the_command_line_and_the_notebook_give_them():
     """One flat path from options to a config: run fields, model fields and the named
     protocol's fields together; None keeps a default; a stray name lists what is valid."""

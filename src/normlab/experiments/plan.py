@@ -89,6 +89,7 @@ def check_conflicts(runs: list[PlannedRun]) -> None:
         raise ValueError(
             "run directories hold runs with other configs, so nothing was trained: "
             + "; ".join(f"{r.dir} ({r.detail})" for r in bad)
+            + continue_hint([r.detail for r in bad])
             + "; use another --out or delete those directories"
         )
 
