@@ -26,7 +26,12 @@ from normlab.training import (
     train,
 )
 from normlab.training.augment import rotate, to_input
-from normlab.training.engine import epoch_generator, l1_parameters, train_one_epoch
+from normlab.training.engine import (
+    add_l1_gradient,
+    epoch_generator,
+    l1_parameters,
+    train_one_epoch,
+)
 from normlab.training.events import EpochFinished, Notice
 from normlab.training.run import make_optimizer
 from normlab.training.rundir import TIMING_FIELDS
@@ -133,6 +138,38 @@ def test_l1_gradient_is_lambda_sign_w(scope):
 def test_l1_penalty_is_added_once():
     params = [torch.tensor([1.0, -2.0]), torch.tensor([3.0]), torch.tensor([-4.0, 0.5])]
     assert l1_penalty(params).item() == pytest.approx(10.5)  # not a running sum per tensor
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_add_l1_gradient_is_autograds_bitwise(precision):
+    """The L1 term's gradient added by hand equals backpropagating loss + λ·Σ|w| bit for
+    bit, with weights at exactly 0 (sgn 0), in bf16 autocast, and for a parameter the loss
+    does not reach (its gradient is the term alone)."""
+    torch.manual_seed(0)
+    model = RunConfig.from_dict({"dropout": 0.0, "kernels": "aten"}).make_model()
+    with torch.no_grad():
+        model.convblock1[0].weight[0, 0, 0] = 0.0
+    extra = torch.nn.Parameter(torch.tensor([0.5, -2.0, 0.0]))
+    params = [*model.parameters(), extra]
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    lam = 3e-3
+
+    def grads(by_hand):
+        for p in params:
+            p.grad = None
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.nll_loss(model(x).float(), y)
+        if by_hand:
+            loss.backward()
+            add_l1_gradient(params, lam)
+        else:
+            (loss + lam * l1_penalty(params)).backward()
+        return [p.grad.clone() for p in params]
+
+    autograd, hand = grads(False), grads(True)
+    for a, b in zip(autograd, hand, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(hand[-1], lam * extra.detach().sign())
 
 
 def test_train_one_epoch_step_is_loss_plus_lambda_l1_once(small):

@@ -80,6 +80,24 @@ def l1_penalty(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([p.abs().sum() for p in params]).sum()
 
 
+@torch.no_grad()
+def add_l1_gradient(params: list[torch.Tensor], l1: float) -> None:
+    """Add the gradient of ``l1 * l1_penalty(params)`` to the parameters' gradients, as
+    backpropagating it with the loss would, bitwise: autograd's chain gives
+    ``fl32(l1) * sgn(w)`` (exact: sgn is -1, 0 or 1) and accumulates it into the gradient
+    with one addition, which is what this does, in two foreach ops instead of about 70
+    autograd nodes and kernels (a parameter without a gradient gets the term alone)."""
+    grads, terms = [], []
+    for p, sign in zip(params, torch._foreach_sign(params), strict=True):
+        if p.grad is None:
+            p.grad = sign.mul_(l1)
+        else:
+            grads.append(p.grad)
+            terms.append(sign)
+    if grads:
+        torch._foreach_add_(grads, terms, alpha=l1)
+
+
 def train_one_epoch(
     model: nn.Module,
     data: TensorData,
@@ -133,17 +151,19 @@ def train_one_epoch(
         with autocast(device, precision):
             out = model(x)
         loss = F.nll_loss(out.float(), y)
-        total = loss
-        if l1:
-            penalty = l1_penalty(l1_params)
-            total = loss + l1 * penalty
-            l1_sum += penalty.detach() * len(idx)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.backward()
+        total = loss.detach()
+        if l1:  # loss + l1 * sum|w|, its gradient added by hand (the same bits, faster)
+            with torch.no_grad():
+                penalty = l1_penalty(l1_params)
+                total = total + l1 * penalty
+                l1_sum += penalty * len(idx)
+            add_l1_gradient(l1_params, l1)
         optimizer.step()
         if step_scheduler is not None:
             step_scheduler.step()
-        bad = (first_bad < 0) & ~torch.isfinite(total.detach())
+        bad = (first_bad < 0) & ~torch.isfinite(total)
         first_bad = torch.where(bad, step_ids[step], first_bad)
         loss_sum += loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
