@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from normlab.fields import ConfigError
-from normlab.models import ModelConfig, Net
+from normlab.models import ModelConfig, Net, kernels
 from normlab.training import RunConfig, RunDir, resolve_protocol
 from normlab.training.config import from_stored
 
@@ -20,7 +20,7 @@ EXPECTED = RunConfig(model=ModelConfig(norms=("bn",), groups=2, dropout=0.01,
                      precision="fp32", augment="aten")
 
 
-@pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "0.4.0", "0.5.0"])
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0", "0.4.0", "0.5.0", "0.6.0"])
 def test_every_config_json_format_reads_to_the_same_config(version, tmp_path):
     stored = json.loads((DATA / f"config-{version}.json").read_text())
     assert stored["normlab"] == version
@@ -40,8 +40,23 @@ def test_the_current_format_round_trips():
     assert from_stored(EXPECTED.to_dict()) == EXPECTED
     assert RunConfig().model.dropout_draw == "positions"  # new runs: the faster draw
     assert from_stored(RunConfig().to_dict()) == RunConfig()
-    stored = json.loads((DATA / "config-0.5.0.json").read_text())
+    stored = json.loads((DATA / "config-0.6.0.json").read_text())
     assert EXPECTED.to_dict() == stored["run"]  # this version still writes that format
+
+
+def test_a_run_trained_with_the_kernels_before_0_6_evaluates_with_torchs_norms():
+    """normlab 0.4 and 0.5 trained with the kernels and tested with torch's norms: such a
+    config reads as eval_kernels="aten", so the run resumes with the test passes it had."""
+    stored = json.loads((DATA / "config-0.5.0.json").read_text())["run"]
+    stored["model"]["kernels"] = "normlab"
+    config = from_stored(stored)
+    assert (config.model.kernels, config.model.eval_kernels) == ("normlab", "aten")
+    assert from_stored(config.to_dict()) == config
+    new = ModelConfig(kernels="normlab")
+    assert new.eval_kernels == ("normlab" if kernels.compiler() else "aten")
+    assert ModelConfig(kernels="aten", eval_kernels="normlab").eval_kernels == "aten"
+    with pytest.raises(ConfigError, match="eval_kernels must be one of normlab, aten"):
+        ModelConfig(eval_kernels="fast")
 
 
 @pytest.mark.parametrize(("data", "field", "words"), [
@@ -148,6 +163,25 @@ def test_run_directories_of_an_older_normlab_are_refused_naming_the_flags(tmp_pa
               tmp_path, [1])
 
 
+def test_a_suite_folder_of_normlab_0_5_is_continued_with_its_test_passes(tmp_path):
+    """normlab 0.5 trained with the kernels and tested with torch's norms: its run
+    directories are refused naming --eval-kernels aten, and continued with it."""
+    from normlab.experiments import load_suite
+    from normlab.experiments.plan import check_out
+
+    suite = load_suite("s6-quick").with_model(kernels="normlab", eval_kernels="normlab")
+    variant = suite.variants[0]
+    run = RunDir(tmp_path / variant.name / "seed1")
+    run.path.mkdir(parents=True)
+    stored = json.loads((DATA / "config-0.5.0.json").read_text())
+    old = variant.config_for(1).to_dict()
+    del old["model"]["eval_kernels"]
+    run.file("config.json").write_text(json.dumps({**stored, "run": old}))
+    with pytest.raises(ValueError, match="--eval-kernels aten continues it"):
+        check_out(suite, tmp_path, [1])
+    check_out(suite.with_model(eval_kernels="aten"), tmp_path, [1])
+
+
 def test_options_as_the_command_line_and_the_notebook_give_them():
     """One flat path from options to a config: run fields, model fields and the named
     protocol's fields together; None keeps a default; a stray name lists what is valid."""
@@ -186,6 +220,8 @@ def test_every_refusal_to_continue_names_the_flag_that_continues():
         "model.dropout_draw: 'bernoulli' -> 'positions'": "--dropout-draw bernoulli",
         "model.kernels: 'aten' -> 'normlab'": "--kernels aten",
         "model.kernels: 'normlab' -> 'aten'": "--kernels normlab",
+        "model.eval_kernels: 'aten' -> 'normlab'": "--eval-kernels aten",
+        "model.eval_kernels: 'normlab' -> 'aten'": "--eval-kernels normlab",
         "augment: 'aten' -> 'normlab'": "--augment aten",
         "augment: 'normlab' -> 'aten'": "--augment normlab",
         "precision: 'fp32' -> 'bf16'": "--precision fp32",

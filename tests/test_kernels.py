@@ -92,6 +92,23 @@ def test_group_norm_matches_float64(shape, groups, relu, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize(("shape", "groups"), SHAPES)
+def test_batch_norm_eval_matches_float64(shape, groups, relu, dtype):
+    x, w, b, _ = _inputs(shape, dtype, seed=2)
+    c = shape[1]
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    rm0, rv0 = rm.clone(), rv.clone()
+    got = kernels.batch_norm_eval(x.to(dtype).contiguous(memory_format=CL), w.float(),
+                                  b.float(), rm, rv, 1e-5, relu)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=CL)
+    want = F.batch_norm(F.relu(x) if relu else x, rm.double(), rv.double(), w, b, False,
+                        0.0, 1e-5)
+    _close((got,), (want,), dtype)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # eval: the statistics are read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 @pytest.mark.parametrize(("shape", "groups"), SHAPES)
 def test_folded_dropout_equals_zeroing_copies_bitwise(shape, groups, norm, dtype):
@@ -264,6 +281,41 @@ def test_where_the_kernels_do_not_apply_torchs_ops_run():
     with pytest.raises(ValueError, match="3 groups do not divide 8 channels"):
         kernels.group_norm(torch.randn(2, 8, 3, 3).contiguous(memory_format=CL), 3,
                            torch.ones(8), torch.zeros(8), 1e-5)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_the_test_pass_goes_through_the_kernels_with_eval_kernels(norm, monkeypatch):
+    """With eval_kernels (the default with the kernels) the network's evaluation under
+    no_grad runs the kernels and agrees with torch's ReLU and norms (eval_kernels="aten")
+    to rounding; with autograd on, or eval_kernels="aten", torch's run."""
+    torch.manual_seed(0)
+    model = Net.from_config(ModelConfig(norms=(norm,), kernels="normlab",
+                                        eval_kernels="normlab"))
+    model = model.to(memory_format=CL)
+    for _ in range(3):  # running statistics that are not the initial ones
+        model(torch.randn(16, 1, 28, 28).contiguous(memory_format=CL)).sum().backward()
+    aten = Net.from_config(ModelConfig(norms=(norm,), kernels="normlab", eval_kernels="aten"))
+    aten = aten.to(memory_format=CL)
+    aten.load_state_dict(model.state_dict())
+    model.eval()
+    aten.eval()
+    x = torch.randn(32, 1, 28, 28).contiguous(memory_format=CL)
+    calls = []
+    for name in ("batch_norm_eval", "group_norm"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    with torch.no_grad():
+        ours, theirs = model(x), aten(x)
+    assert calls == [{"bn": "batch_norm_eval"}.get(norm, "group_norm")] * 5
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    calls.clear()
+    with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+        assert torch.allclose(model(x).float(), aten(x).float(), atol=0.15)
+    assert len(calls) == 5
+    calls.clear()
+    model(x)  # autograd on: torch's norms, differentiable
+    assert calls == []
 
 
 def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):

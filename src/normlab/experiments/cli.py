@@ -84,6 +84,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "kernels; the default where a C compiler is on the PATH) or aten "
                              "(torch's; what a folder written by normlab 0.3 or before holds: "
                              "pass it to continue such a folder)")
+    parser.add_argument("--eval-kernels", choices=KERNELS, default=None,
+                        help="what computes every run's ReLU -> norm in its test passes, with "
+                             "--kernels normlab: normlab (the kernels; the default where a C "
+                             "compiler is on the PATH) or aten (torch's; what a folder "
+                             "written by normlab 0.5 or before holds: pass it to continue "
+                             "such a folder)")
     parser.add_argument("--augment", choices=KERNELS, default=None,
                         help="what rotates every run's training images: normlab (its C "
                              "kernel, one pass; the default where a C compiler is on the "
@@ -162,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_model(dropout_draw=args.dropout_draw)
     if args.kernels:
         suite = suite.with_model(kernels=args.kernels)
+    if args.eval_kernels:
+        suite = suite.with_model(eval_kernels=args.eval_kernels)
     if args.augment:
         suite = suite.with_config(augment=args.augment)
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list

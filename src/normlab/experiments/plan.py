@@ -194,7 +194,7 @@ def _options(variant: Variant, suite: Suite) -> str:
     c, default = variant.config, RunConfig()
     parts = [f"norm={c.norm}"]
     values = {**{k: (getattr(c.model, k), getattr(default.model, k))
-                 for k in ("groups", "dropout", "dropout_draw", "kernels")},
+                 for k in ("groups", "dropout", "dropout_draw", "kernels", "eval_kernels")},
               **{k: (getattr(c, k), getattr(default, k))
                  for k in ("l1", "l1_scope", "weight_decay", "precision", "augment")}}
     for key, (value, base) in values.items():

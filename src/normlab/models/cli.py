@@ -41,13 +41,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
              "compiled on first use with the system's cc) or aten (torch's nn.ReLU and "
              "norm layers) (default: normlab where a C compiler is on the PATH, else aten)",
     )
+    group.add_argument(
+        "--eval-kernels", default=None, choices=KERNELS,
+        help="what computes those blocks in the test pass, with --kernels normlab: normlab "
+             "(the kernels too) or aten (torch's ReLU and norms, as normlab 0.5 and before "
+             "evaluated: pass it to continue such a folder) (default: as --kernels)",
+    )
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The model options as a (validated) ModelConfig."""
     return ModelConfig.from_dict({"norm": args.norm, "groups": args.groups,
                                   "dropout": args.dropout, "dropout_draw": args.dropout_draw,
-                                  "kernels": args.kernels})
+                                  "kernels": args.kernels,
+                                  "eval_kernels": args.eval_kernels})
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -227,6 +227,20 @@ int nl_bn_forward_##SUF(const T *x, T *y, int64_t n, int64_t C, int64_t HW, int6
     zero_dropped_##SUF(y, drop, ndrop, C, HW);                                             \
     return 0;                                                                              \
 }                                                                                          \
+/* Eval-mode forward: y = (v - running_mean) * invstd * w + b, invstd from the running   \
+ * variance, in one pass (the per-channel factors computed in double, as the forward's). */ \
+void nl_bn_eval_##SUF(const T *x, T *y, int64_t n, int64_t C, int64_t L, const float *w,  \
+                      const float *b, const float *running_mean, const float *running_var, \
+                      double eps) {                                                        \
+    float a[LMAX], c[LMAX];                                                                \
+    for (int64_t k = 0; k < C; k++) {                                                      \
+        double invstd = 1.0 / sqrt((double)running_var[k] + eps);                          \
+        a[k] = (float)(w[k] * invstd);                                                     \
+        c[k] = (float)(b[k] - (double)running_mean[k] * w[k] * invstd);                    \
+    }                                                                                      \
+    for (int64_t j = C; j < L; j++) { a[j] = a[j % C]; c[j] = c[j % C]; }                  \
+    affine_##SUF(x, y, n, L, a, c);                                                        \
+}                                                                                          \
 /* Its backward for the output gradient g (read as 0 at the dropped units): dx, and dw,  \
  * db (written, not added to); bits: scratch of n / 8 + BITMAP_SLACK bytes. Returns -1,   \
  * having written nothing, if a dropped unit is out of range; else 0. */                   \

@@ -125,6 +125,9 @@ def library() -> ctypes.CDLL:
         for suffix in ("f32", "bf16", "f32_relu", "bf16_relu"):
             fn = getattr(lib, f"nl_{name}_{suffix}")
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    for suffix in ("f32", "bf16", "f32_relu", "bf16_relu"):
+        fn = getattr(lib, f"nl_bn_eval_{suffix}")
+        fn.argtypes, fn.restype = [p, p, i64, i64, i64, p, p, p, p, f64], None
     for name in ("maxpool2_forward", "maxpool2_backward"):
         for suffix in ("f32", "bf16"):
             fn = getattr(lib, f"nl_{name}_{suffix}")
@@ -283,6 +286,30 @@ def batch_norm(
     drop = _check(x, drop, weight, bias, running_mean, running_var)
     return _BatchNorm.apply(x, weight, bias, running_mean, running_var, float(momentum),
                             float(eps), float(scale), bool(relu), drop)
+
+
+@eager
+def batch_norm_eval(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Eval-mode ``F.batch_norm(relu(x) if relu else x, running_mean, running_var, ...)``
+    by the kernel, in one pass: ``(v - running_mean) / sqrt(running_var + eps) * w + b``
+    with the per-channel factors computed in double. Not differentiable (for evaluation);
+    ``x`` must satisfy :func:`applies`."""
+    _check(x, None, weight, bias, running_mean, running_var)
+    _, c, _, _ = x.shape
+    y = torch.empty_like(x)
+    _function("bn_eval", x.dtype, relu)(x.data_ptr(), y.data_ptr(), x.numel(), c, lanes(c),
+                                        weight.data_ptr(), bias.data_ptr(),
+                                        running_mean.data_ptr(), running_var.data_ptr(),
+                                        float(eps))
+    return y
 
 
 @eager

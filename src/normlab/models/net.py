@@ -61,6 +61,13 @@ class ModelConfig:
     pooling is the kernels' too, bitwise torch's.) The default is ``"normlab"`` where a C
     compiler is on the PATH, else ``"aten"``; a stored config without the field (normlab
     0.3 and before) reads as ``"aten"``.
+
+    ``eval_kernels`` says what computes those blocks in evaluation (the test pass): with
+    ``"normlab"`` the kernels too (BatchNorm from its running statistics in one pass,
+    GroupNorm as in training), with ``"aten"`` torch's ReLU and norm, as normlab 0.5 and
+    before evaluated (a stored config without the field reads as that). The test metrics
+    differ at rounding level. It applies only with ``kernels="normlab"``; with ``"aten"``
+    it is ``"aten"`` too.
     """
 
     norms: tuple[str, ...] = ("bn",)
@@ -68,6 +75,7 @@ class ModelConfig:
     dropout: float = 0.01
     dropout_draw: str = "positions"
     kernels: str = field(default_factory=default_kernels)
+    eval_kernels: str = field(default_factory=default_kernels)
 
     def __post_init__(self) -> None:
         norms = self.norms.split("+") if isinstance(self.norms, str) else tuple(self.norms)
@@ -85,9 +93,12 @@ class ModelConfig:
             raise ConfigError("dropout_draw", f"dropout_draw must be one of "
                                               f"{', '.join(DROPOUT_DRAWS)}, "
                                               f"got {self.dropout_draw!r}")
-        if self.kernels not in KERNELS:
-            raise ConfigError("kernels", f"kernels must be one of {', '.join(KERNELS)}, "
-                                         f"got {self.kernels!r}")
+        for key in ("kernels", "eval_kernels"):
+            if getattr(self, key) not in KERNELS:
+                raise ConfigError(key, f"{key} must be one of {', '.join(KERNELS)}, "
+                                       f"got {getattr(self, key)!r}")
+        if self.kernels == "aten":
+            object.__setattr__(self, "eval_kernels", "aten")
         if "gn" in self.norms:
             for name, _, out, _, _, is_block in LAYOUT:
                 if is_block and out % groups:
@@ -105,7 +116,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"norm": self.norm, "groups": self.groups, "dropout": self.dropout,
-                "dropout_draw": self.dropout_draw, "kernels": self.kernels}
+                "dropout_draw": self.dropout_draw, "kernels": self.kernels,
+                "eval_kernels": self.eval_kernels}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -113,10 +125,11 @@ class ModelConfig:
         return cls(norms=data.get("norm", "bn"), groups=data.get("groups", 2),
                    dropout=data.get("dropout", 0.01),
                    dropout_draw=data.get("dropout_draw", "positions"),
-                   kernels=data.get("kernels") or default_kernels())
+                   kernels=data.get("kernels") or default_kernels(),
+                   eval_kernels=data.get("eval_kernels") or default_kernels())
 
 
-MODEL_KEYS = ("norm", "groups", "dropout", "dropout_draw", "kernels")
+MODEL_KEYS = ("norm", "groups", "dropout", "dropout_draw", "kernels", "eval_kernels")
 DROPOUT_DRAWS = ("positions", "bernoulli")
 KERNELS = ("normlab", "aten")
 
@@ -227,7 +240,7 @@ class Net(nn.Module):
                 if cfg.dropout > 0:
                     layers += _dropout(layers, cfg)
                 if cfg.kernels == "normlab":
-                    fold_relu(layers)
+                    fold_relu(layers, eval_kernels=cfg.eval_kernels == "normlab")
             setattr(self, name, nn.Sequential(*layers))
             if name == POOL_AFTER:
                 self.pool1 = MaxPool2x2() if cfg.kernels == "normlab" else nn.MaxPool2d(2, 2)

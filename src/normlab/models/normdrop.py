@@ -13,8 +13,11 @@ there, so dropout costs no pass at all, with the same numbers as zeroing copies.
 The modules subclass ``nn.BatchNorm2d`` and ``nn.GroupNorm`` and only add ``p`` (and
 a folded-in ReLU, :func:`fold_relu`), so a network built with them has the seed's
 state-dict keys (a Dropout has none). In eval mode, and at p = 0, each is exactly its norm
-(after the ReLU, where it is folded in). Numerically the folded affine agrees with norm-then-
-scale to rounding, not bitwise: a run's config records which draw it used.
+(after the ReLU, where it is folded in); with ``eval_kernels`` an evaluation under
+``torch.no_grad`` goes through the kernels (:func:`~normlab.models.kernels.batch_norm_eval`,
+the training kernel for GroupNorm), which agree with torch's norms to rounding.
+Numerically the folded affine agrees with norm-then-scale to rounding, not bitwise: a run's
+config records which draw it used.
 """
 
 from __future__ import annotations
@@ -53,16 +56,23 @@ class BatchNormDropout(nn.BatchNorm2d):
     :class:`FoldedReLU` where the ReLU was), and in training a channels-last CPU input
     goes through normlab's kernel (:mod:`normlab.models.kernels`): ReLU, statistics,
     normalisation and the dropout's scale in two passes forward and two backward.
-    Elsewhere (eval mode, another layout or device) it is ``F.relu`` then torch's norm.
-    (:class:`GroupNormDropout` likewise.)
+    With ``eval_kernels`` too an evaluation under ``torch.no_grad`` of such an input (one
+    pass, from the running statistics). Elsewhere (eval mode otherwise, another layout or
+    device) it is ``F.relu`` then torch's norm. (:class:`GroupNormDropout` likewise; its
+    evaluation is its training forward without the dropout.)
     """
 
-    def __init__(self, channels: int, p: float, relu: bool = False) -> None:
+    def __init__(self, channels: int, p: float, relu: bool = False,
+                 eval_kernels: bool = False) -> None:
         super().__init__(channels)
         self.p = float(p)
         self.relu = bool(relu)
+        self.eval_kernels = bool(eval_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _in_eval_kernels(self, x):
+            return kernels.batch_norm_eval(x, self.weight, self.bias, self.running_mean,
+                                           self.running_var, self.eps, relu=True)
         if self.training and self.relu and kernels.applies(x, self.weight):
             self.num_batches_tracked.add_(1)  # as _BatchNorm.forward does in training
             momentum = (self.momentum if self.momentum is not None
@@ -82,7 +92,20 @@ class BatchNormDropout(nn.BatchNorm2d):
         return _drop(y, self.p)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}" + (", relu=True" if self.relu else "")
+        return _extra_repr(self, super().extra_repr())
+
+
+def _in_eval_kernels(norm: BatchNormDropout | GroupNormDropout, x: torch.Tensor) -> bool:
+    """Whether an evaluation forward goes through the kernels: eval mode without autograd
+    (``torch.no_grad``, as :func:`~normlab.training.engine.evaluate` runs), a folded ReLU,
+    ``eval_kernels`` on and an input the kernels take."""
+    return (not norm.training and norm.eval_kernels and norm.relu
+            and not torch.is_grad_enabled() and kernels.applies(x, norm.weight))
+
+
+def _extra_repr(norm: BatchNormDropout | GroupNormDropout, base: str) -> str:
+    return (f"{base}, p={norm.p}" + (", relu=True" if norm.relu else "")
+            + (", eval_kernels=True" if norm.eval_kernels else ""))
 
 
 class FoldedReLU(nn.Identity):
@@ -99,12 +122,17 @@ class GroupNormDropout(nn.GroupNorm):
     """``GroupNorm(groups, channels)`` followed by dropout(p) (normlab's LN and IN too);
     ``relu=True`` as :class:`BatchNormDropout`'s."""
 
-    def __init__(self, groups: int, channels: int, p: float, relu: bool = False) -> None:
+    def __init__(self, groups: int, channels: int, p: float, relu: bool = False,
+                 eval_kernels: bool = False) -> None:
         super().__init__(groups, channels)
         self.p = float(p)
         self.relu = bool(relu)
+        self.eval_kernels = bool(eval_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _in_eval_kernels(self, x):
+            return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                                      relu=True)
         s = 1.0 / (1.0 - self.p)
         if self.training and self.relu and kernels.applies(x, self.weight):
             return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
@@ -117,22 +145,25 @@ class GroupNormDropout(nn.GroupNorm):
         return _drop(y, self.p)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, p={self.p}" + (", relu=True" if self.relu else "")
+        return _extra_repr(self, super().extra_repr())
 
 
-def fold_relu(layers: list[nn.Module]) -> None:
+def fold_relu(layers: list[nn.Module], eval_kernels: bool = False) -> None:
     """In a block ``[Conv, ReLU, norm, ...]`` whose norm is a BatchNorm or a GroupNorm, move
     the ReLU into the norm (in place): the norm becomes its ``...Dropout`` module with
-    ``relu=True`` (its dropout, if any, kept) and the ReLU a :class:`FoldedReLU`. Any other
-    block is left as it is."""
+    ``relu=True`` (its dropout, if any, kept) and the ReLU a :class:`FoldedReLU`; with
+    ``eval_kernels`` its evaluation goes through the kernels too (under ``torch.no_grad``).
+    Any other block is left as it is."""
     if len(layers) < 3 or type(layers[1]) is not nn.ReLU:
         return
     norm = layers[2]
     p = getattr(norm, "p", 0.0)
     if type(norm) in (nn.BatchNorm2d, BatchNormDropout):
-        layers[2] = BatchNormDropout(norm.num_features, p, relu=True)
+        layers[2] = BatchNormDropout(norm.num_features, p, relu=True,
+                                     eval_kernels=eval_kernels)
     elif type(norm) in (nn.GroupNorm, GroupNormDropout):
-        layers[2] = GroupNormDropout(norm.num_groups, norm.num_channels, p, relu=True)
+        layers[2] = GroupNormDropout(norm.num_groups, norm.num_channels, p, relu=True,
+                                     eval_kernels=eval_kernels)
     else:
         return
     layers[1] = FoldedReLU()

@@ -117,10 +117,10 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
     """Train one run into ``out`` and return it as a :class:`Run`.
 
     The ``options`` are ``normlab train``'s: ``norm`` (bn, gn, ln, in, none), ``groups``,
-    ``dropout``, ``dropout_draw``, ``kernels``, ``l1``, ``l1_scope``, ``weight_decay``,
-    ``seed``, ``subset``, ``dataset``, ``precision``, ``augment``, and any field of the named
-    ``protocol`` (``epochs=5``, ``lr=0.05``, ...); unset ones keep the defaults (the seed's
-    BN model and protocol). Or pass a whole ``config``.
+    ``dropout``, ``dropout_draw``, ``kernels``, ``eval_kernels``, ``l1``, ``l1_scope``,
+    ``weight_decay``, ``seed``, ``subset``, ``dataset``, ``precision``, ``augment``, and any
+    field of the named ``protocol`` (``epochs=5``, ``lr=0.05``, ...); unset ones keep the
+    defaults (the seed's BN model and protocol). Or pass a whole ``config``.
     ``out`` defaults to runs/train/<norm>-seed<k>-<a hash of the config>, so running the
     same cell again resumes (or finds finished) the same run, and another config gets its
     own folder. Interrupting the kernel keeps every completed epoch.

@@ -190,7 +190,8 @@ def _seed_model(v: VariantResults, want: RunConfig) -> bool:
     model = v.config.model
     groups = model.groups if "gn" in model.norms else want.model.groups
     same_model = dataclasses.replace(model, groups=groups, dropout_draw=want.model.dropout_draw,
-                                     kernels=want.model.kernels)
+                                     kernels=want.model.kernels,
+                                     eval_kernels=want.model.eval_kernels)
     mine = dataclasses.replace(v.config, seed=want.seed, precision=want.precision,
                                augment=want.augment, model=same_model)
     return mine == want
@@ -227,15 +228,21 @@ def _seed_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Bloc
 
 
 COMPUTED = {"fp32": "in fp32", "bf16": "in bf16 autocast",
-            "normlab": "normlab's ReLU → norm kernels", "aten": "torch's ReLU and norms"}
+            ("normlab", "normlab"): "normlab's ReLU → norm kernels (in training and the test "
+                                    "passes)",
+            ("normlab", "aten"): "normlab's ReLU → norm kernels in training and torch's ReLU "
+                                 "and norms in the test passes",
+            ("aten", "aten"): "torch's ReLU and norms"}
 ROTATED = {"normlab": "normlab's rotation kernel", "aten": "torch's ops"}
 
 
 def _computed(suite: SuiteResults) -> str:
     """How the runs computed their models and inputs ("Computed in bf16 autocast with
-    normlab's ReLU → norm kernels, the training images rotated by normlab's rotation kernel.
-    "), per variant where the variants differ; "" without configs."""
-    ways = {v.label: f"{COMPUTED[v.config.precision]} with {COMPUTED[v.config.model.kernels]}, "
+    normlab's ReLU → norm kernels (in training and the test passes), the training images
+    rotated by normlab's rotation kernel. "), per variant where the variants differ; ""
+    without configs."""
+    ways = {v.label: f"{COMPUTED[v.config.precision]} with "
+                     f"{COMPUTED[v.config.model.kernels, v.config.model.eval_kernels]}, "
                      f"the training images rotated by {ROTATED[v.config.augment]}"
             for v in suite.variants if v.config is not None}
     if not ways:

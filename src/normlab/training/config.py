@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,16 +141,19 @@ def from_stored(data: dict[str, Any]) -> RunConfig:
     config). Stored before ``dropout_draw`` existed (normlab 0.1), the dropout masks were
     nn.Dropout's: such a config reads as ``dropout_draw="bernoulli"``; stored before
     ``kernels`` existed (normlab 0.3 and before), the norms were torch's: it reads as
-    ``kernels="aten"``; without a precision (normlab 0.1) as fp32; and without ``augment``
-    (normlab 0.4 and before) as ``augment="aten"``. So a run resumes and reports exactly as
-    it was trained, on any machine."""
+    ``kernels="aten"``; without a precision (normlab 0.1) as fp32; without ``augment``
+    (normlab 0.4 and before) as ``augment="aten"``; and without ``eval_kernels`` (normlab
+    0.5 and before: the test pass used torch's norms) as ``eval_kernels="aten"``. So a run
+    resumes and reports exactly as it was trained, on any machine."""
     data = {"precision": "fp32", "augment": "aten", **data}
     model = data.get("model")
     if isinstance(model, dict):
-        data["model"] = {"dropout_draw": "bernoulli", "kernels": "aten", **model}
+        data["model"] = {"dropout_draw": "bernoulli", "kernels": "aten",
+                         "eval_kernels": "aten", **model}
     elif model is None:
         data.setdefault("dropout_draw", "bernoulli")
         data.setdefault("kernels", "aten")
+        data.setdefault("eval_kernels", "aten")
     return RunConfig.from_dict(data)
 
 
@@ -162,6 +166,12 @@ CONTINUE_HINTS = (
      "its norms were torch's (normlab 0.3 or before): --kernels aten continues it"),
     ("kernels: 'normlab' -> 'aten'",
      "its norms were normlab's C kernels: --kernels normlab continues it (with a C "
+     "compiler on the PATH)"),
+    ("eval_kernels: 'aten' -> 'normlab'",
+     "its test passes used torch's norms (normlab 0.5 or before): --eval-kernels aten "
+     "continues it"),
+    ("eval_kernels: 'normlab' -> 'aten'",
+     "its test passes used normlab's kernels: --eval-kernels normlab continues it (with a C "
      "compiler on the PATH)"),
     ("augment: 'aten' -> 'normlab'",
      "its training images were rotated by torch's ops (normlab 0.4 or before): "
@@ -179,9 +189,10 @@ CONTINUE_HINTS = (
 
 
 def continue_hint(diffs: list[str]) -> str:
-    """"; <hint>" for each config difference (``config_diff``'s lines) that a flag undoes."""
+    """"; <hint>" for each config difference (``config_diff``'s lines) that a flag undoes
+    (a marker matches a whole field name: ``kernels`` is not ``eval_kernels``)."""
     return "".join(f"; {text}" for marker, text in CONTINUE_HINTS
-                   if any(marker in d for d in diffs))
+                   if any(re.search(rf"(?<!\w){re.escape(marker)}", d) for d in diffs))
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
