@@ -35,7 +35,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from normlab.data import load_dataset
 from normlab.training import RunConfig, TensorData, train_one_epoch
-from normlab.training.engine import memory_format
+from normlab.training.engine import l1_parameters, memory_format
 from normlab.training.run import make_optimizer
 steps, options = int(sys.argv[2]), json.loads(sys.argv[3])
 torch.set_num_threads(1)
@@ -49,6 +49,8 @@ model = config.make_model().to(memory_format=memory_format(torch.device("cpu"), 
                                                            config.model))
 opt, _, _ = make_optimizer(model, config, steps)
 extra = {"augment": config.augment} if hasattr(config, "augment") else {}
+if config.l1:
+    extra.update(l1=config.l1, l1_params=l1_parameters(model, config.l1_scope))
 for part in (warm, data):
     out = train_one_epoch(model, part, opt, seed=config.seed, epoch=1, batch_size=64,
                           rotation=config.protocol.rotation, precision=config.precision,

@@ -17,9 +17,12 @@ for pick, in one pass, keeping a byte per output instead of an int64 index.
 The kernels are compiled on first use with the system's C compiler (``$CC`` or ``cc``)
 into ``$NORMLAB_KERNEL_CACHE`` (default ``~/.cache/normlab/kernels``), keyed by the source,
 the flags and the CPU, and loaded with ctypes: no torch headers, about a second to build.
-Where they do not apply (another device, a contiguous layout, other dtypes, eval mode) the
-ReLU and the norm are torch's. A run's config says whether its norms use them
-(``ModelConfig.kernels``): the numbers differ from torch's at rounding level.
+Evaluation uses them too where the config says so (:func:`batch_norm_eval`: BatchNorm
+from its running statistics in one pass; GroupNorm's training forward). Where they do not
+apply (another device, a contiguous layout, other dtypes) the ReLU and the norm are
+torch's. A run's config says whether its norms use them in training and in evaluation
+(``ModelConfig.kernels``, ``ModelConfig.eval_kernels``): the numbers differ from torch's
+at rounding level.
 """
 
 from __future__ import annotations
