@@ -2,9 +2,11 @@
 a run ends) with the norms' evaluation by normlab's kernels (``eval_kernels = "normlab"``,
 normlab 0.6's default) against torch's ReLU and norms (``"aten"``, normlab 0.5's), per norm.
 
-Both sides are the same trained-from-init network (same weights: one state dict), in one
-process, one thread, the default precision, alternating A B A B; the median of ``--rounds``
-is printed with the test loss of each side (they agree to rounding, not bitwise).
+Both sides are the same freshly initialised network (seed 1, one state dict; BatchNorm's
+running statistics at their initial values: the work of a test pass does not depend on
+them), channels-last as training keeps it, in one process, one thread, the default
+precision, alternating A B A B; the median of ``--rounds`` is printed with the test loss
+of each side (they agree to rounding, not bitwise).
 
     python benchmarks/eval_pass.py                 # bn, gn, ln; 5 rounds
     python benchmarks/eval_pass.py --norm gn --rounds 9
@@ -46,9 +48,9 @@ def main() -> None:
         models["normlab"].load_state_dict(models["aten"].state_dict())
         seconds: dict[str, list[float]] = {side: [] for side in SIDES}
         loss = {}
-        for side, model in models.items():
-            models[side] = model.to(memory_format=torch.channels_last)
-            evaluate(models[side], test, precision=precision)  # warm-up
+        for model in models.values():
+            model.to(memory_format=torch.channels_last)  # in place, as nn.Module.to is
+            evaluate(model, test, precision=precision)  # warm-up
         for _ in range(args.rounds):
             for side in SIDES:
                 metrics = evaluate(models[side], test, precision=precision)
