@@ -187,26 +187,69 @@ def _grad_like(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grad.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
-def _backward_buffers(ctx, grad: torch.Tensor):
-    """What a backward needs: the saved (x, weight, statistics, dropped units), the output
-    gradient in x's dtype and layout, and fresh dx, dw, db."""
-    x, weight, saved, drop = ctx.saved_tensors
-    grad = _grad_like(grad, x.dtype)
+def _grads(x: torch.Tensor, grad: torch.Tensor):
+    """A backward's buffers: the output gradient as the kernels read it, fresh dx, dw, db."""
     dw, db = torch.empty(2, x.shape[1]).unbind()
-    return x, weight, saved, drop, grad, torch.empty_like(x), dw, db
+    return _grad_like(grad, x.dtype), torch.empty_like(x), dw, db
+
+
+def bn_forward(x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+               scale: float, relu: bool, drop: torch.Tensor):
+    """The training forward of :func:`batch_norm` without autograd: ``(y, saved)``, where
+    ``saved`` (mean, invstd in double) is what :func:`bn_backward` needs besides x."""
+    _, c, h, w = x.shape
+    y = torch.empty_like(x)
+    saved = torch.empty(2 * c, dtype=torch.float64)  # mean, invstd
+    _call(_function("bn_forward", x.dtype, relu),
+          x.data_ptr(), y.data_ptr(), x.numel(), c, h * w, lanes(c), weight.data_ptr(),
+          bias.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(), momentum, eps,
+          scale, saved.data_ptr(), drop.data_ptr(), drop.numel())
+    return y, saved
+
+
+def bn_backward(x, weight, saved, drop, grad, scale: float, relu: bool):
+    """The backward of :func:`bn_forward`: ``(dx, dweight, dbias)``."""
+    grad, dx, dw, db = _grads(x, grad)
+    _, c, h, w = x.shape
+    bits = _bitmap(x.numel())  # held here: the C call must not outlive it
+    _call(_function("bn_backward", x.dtype, relu),
+          x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), c, h * w, lanes(c),
+          weight.data_ptr(), scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr(),
+          drop.data_ptr(), drop.numel(), bits.data_ptr())
+    return dx, dw, db
+
+
+def gn_forward(x, groups: int, weight, bias, eps: float, scale: float, relu: bool,
+               drop: torch.Tensor):
+    """The forward of :func:`group_norm` without autograd: ``(y, saved)``, as
+    :func:`bn_forward`'s."""
+    n, c, h, w = x.shape
+    y = torch.empty_like(x)
+    saved = torch.empty(2 * n * groups, dtype=torch.float64)  # mean, invstd
+    _call(_function("gn_forward", x.dtype, relu),
+          x.data_ptr(), y.data_ptr(), n, h * w, c, groups, lanes(c), weight.data_ptr(),
+          bias.data_ptr(), eps, scale, saved.data_ptr(), drop.data_ptr(), drop.numel())
+    return y, saved
+
+
+def gn_backward(x, groups: int, weight, saved, drop, grad, scale: float, relu: bool):
+    """The backward of :func:`gn_forward`: ``(dx, dweight, dbias)``."""
+    grad, dx, dw, db = _grads(x, grad)
+    n, c, h, w = x.shape
+    bits = _bitmap(x.numel())  # held here: the C call must not outlive it
+    _call(_function("gn_backward", x.dtype, relu),
+          x.data_ptr(), grad.data_ptr(), dx.data_ptr(), n, h * w, c, groups, lanes(c),
+          weight.data_ptr(), scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr(),
+          drop.data_ptr(), drop.numel(), bits.data_ptr())
+    return dx, dw, db
 
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, scale, relu,
                 drop):
-        _, c, h, w = x.shape
-        y = torch.empty_like(x)
-        saved = torch.empty(2 * c, dtype=torch.float64)  # mean, invstd
-        _call(_function("bn_forward", x.dtype, relu),
-              x.data_ptr(), y.data_ptr(), x.numel(), c, h * w, lanes(c), weight.data_ptr(),
-              bias.data_ptr(), running_mean.data_ptr(), running_var.data_ptr(), momentum, eps,
-              scale, saved.data_ptr(), drop.data_ptr(), drop.numel())
+        y, saved = bn_forward(x, weight, bias, running_mean, running_var, momentum, eps,
+                              scale, relu, drop)
         ctx.save_for_backward(x, weight, saved, drop)
         ctx.scale, ctx.relu = scale, relu
         return y
@@ -214,25 +257,14 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, saved, drop, grad, dx, dw, db = _backward_buffers(ctx, grad)
-        _, c, h, w = x.shape
-        bits = _bitmap(x.numel())  # held here: the C call must not outlive it
-        _call(_function("bn_backward", x.dtype, ctx.relu),
-              x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), c, h * w, lanes(c),
-              weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr(),
-              drop.data_ptr(), drop.numel(), bits.data_ptr())
+        dx, dw, db = bn_backward(*ctx.saved_tensors, grad, ctx.scale, ctx.relu)
         return dx, dw, db, None, None, None, None, None, None, None
 
 
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, groups, weight, bias, eps, scale, relu, drop):
-        n, c, h, w = x.shape
-        y = torch.empty_like(x)
-        saved = torch.empty(2 * n * groups, dtype=torch.float64)  # mean, invstd
-        _call(_function("gn_forward", x.dtype, relu),
-              x.data_ptr(), y.data_ptr(), n, h * w, c, groups, lanes(c), weight.data_ptr(),
-              bias.data_ptr(), eps, scale, saved.data_ptr(), drop.data_ptr(), drop.numel())
+        y, saved = gn_forward(x, groups, weight, bias, eps, scale, relu, drop)
         ctx.save_for_backward(x, weight, saved, drop)
         ctx.groups, ctx.scale, ctx.relu = groups, scale, relu
         return y
@@ -240,13 +272,9 @@ class _GroupNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        x, weight, saved, drop, grad, dx, dw, db = _backward_buffers(ctx, grad)
-        n, c, h, w = x.shape
-        bits = _bitmap(x.numel())  # held here: the C call must not outlive it
-        _call(_function("gn_backward", x.dtype, ctx.relu),
-              x.data_ptr(), grad.data_ptr(), dx.data_ptr(), n, h * w, c, ctx.groups, lanes(c),
-              weight.data_ptr(), ctx.scale, saved.data_ptr(), dw.data_ptr(), db.data_ptr(),
-              drop.data_ptr(), drop.numel(), bits.data_ptr())
+        x, weight, saved, drop = ctx.saved_tensors
+        dx, dw, db = gn_backward(x, ctx.groups, weight, saved, drop, grad, ctx.scale,
+                                 ctx.relu)
         return dx, None, dw, db, None, None, None, None
 
 
@@ -343,29 +371,40 @@ def pool_applies(x: torch.Tensor) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
+def pool_forward(x: torch.Tensor):
+    """The forward of :func:`max_pool_2x2` without autograd: ``(y, picks)``, a byte per
+    output saying which of its window's four values it took."""
+    n, c, h, w = x.shape
+    y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    picks = torch.empty(y.numel(), dtype=torch.uint8)
+    _function("maxpool2_forward", x.dtype)(x.data_ptr(), y.data_ptr(), picks.data_ptr(),
+                                           n, h, w, c)
+    return y, picks
+
+
+def pool_backward(picks: torch.Tensor, grad: torch.Tensor, shape, dtype: torch.dtype):
+    """The backward of :func:`pool_forward`: the input's gradient (``shape``, ``dtype``)."""
+    n, c, h, w = shape
+    grad = _grad_like(grad, dtype)
+    dx = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+    _function("maxpool2_backward", dtype)(grad.data_ptr(), picks.data_ptr(), dx.data_ptr(),
+                                          n, h, w, c)
+    return dx
+
+
 class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        n, c, h, w = x.shape
-        y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype,
-                        memory_format=torch.channels_last)
-        arg = torch.empty(y.numel(), dtype=torch.uint8)
-        _function("maxpool2_forward", x.dtype)(x.data_ptr(), y.data_ptr(), arg.data_ptr(),
-                                               n, h, w, c)
-        ctx.save_for_backward(arg)
+        y, picks = pool_forward(x)
+        ctx.save_for_backward(picks)
         ctx.shape, ctx.dtype = x.shape, x.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (arg,) = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        grad = _grad_like(grad, ctx.dtype)
-        dx = torch.empty(ctx.shape, dtype=ctx.dtype, memory_format=torch.channels_last)
-        _function("maxpool2_backward", ctx.dtype)(grad.data_ptr(), arg.data_ptr(),
-                                                  dx.data_ptr(), n, h, w, c)
-        return dx
+        (picks,) = ctx.saved_tensors
+        return pool_backward(picks, grad, ctx.shape, ctx.dtype)
 
 
 @eager
