@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,8 +43,8 @@ from torch.autograd.function import once_differentiable
 from normlab.models.eager import eager
 
 __all__ = [
-    "SparseDropout", "bernoulli_positions", "dense_drop_", "draws_positions", "drop_positions",
-    "sparse_dropout",
+    "SparseDropout", "bernoulli_positions", "bernoulli_positions_many", "dense_drop_",
+    "draws_positions", "drop_positions", "sparse_dropout",
 ]
 
 
@@ -59,6 +60,13 @@ def dense_drop_(x: torch.Tensor, p: float) -> torch.Tensor:
     return x.mul_(torch.empty_like(x).bernoulli_(1.0 - p))
 
 
+def _chunk(n: int, p: float) -> int:
+    """How many gaps :func:`bernoulli_positions` draws first for n units: enough to pass n
+    with overwhelming probability (more are drawn if not)."""
+    mean = n * p
+    return int(mean + 8.0 * math.sqrt(mean) + 16)
+
+
 @eager  # data-dependent sizes and a host read: kept out of compiled graphs
 def bernoulli_positions(
     n: int, p: float, generator: torch.Generator | None = None
@@ -71,9 +79,7 @@ def bernoulli_positions(
         return torch.empty(0, dtype=torch.long)
     if p == 1.0:
         return torch.arange(n)
-    mean = n * p
-    # Enough gaps to pass n with overwhelming probability; more are drawn if not.
-    chunk = int(mean + 8.0 * math.sqrt(mean) + 16)
+    chunk = _chunk(n, p)
     ends: list[torch.Tensor] = []
     offset = 0.0
     while True:
@@ -89,6 +95,35 @@ def bernoulli_positions(
         offset = last + 1.0
     pos = torch.cat(ends) if len(ends) > 1 else ends[0]
     return pos.to(torch.long)
+
+
+@eager
+def bernoulli_positions_many(ns: list[int], p: float) -> list[torch.Tensor]:
+    """``[bernoulli_positions(n, p) for n in ns]`` on torch's global generator, bitwise, in
+    one draw: the gaps of every call are drawn at once (``geometric_`` draws one number
+    after another, so one draw of the summed chunks is the calls' draws in turn) and
+    summed per call in numpy (integers in float64: exact, as torch's sums are; an infinite
+    gap cuts the same way). Should a call's chunk not pass its n (the rare case in which
+    :func:`bernoulli_positions` draws more before the next call's gaps), the generator is
+    reset and the calls made one by one. For a network's dropout layers, drawn before its
+    forward: about n·p numbers and a few small numpy operations per layer instead of eight
+    torch operations."""
+    if not 0.0 < p < 1.0 or any(n <= 0 for n in ns):
+        return [bernoulli_positions(n, p) for n in ns]
+    chunks = [_chunk(n, p) for n in ns]
+    generator = torch.default_generator
+    state = generator.get_state()
+    gaps = torch.empty(sum(chunks), dtype=torch.float64).geometric_(p).numpy()
+    out, begin = [], 0
+    for n, chunk in zip(ns, chunks, strict=True):
+        pos = np.cumsum(gaps[begin : begin + chunk])
+        begin += chunk
+        pos -= 1.0
+        if not pos[-1] >= n:  # this call would have drawn more here: one by one instead
+            generator.set_state(state)
+            return [bernoulli_positions(n, p) for n in ns]
+        out.append(torch.from_numpy(pos[: np.searchsorted(pos, float(n))].astype(np.int64)))
+    return out
 
 
 def _is_dense(t: torch.Tensor) -> bool:

@@ -151,7 +151,8 @@ def _call(fn, *args) -> None:
         raise ValueError("a dropped unit's index is outside the tensor")
 
 
-def _no_drop() -> torch.Tensor:
+def no_drop() -> torch.Tensor:
+    """``drop`` for no dropped unit."""
     return torch.empty(0, dtype=torch.long)
 
 
@@ -288,7 +289,7 @@ def _check(x: torch.Tensor, drop: torch.Tensor | None, *tensors: torch.Tensor) -
             raise ValueError("the norm's weight, bias and running statistics must be "
                              "contiguous fp32 tensors")
     if drop is None:
-        return _no_drop()
+        return no_drop()
     if drop.dtype != torch.long or drop.dim() != 1 or drop.device.type != "cpu":
         raise ValueError("drop must be a 1-d CPU int64 tensor of unit indices")
     return drop.contiguous()

@@ -35,7 +35,7 @@ from normlab.models.dropout import (
 )
 
 
-def _positions(x: torch.Tensor, p: float) -> torch.Tensor | None:
+def dropped_units(x: torch.Tensor, p: float) -> torch.Tensor | None:
     """The units the dropout after the norm zeroes (None at p = 0), for the kernels to zero:
     the same draw from the same generator as :func:`_drop`'s on the CPU."""
     return bernoulli_positions(x.numel(), p) if p else None
@@ -74,13 +74,10 @@ class BatchNormDropout(nn.BatchNorm2d):
             return kernels.batch_norm_eval(x, self.weight, self.bias, self.running_mean,
                                            self.running_var, self.eps, relu=True)
         if self.training and self.relu and kernels.applies(x, self.weight):
-            self.num_batches_tracked.add_(1)  # as _BatchNorm.forward does in training
-            momentum = (self.momentum if self.momentum is not None
-                        else 1.0 / float(self.num_batches_tracked))
             return kernels.batch_norm(x, self.weight, self.bias, self.running_mean,
-                                      self.running_var, momentum, self.eps,
+                                      self.running_var, self.count_batch(), self.eps,
                                       scale=1.0 / (1.0 - self.p), relu=True,
-                                      drop=_positions(x, self.p))
+                                      drop=dropped_units(x, self.p))
         if self.relu:
             x = F.relu(x)
         if not self.training or self.p == 0.0:
@@ -90,6 +87,14 @@ class BatchNormDropout(nn.BatchNorm2d):
         y = F.batch_norm(x, self.running_mean, self.running_var, self.weight * s,
                          self.bias * s, True, self.momentum, self.eps)
         return _drop(y, self.p)
+
+    def count_batch(self) -> float:
+        """Count a training batch, as ``_BatchNorm.forward`` does; returns the momentum its
+        running statistics are updated with."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # a cumulative moving average
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
 
     def extra_repr(self) -> str:
         return _extra_repr(self, super().extra_repr())
@@ -136,7 +141,7 @@ class GroupNormDropout(nn.GroupNorm):
         s = 1.0 / (1.0 - self.p)
         if self.training and self.relu and kernels.applies(x, self.weight):
             return kernels.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                      scale=s, relu=True, drop=_positions(x, self.p))
+                                      scale=s, relu=True, drop=dropped_units(x, self.p))
         if self.relu:
             x = F.relu(x)
         if not self.training or self.p == 0.0:

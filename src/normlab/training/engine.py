@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.models import ModelConfig, kernels
+from normlab.models.handstep import HandStep
 from normlab.training.augment import to_input
 
 
@@ -113,8 +114,14 @@ def train_one_epoch(
     on_step: Callable[[int], None] | None = None,
     precision: str = "fp32",
     augment: str = "aten",
+    hand_step: bool = True,
 ) -> dict[str, float]:
     """Train for one epoch; returns mean train loss (NLL), accuracy %, L1 term, seconds.
+
+    With ``hand_step`` a network :class:`~normlab.models.handstep.HandStep` takes (the
+    seed's network on normlab's kernels, on a CPU) trains without autograd: the same
+    numbers, bit for bit, faster. ``hand_step=False`` trains everything through autograd
+    (for benchmarks and the tests that compare the two).
 
     ``augment`` says what rotates and normalises the training images on a CPU: ``"aten"``
     (:func:`~normlab.training.augment.to_input`, torch's ops) or ``"normlab"`` (the C
@@ -139,6 +146,7 @@ def train_one_epoch(
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     step_ids = torch.arange(-(-n // batch_size), device=device)  # no host->device per step
     in_c = augment == "normlab" and device.type == "cpu" and bool(rotation)
+    by_hand = HandStep.build(model, precision) if hand_step else None
     for step, begin in enumerate(range(0, n, batch_size)):
         idx = order[begin : begin + batch_size]
         if in_c:
@@ -148,11 +156,14 @@ def train_one_epoch(
             x = to_input(data.images[idx], data.mean, data.std,
                          angles[idx] if rotation else None, memory_format=layout)
         y = data.labels[idx]
-        with autocast(device, precision):
-            out = model(x)
-        loss = F.nll_loss(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if by_hand is not None and by_hand.applies(x):
+            loss, out = by_hand(x, y)  # bitwise what the lines below compute
+        else:
+            with autocast(device, precision):
+                out = model(x)
+            loss = F.nll_loss(out.float(), y)
+            loss.backward()
         total = loss.detach()
         if l1:  # loss + l1 * sum|w|, its gradient added by hand (the same bits, faster)
             with torch.no_grad():

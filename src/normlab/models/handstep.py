@@ -1,0 +1,211 @@
+"""The seed's network's training step by hand: its forward and backward without autograd,
+bitwise autograd's.
+
+A training step of the 5,760-parameter network at batch 64 spends about a third of its time
+outside its kernels: building and walking the autograd graph (about 60 nodes), autocast's
+dispatch, the module calls, the dropout's per-layer draws (eight small torch operations
+each). :class:`HandStep` runs the same computation as a flat list: the forward calls the
+same ATen convolutions and normlab's kernels (:mod:`normlab.models.kernels`) under
+``torch.no_grad`` and keeps what each backward needs; the backward calls what autograd's
+nodes call (``convolution_backward`` with the same output mask, the kernels' backward,
+``avg_pool2d_backward``, ``_log_softmax_backward_data``, ``nll_loss_backward``, the casts
+autocast's ``ToCopyBackward`` makes) in reverse order, and sets each parameter's ``.grad``.
+The dropout positions of all layers are drawn at once before the forward
+(:func:`~normlab.models.dropout.bernoulli_positions_many`: the same numbers from the same
+generator). So the losses, gradients, running statistics and weights equal autograd's bit
+for bit (the tests train both ways and compare), and a run's config need not say which
+computed its steps.
+
+It takes the network as normlab builds it for its kernels (``kernels="normlab"``): every
+block Conv -> :class:`~normlab.models.normdrop.FoldedReLU` -> a BatchNorm or GroupNorm
+(LN, IN) with the ReLU folded in and its dropout fused, the kernels' max pooling, in
+training mode, on the CPU, in channels-last, fp32 or bf16 autocast, with no hooks on the
+modules or parameters. :meth:`HandStep.build` returns None for anything else (stacked
+norms, ``dropout_draw="bernoulli"``, torch's norms, another device), which then trains
+through autograd as before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module
+
+from normlab.models import kernels
+from normlab.models.dropout import bernoulli_positions_many
+from normlab.models.net import GAP_KERNEL, LAYOUT, POOL_AFTER, MaxPool2x2, Net
+from normlab.models.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Whether a hook would see the step: on a module, a parameter, or every module."""
+    if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
+        return True
+    if any(getattr(m, name, None) for m in model.modules() for name in _HOOKS):
+        return True
+    return any(getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks",
+                                                              None)
+               for p in model.parameters())
+
+
+def _layer(m: nn.Module) -> str | None:
+    """The step's name for a block's layer, or None if it takes no such layer."""
+    if type(m) is nn.Conv2d:
+        return "conv" if m.bias is None and m.padding_mode == "zeros" else None
+    if type(m) is FoldedReLU:
+        return "relu"  # applied by the norm after it
+    if type(m) is BatchNormDropout and m.relu and m.affine and m.track_running_stats:
+        return "bn"
+    if type(m) is GroupNormDropout and m.relu and m.affine:
+        return "gn"
+    return None
+
+
+class HandStep:
+    """``step(x, y) -> (loss, out)``: the forward, ``F.nll_loss(out, y)`` and its backward
+    of a :class:`~normlab.models.Net` in training, as
+
+        with autocast: out = model(x).float()
+        loss = F.nll_loss(out, y); loss.backward()
+
+    computes them (gradients written to ``.grad``, which must be None or is overwritten;
+    running statistics updated), without autograd. ``out`` and ``loss`` hold no graph."""
+
+    def __init__(self, model: Net, plan: list[tuple[str, nn.Module | None]],
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.plan = plan
+        self.dtype = dtype
+        self.p = next((m.p for kind, m in plan if kind in ("bn", "gn")), 0.0)
+        self._sizes: dict[torch.Size, list[int]] = {}  # input shape -> dropout layers' units
+
+    @classmethod
+    def build(cls, model: nn.Module, precision: str) -> HandStep | None:
+        """The step for ``model`` trained in ``precision`` ("fp32" or "bf16" autocast), or
+        None where it does not apply (see the module): autograd then trains it."""
+        if type(model) is not Net or not model.training or precision not in ("fp32", "bf16"):
+            return None
+        if _hooked(model) or not all(p.requires_grad and p.device.type == "cpu"
+                                     for p in model.parameters()):
+            return None
+        plan: list[tuple[str, nn.Module | None]] = []
+        for name, *_, is_block in LAYOUT:
+            layers = list(getattr(model, name))
+            kinds = [_layer(m) for m in layers]
+            expected = ["conv", "relu", kinds[2] if len(kinds) > 2 else None] if is_block \
+                else ["conv"]
+            if kinds != expected or None in kinds:
+                return None
+            plan += [(k, m) for k, m in zip(kinds, layers, strict=True) if k != "relu"]
+            if name == POOL_AFTER:
+                if type(model.pool1) is not MaxPool2x2:
+                    return None
+                plan.append(("pool", None))
+            if name == LAYOUT[-2][0]:
+                plan.append(("gap", None))
+        gap = model.gap
+        if (type(gap) is not nn.AvgPool2d or gap.kernel_size != GAP_KERNEL or gap.padding != 0
+                or gap.ceil_mode or not gap.count_include_pad or gap.divisor_override
+                or gap.stride != GAP_KERNEL):
+            return None
+        ps = {m.p for kind, m in plan if kind in ("bn", "gn")}
+        if len(ps) > 1:
+            return None
+        return cls(model, plan, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether the step takes this input: a 4-d fp32 CPU tensor in channels-last (the
+        layout the kernels need all the way through), with the model's weights in it."""
+        return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and not self.model.convblock2[0].weight.is_contiguous())
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return self._step(x, y)
+
+    def _drops(self, shape: torch.Size) -> list[torch.Tensor] | None:
+        """Every dropout layer's positions for an input of this shape, drawn at once; None
+        at p = 0, and the first time a shape is seen: the layers then draw theirs one by
+        one (:func:`~normlab.models.normdrop.dropped_units`, as the modules do) and their
+        sizes are kept for the next time."""
+        sizes = self._sizes.get(shape)
+        if sizes is None or not self.p:
+            return None
+        return bernoulli_positions_many(sizes, self.p)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.dtype
+        drops = self._drops(x.shape)
+        sizes: list[int] = []
+        tape: list[tuple] = []
+        h = x.to(dtype)  # autocast's cast of the input (a no-op in fp32)
+        for kind, m in self.plan:
+            if kind == "conv":
+                w = m.weight.to(dtype)
+                tape.append((kind, m, h, w, not tape))
+                h = F.conv2d(h, w, None, m.stride, m.padding, m.dilation, m.groups)
+                continue
+            if kind in ("bn", "gn"):
+                if not kernels.applies(h, m.weight):
+                    raise RuntimeError(f"HandStep: the kernels do not take {m}'s input "
+                                       f"{tuple(h.shape)} {h.dtype} (a bug: build() checks)")
+                drop = drops[len(sizes)] if drops is not None else dropped_units(h, m.p)
+                sizes.append(h.numel())
+                drop = kernels.no_drop() if drop is None else drop
+                scale = 1.0 / (1.0 - m.p)
+                if kind == "bn":
+                    y_, saved = kernels.bn_forward(h, m.weight, m.bias, m.running_mean,
+                                                   m.running_var, m.count_batch(), m.eps,
+                                                   scale, True, drop)
+                else:
+                    y_, saved = kernels.gn_forward(h, m.num_groups, m.weight, m.bias, m.eps,
+                                                   scale, True, drop)
+                tape.append((kind, m, h, saved, drop, scale))
+                h = y_
+            elif kind == "pool":
+                out, picks = kernels.pool_forward(h)
+                tape.append((kind, None, h.shape, picks))
+                h = out
+            elif kind == "gap":
+                tape.append((kind, None, h))
+                h = F.avg_pool2d(h, GAP_KERNEL)
+        self._sizes.setdefault(x.shape, sizes)
+        logits = h
+        low = torch.log_softmax(logits.flatten(1), -1)  # autocast runs it in bf16 on a CPU
+        out = low.float()
+        loss, total_weight = torch.ops.aten.nll_loss_forward(out, y, None, 1, -100)
+        # The backward, node by node as autograd runs it.
+        g = torch.ops.aten.nll_loss_backward(torch.ones_like(loss), out, y, None, 1, -100,
+                                             total_weight)
+        g = torch.ops.aten._log_softmax_backward_data(g.to(dtype), low, 1, dtype)
+        g = g.view(logits.shape)
+        for kind, m, *saved in reversed(tape):
+            if kind == "conv":
+                h, w, first = saved
+                g, gw, _ = torch.ops.aten.convolution_backward(
+                    g, h, w, None, m.stride, m.padding, m.dilation, False, [0, 0], m.groups,
+                    [not first, True, False])
+                m.weight.grad = gw.float()
+            elif kind in ("bn", "gn"):
+                h, stats, drop, scale = saved
+                if kind == "bn":
+                    g, gw, gb = kernels.bn_backward(h, m.weight, stats, drop, g, scale, True)
+                else:
+                    g, gw, gb = kernels.gn_backward(h, m.num_groups, m.weight, stats, drop, g,
+                                                    scale, True)
+                m.weight.grad, m.bias.grad = gw, gb
+            elif kind == "pool":
+                shape, picks = saved
+                g = kernels.pool_backward(picks, g, shape, dtype)
+            elif kind == "gap":
+                (h,) = saved
+                g = torch.ops.aten.avg_pool2d_backward(g, h, [GAP_KERNEL] * 2,
+                                                       [GAP_KERNEL] * 2, [0, 0], False, True,
+                                                       None)
+        return loss, out
