@@ -13,6 +13,9 @@
  * Single-threaded, no allocation: the caller passes every buffer.
  */
 #include <math.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -30,9 +33,14 @@ typedef uint16_t h16v __attribute__((vector_size(32)));  /* 16 bf16 bit patterns
 /* 16 values from fp32 or bf16 memory, as floats. */
 static inline f16v load_f32(const float *p) { f16v v; memcpy(&v, p, sizeof v); return v; }
 static inline f16v load_bf16(const uint16_t *p) {
+#ifdef __AVX512F__  /* one widening load: GCC splits the generic conversion in four */
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return (f16v)_mm512_slli_epi32(u, 16);
+#else
     h16v h;
     memcpy(&h, p, sizeof h);
     return (f16v)(__builtin_convertvector(h, u16v) << 16);
+#endif
 }
 
 static inline void store_f32(float *p, f16v v) { memcpy(p, &v, sizeof v); }
@@ -48,7 +56,11 @@ static inline void store_bf16(uint16_t *p, f16v v) {
 
 /* ReLU with torch's semantics (NaN passes through); and the identity. */
 static inline f16v relu(f16v v) {
+#ifdef __AVX512F__  /* max(0, v) is (0 > v) ? 0 : v: a NaN or -0 in v passes, as below */
+    return (f16v)_mm512_max_ps(_mm512_setzero_ps(), (__m512)v);
+#else
     return (f16v)((u16v)v & ~(u16v)(v < (f16v){0}));
+#endif
 }
 static inline f16v keep(f16v v) { return v; }
 /* A gradient r where the ReLU passed x (x > 0), else 0; and r everywhere. */
@@ -104,6 +116,47 @@ static inline f16v drop_lanes(f16v v, const uint8_t *bits, int64_t e) {
     return (f16v)((u16v)v & ~(u16v)((lane & m) != 0));
 }
 
+/* The sums' passes read 8 values at a time straight into doubles (fewer shuffles than
+ * widening 16 floats in two halves; the same values in the same lanes, so the same sums). */
+typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint16_t h8v __attribute__((vector_size(16)));
+static inline f8v load8_f32(const float *p) { f8v v; memcpy(&v, p, sizeof v); return v; }
+static inline f8v load8_bf16(const uint16_t *p) {
+#ifdef __AVX2__  /* one widening load: GCC splits the generic conversion in halves */
+    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return (f8v)_mm256_slli_epi32(u, 16);
+#else
+    h8v h;
+    memcpy(&h, p, sizeof h);
+    return (f8v)(__builtin_convertvector(h, i8v) << 16);
+#endif
+}
+static inline f8v relu8(f8v v) {
+#ifdef __AVX__  /* as relu's */
+    return (f8v)_mm256_max_ps(_mm256_setzero_ps(), (__m256)v);
+#else
+    return (f8v)((i8v)v & ~(i8v)(v < (f8v){0}));
+#endif
+}
+static inline f8v keep8(f8v v) { return v; }
+static inline d8v wide(f8v v) {
+#ifdef __AVX512F__  /* one instruction (the generic conversion is two and a shuffle) */
+    return (d8v)_mm512_cvtps_pd((__m256)v);
+#else
+    return __builtin_convertvector(v, d8v);
+#endif
+}
+/* drop_lanes for 8 lanes (storage offsets e..e+7). */
+static inline f8v drop8(f8v v, const uint8_t *bits, int64_t e) {
+    if (!bits) return v;
+    uint32_t w;
+    memcpy(&w, bits + (e >> 3), sizeof w);
+    uint32_t m = (w >> (e & 7)) & 0xffu;
+    if (!m) return v;
+    const i8v lane = {1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7};
+    return (f8v)((i8v)v & ~(i8v)((lane & (int32_t)m) != 0));
+}
+
 /* Per-channel totals from per-lane sums (lane j holds channel j % C). */
 static void fold(const double *lane_a, const double *lane_b, int64_t L, int64_t C,
                  double *a, double *b) {
@@ -117,7 +170,7 @@ static void fold(const double *lane_a, const double *lane_b, int64_t L, int64_t 
 /* n is a multiple of C but not always of L: the last block is partial. It is handled by
  * copying it into a zero-padded buffer; for sums this adds zeros (exactly), and for the
  * elementwise passes only the real values are copied back. */
-#define DEFINE(SUF, T, LOAD, STORE, RELU, GRAD)                                            \
+#define DEFINE(SUF, T, LOAD, STORE, RELU, GRAD, LOAD8, RELU8)                             \
 /* Lane sums of v and v*v, v = relu(x) or x. */                                            \
 static void stats_##SUF(const T *x, int64_t n, int64_t L, double *s, double *q) {          \
     T pad[LMAX] = {0};                                                                     \
@@ -126,8 +179,8 @@ static void stats_##SUF(const T *x, int64_t n, int64_t L, double *s, double *q) 
     for (int64_t j = 0; j < L; j += 16) {                                                  \
         d8v s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                        \
         for (int64_t i = 0; i <= full; i += L) {                                           \
-            f16v v = RELU(LOAD(i < full ? x + i + j : pad + j));                           \
-            d8v a = lo(v), b = hi(v);                                                      \
+            const T *p = i < full ? x + i + j : pad + j;                                   \
+            d8v a = wide(RELU8(LOAD8(p))), b = wide(RELU8(LOAD8(p + 8)));                  \
             s0 += a; s1 += b; q0 += a * a; q1 += b * b;                                    \
         }                                                                                  \
         memcpy(s + j, &s0, 64); memcpy(s + j + 8, &s1, 64);                                \
@@ -158,10 +211,12 @@ static void grad_stats_##SUF(const T *x, const T *g, int64_t n, int64_t L, doubl
     for (int64_t j = 0; j < L; j += 16) {                                                  \
         d8v s0 = {0}, s1 = {0}, d0 = {0}, d1 = {0};                                        \
         for (int64_t i = 0; i <= full; i += L) {                                           \
-            f16v dy = drop_lanes(LOAD(i < full ? g + i + j : gpad + j), bits, e0 + i + j); \
-            f16v v = RELU(LOAD(i < full ? x + i + j : xpad + j));                          \
-            d8v a = lo(dy), b = hi(dy);                                                    \
-            s0 += a; s1 += b; d0 += a * lo(v); d1 += b * hi(v);                            \
+            const T *gp = i < full ? g + i + j : gpad + j;                                 \
+            const T *xp = i < full ? x + i + j : xpad + j;                                 \
+            d8v a = wide(drop8(LOAD8(gp), bits, e0 + i + j));                              \
+            d8v b = wide(drop8(LOAD8(gp + 8), bits, e0 + i + j + 8));                      \
+            s0 += a; s1 += b;                                                              \
+            d0 += a * wide(RELU8(LOAD8(xp))); d1 += b * wide(RELU8(LOAD8(xp + 8)));        \
         }                                                                                  \
         memcpy(s + j, &s0, 64); memcpy(s + j + 8, &s1, 64);                                \
         memcpy(d + j, &d0, 64); memcpy(d + j + 8, &d1, 64);                                \
@@ -348,10 +403,10 @@ int nl_gn_backward_##SUF(const T *x, const T *g, T *dx, int64_t N, int64_t HW, i
     return 0;                                                                              \
 }
 
-DEFINE(f32, float, load_f32, store_f32, keep, all_grad)
-DEFINE(bf16, uint16_t, load_bf16, store_bf16, keep, all_grad)
-DEFINE(f32_relu, float, load_f32, store_f32, relu, relu_grad)
-DEFINE(bf16_relu, uint16_t, load_bf16, store_bf16, relu, relu_grad)
+DEFINE(f32, float, load_f32, store_f32, keep, all_grad, load8_f32, keep8)
+DEFINE(bf16, uint16_t, load_bf16, store_bf16, keep, all_grad, load8_bf16, keep8)
+DEFINE(f32_relu, float, load_f32, store_f32, relu, relu_grad, load8_f32, relu8)
+DEFINE(bf16_relu, uint16_t, load_bf16, store_bf16, relu, relu_grad, load8_bf16, relu8)
 DEFINE_GN(f32, float)
 DEFINE_GN(bf16, uint16_t)
 DEFINE_GN(f32_relu, float)
@@ -363,16 +418,8 @@ DEFINE_GN(bf16_relu, uint16_t)
  * value, for the backward; an odd last row or column is left out, as torch does. Branch
  * free, 8 channels at a time: the window's first value stands for torch's -inf start (a
  * -inf or NaN first value ends the same). */
-typedef int32_t i8v __attribute__((vector_size(32)));
-typedef uint16_t h8v __attribute__((vector_size(16)));
 typedef uint8_t b8v __attribute__((vector_size(8)));
-static inline f8v load8_f32(const float *p) { f8v v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8_f32(float *p, f8v v) { memcpy(p, &v, sizeof v); }
-static inline f8v load8_bf16(const uint16_t *p) {
-    h8v h;
-    memcpy(&h, p, sizeof h);
-    return (f8v)(__builtin_convertvector(h, i8v) << 16);
-}
 static inline void store8_bf16(uint16_t *p, f8v v) {  /* exact for values read from bf16 */
     h8v h = __builtin_convertvector((i8v)v >> 16, h8v);
     memcpy(p, &h, sizeof h);
