@@ -73,8 +73,9 @@ class HandStep:
         with autocast: out = model(x).float()
         loss = F.nll_loss(out, y); loss.backward()
 
-    computes them (gradients written to ``.grad``, which must be None or is overwritten;
-    running statistics updated), without autograd. ``out`` and ``loss`` hold no graph."""
+    computes them (every parameter's ``.grad`` set to a fresh gradient, whatever it held:
+    no ``zero_grad`` is needed; running statistics updated), without autograd. ``out`` and
+    ``loss`` hold no graph."""
 
     def __init__(self, model: Net, plan: list[tuple[str, nn.Module | None]],
                  dtype: torch.dtype) -> None:
@@ -83,6 +84,11 @@ class HandStep:
         self.dtype = dtype
         self.p = next((m.p for kind, m in plan if kind in ("bn", "gn")), 0.0)
         self._sizes: dict[torch.Size, list[int]] = {}  # input shape -> dropout layers' units
+        self._convs = [m for kind, m in plan if kind == "conv"]
+        # The convolutions' weights in the autocast dtype, cast in one call per step (the
+        # same rounding as autocast's casts, one by one); fp32 uses the weights themselves.
+        self._low = ([torch.empty_like(m.weight, dtype=dtype) for m in self._convs]
+                     if dtype != torch.float32 else None)
 
     @classmethod
     def build(cls, model: nn.Module, precision: str) -> HandStep | None:
@@ -145,9 +151,14 @@ class HandStep:
         sizes: list[int] = []
         tape: list[tuple] = []
         h = x.to(dtype)  # autocast's cast of the input (a no-op in fp32)
+        weights = [m.weight for m in self._convs]
+        if self._low is not None:
+            torch._foreach_copy_(self._low, weights)
+            weights = self._low
+        convs = iter(weights)
         for kind, m in self.plan:
             if kind == "conv":
-                w = m.weight.to(dtype)
+                w = next(convs)
                 tape.append((kind, m, h, w, not tape))
                 h = F.conv2d(h, w, None, m.stride, m.padding, m.dilation, m.groups)
                 continue
