@@ -82,9 +82,27 @@ static inline d8v hi(f16v v) {
  * sorted. Forward, the norm's output is zeroed there; backward, the output gradient reads
  * as +0 there (what zeroing a copy of it would give, without the copy), through a bitmap
  * over storage offsets built from the indices. */
-static inline int64_t storage_offset(int64_t i, int64_t C, int64_t HW) {
-    int64_t img = i / (C * HW), rest = i - img * C * HW, c = rest / HW;
-    return (img * HW + (rest - c * HW)) * C + c;
+/* Logical index i = (img * C + c) * HW + hw -> storage offset (img * HW + hw) * C + c, for
+ * indices taken in increasing order (as bernoulli_positions gives them) without two
+ * divisions each: the plane (img, c) of the last index is kept and stepped forward; an
+ * index below it (unsorted input) or far beyond it is placed by division. */
+typedef struct { int64_t C, HW, base, img, c; } offsets_t;
+static inline offsets_t offsets_start(int64_t C, int64_t HW) {
+    offsets_t t = {C, HW, 0, 0, 0};
+    return t;
+}
+static inline int64_t next_offset(offsets_t *t, int64_t i) {
+    if (i < t->base || i - t->base >= 8 * t->HW) {  /* far: one division */
+        int64_t q = i / t->HW;
+        t->base = q * t->HW;
+        t->img = q / t->C;
+        t->c = q - t->img * t->C;
+    }
+    while (i - t->base >= t->HW) {
+        t->base += t->HW;
+        if (++t->c == t->C) { t->c = 0; t->img++; }
+    }
+    return (t->img * t->HW + (i - t->base)) * t->C + t->c;
 }
 /* 0 if every index is in [0, n), else -1. */
 static int check_drop(const int64_t *drop, int64_t ndrop, int64_t n) {
@@ -97,8 +115,9 @@ static const uint8_t *drop_bitmap(const int64_t *drop, int64_t ndrop, int64_t n,
                                   int64_t HW, uint8_t *bits) {
     if (ndrop == 0) return NULL;
     memset(bits, 0, (size_t)(n / 8 + BITMAP_SLACK));
+    offsets_t t = offsets_start(C, HW);
     for (int64_t k = 0; k < ndrop; k++) {
-        int64_t o = storage_offset(drop[k], C, HW);
+        int64_t o = next_offset(&t, drop[k]);
         bits[o >> 3] |= (uint8_t)(1u << (o & 7));
     }
     return bits;
@@ -248,7 +267,8 @@ static void grad_input_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t L
 /* y zeroed at the dropped units. */                                                       \
 static void zero_dropped_##SUF(T *y, const int64_t *drop, int64_t ndrop, int64_t C,       \
                                int64_t HW) {                                               \
-    for (int64_t k = 0; k < ndrop; k++) y[storage_offset(drop[k], C, HW)] = (T)0;          \
+    offsets_t t = offsets_start(C, HW);                                                    \
+    for (int64_t k = 0; k < ndrop; k++) y[next_offset(&t, drop[k])] = (T)0;                \
 }                                                                                          \
 /* Training-mode forward: batch statistics; the running statistics updated in place      \
  * (momentum, unbiased variance, as torch does); y = ((v - mean) * invstd * w + b) * scale \
