@@ -5,11 +5,12 @@ Each revision's ``src/normlab/models/kernels.c`` (``git show REV:...``; ``WORKTR
 the file as it is now) is compiled with normlab's flags into a temporary folder and loaded
 in turn in this process. Both builds get the same inputs: BatchNorm and GroupNorm (1, 2
 and C groups) forward and backward, with and without the folded ReLU and a dropout's
-positions (sorted, as normlab draws them, and shuffled), the eval-mode BatchNorm and the 2x2 max pooling, fp32 and bf16, shapes of the
-seed's network and odd ones (a partial last block), with a NaN, a -NaN and a -0.0 in every
-input. Every output is compared bit for bit, except that all NaNs count as one: a NaN's
-sign and payload come from the operand order the compiler picks, which IEEE leaves open
-(two builds of the same source for other CPUs differ there too). Then the seed network's
+positions (sorted, as normlab draws them, and shuffled), the eval-mode BatchNorm and the
+2x2 max pooling, fp32 and bf16, shapes of the seed's network and odd ones (a partial last
+block), with a NaN, a -NaN and a -0.0 in every input. Every output is compared bit for
+bit, except that all NaNs count as one: a NaN's sign and payload come from the operand
+order the compiler picks, which IEEE leaves open (two builds of the same source for other
+CPUs differ there too). Then the seed network's
 five ReLU -> BatchNorm layers at batch 64 (bf16, p = 0.01, one thread) are timed with
 each build, alternating, median of ``--rounds``.
 
@@ -74,9 +75,9 @@ def outputs(seed: int) -> list[torch.Tensor]:
             weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
             torch.manual_seed(seed)
             for relu in (False, True):
-                drop = bernoulli_positions(x.numel(), 0.1)
-                shuffled = drop[torch.randperm(len(drop), generator=g)]
-                for drop in (drop, shuffled, kernels.no_drop()):
+                drawn = bernoulli_positions(x.numel(), 0.1)
+                shuffled = drawn[torch.randperm(len(drawn), generator=g)]
+                for drop in (drawn, shuffled, kernels.no_drop()):
                     mean, var = torch.zeros(c), torch.ones(c)
                     y, saved = kernels.bn_forward(x, weight, bias, mean, var, 0.1, 1e-5, 1.1,
                                                   relu, drop)

@@ -410,3 +410,29 @@ def test_the_allocator_changes_no_number(mnist, tmp_path):
         assert json.loads((out / "config.json").read_text())["malloc"] == expected
         histories.append(without_timing(read_metrics(out)))
     assert histories[0] == histories[1] == histories[2] and len(histories[0]) == 2
+
+
+@pytest.mark.parametrize("nesterov,weight_decay", [(False, 0.0), (True, 0.0), (False, 5e-4),
+                                                   (True, 1e-3)])
+def test_foreach_sgd_is_the_loops_bitwise_on_the_cpu(nesterov, weight_decay):
+    """make_optimizer asks for torch's foreach SGD (torch's CPU default is the per-tensor
+    loop): the same weights and momentum buffers, bit for bit, step after step."""
+    from normlab.models import Net
+
+    models = [Net(norm="bn") for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov,
+                            weight_decay=weight_decay, foreach=foreach)
+            for m, foreach in zip(models, (None, True), strict=True)]
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+        for model, opt in zip(models, opts, strict=True):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for pa, pb in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(pa, pb)
+        assert torch.equal(opts[0].state[pa]["momentum_buffer"],
+                           opts[1].state[pb]["momentum_buffer"])
+    assert make_optimizer(models[0], config(), 10)[0].defaults["foreach"] is True
