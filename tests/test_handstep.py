@@ -181,3 +181,21 @@ def test_positions_at_once_fall_back_when_a_chunk_falls_short(monkeypatch):
     assert torch.equal(torch.rand(2), after)
     assert all(torch.equal(a, b) for a, b in zip(one_by_one, at_once, strict=True))
     assert sum(len(a) for a in at_once) > 100  # far more points than one chunk's two
+
+
+def test_batchnorm_with_a_cumulative_average_counts_as_the_modules_do():
+    """momentum=None (a cumulative moving average, from the batch count): the same running
+    statistics and counts as autograd's modules."""
+    a, b = net(dropout=0.05), net(dropout=0.05)
+    for model in (a, b):
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+    by_hand = HandStep.build(b, "bf16")
+    for step, (x, y) in enumerate(batches((8, 8, 5))):
+        torch.manual_seed(step)
+        autograd_step(a, x, y, "bf16")
+        torch.manual_seed(step)
+        by_hand(x, y)
+    assert_same_state(a, b)
+    assert int(b.convblock1[2].num_batches_tracked) == 3

@@ -37,6 +37,7 @@ from normlab.models.dropout import bernoulli_positions_many
 from normlab.models.net import GAP_KERNEL, LAYOUT, POOL_AFTER, MaxPool2x2, Net
 from normlab.models.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
 
+_ATEN = torch.ops.aten  # ops called by overload (``.default``): no overload resolution per call
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
                  "_global_backward_hooks", "_global_backward_pre_hooks")
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -85,6 +86,11 @@ class HandStep:
         self.p = next((m.p for kind, m in plan if kind in ("bn", "gn")), 0.0)
         self._sizes: dict[torch.Size, list[int]] = {}  # input shape -> dropout layers' units
         self._convs = [m for kind, m in plan if kind == "conv"]
+        norms = [(kind, m) for kind, m in plan if kind in ("bn", "gn")]
+        bns = [m for kind, m in norms if kind == "bn"]
+        fixed = all(m.momentum is not None for m in bns)
+        self._tracked = [m.num_batches_tracked for m in bns] if fixed else None
+        self._momenta = [m.momentum if kind == "bn" else None for kind, m in norms]
         # The convolutions' weights in the autocast dtype, cast in one call per step (the
         # same rounding as autocast's casts, one by one); fp32 uses the weights themselves.
         self._low = ([torch.empty_like(m.weight, dtype=dtype) for m in self._convs]
@@ -135,6 +141,17 @@ class HandStep:
         with torch.no_grad():
             return self._step(x, y)
 
+    def _count_batches(self) -> list[float | None]:
+        """Count a batch in every BatchNorm (one foreach add, as each module's
+        ``count_batch`` would); the momenta they update their running statistics with, in
+        the plan's order of the norms (None for a GroupNorm)."""
+        if self._tracked is None:  # a cumulative average somewhere: the modules' own way
+            return [m.count_batch() if kind == "bn" else None for kind, m in self.plan
+                    if kind in ("bn", "gn")]
+        if self._tracked:
+            torch._foreach_add_(self._tracked, 1)
+        return self._momenta
+
     def _drops(self, shape: torch.Size) -> list[torch.Tensor] | None:
         """Every dropout layer's positions for an input of this shape, drawn at once; None
         at p = 0, and the first time a shape is seen: the layers then draw theirs one by
@@ -147,7 +164,9 @@ class HandStep:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.dtype
+        new_shape = x.shape not in self._sizes  # layers' inputs checked once per shape
         drops = self._drops(x.shape)
+        momenta = self._count_batches()
         sizes: list[int] = []
         tape: list[tuple] = []
         h = x.to(dtype)  # autocast's cast of the input (a no-op in fp32)
@@ -163,17 +182,18 @@ class HandStep:
                 h = F.conv2d(h, w, None, m.stride, m.padding, m.dilation, m.groups)
                 continue
             if kind in ("bn", "gn"):
-                if not kernels.applies(h, m.weight):
+                if new_shape and not kernels.applies(h, m.weight):
                     raise RuntimeError(f"HandStep: the kernels do not take {m}'s input "
                                        f"{tuple(h.shape)} {h.dtype} (a bug: build() checks)")
-                drop = drops[len(sizes)] if drops is not None else dropped_units(h, m.p)
+                i = len(sizes)
+                drop = drops[i] if drops is not None else dropped_units(h, m.p)
                 sizes.append(h.numel())
                 drop = kernels.no_drop() if drop is None else drop
                 scale = 1.0 / (1.0 - m.p)
                 if kind == "bn":
                     y_, saved = kernels.bn_forward(h, m.weight, m.bias, m.running_mean,
-                                                   m.running_var, m.count_batch(), m.eps,
-                                                   scale, True, drop)
+                                                   m.running_var, momenta[i], m.eps, scale,
+                                                   True, drop)
                 else:
                     y_, saved = kernels.gn_forward(h, m.num_groups, m.weight, m.bias, m.eps,
                                                    scale, True, drop)
@@ -190,16 +210,16 @@ class HandStep:
         logits = h
         low = torch.log_softmax(logits.flatten(1), -1)  # autocast runs it in bf16 on a CPU
         out = low.float()
-        loss, total_weight = torch.ops.aten.nll_loss_forward(out, y, None, 1, -100)
+        loss, total_weight = _ATEN.nll_loss_forward.default(out, y, None, 1, -100)
         # The backward, node by node as autograd runs it.
-        g = torch.ops.aten.nll_loss_backward(torch.ones_like(loss), out, y, None, 1, -100,
+        g = _ATEN.nll_loss_backward.default(torch.ones_like(loss), out, y, None, 1, -100,
                                              total_weight)
-        g = torch.ops.aten._log_softmax_backward_data(g.to(dtype), low, 1, dtype)
+        g = _ATEN._log_softmax_backward_data.default(g.to(dtype), low, 1, dtype)
         g = g.view(logits.shape)
         for kind, m, *saved in reversed(tape):
             if kind == "conv":
                 h, w, first = saved
-                g, gw, _ = torch.ops.aten.convolution_backward(
+                g, gw, _ = _ATEN.convolution_backward.default(
                     g, h, w, None, m.stride, m.padding, m.dilation, False, [0, 0], m.groups,
                     [not first, True, False])
                 m.weight.grad = gw.float()
@@ -216,7 +236,7 @@ class HandStep:
                 g = kernels.pool_backward(picks, g, shape, dtype)
             elif kind == "gap":
                 (h,) = saved
-                g = torch.ops.aten.avg_pool2d_backward(g, h, [GAP_KERNEL] * 2,
+                g = _ATEN.avg_pool2d_backward.default(g, h, [GAP_KERNEL] * 2,
                                                        [GAP_KERNEL] * 2, [0, 0], False, True,
                                                        None)
         return loss, out

@@ -161,6 +161,7 @@ def _bitmap(n: int) -> torch.Tensor:
     return torch.empty(n // 8 + 32, dtype=torch.uint8)
 
 
+@functools.cache
 def lanes(channels: int) -> int:
     """Values per block: the least common multiple of C and 16 (the kernel takes 16 lanes
     at a time and needs lane j to hold channel j % C)."""
