@@ -6,8 +6,9 @@ the file as it is now) is compiled with normlab's flags into a temporary folder 
 in turn in this process. Both builds get the same inputs: BatchNorm and GroupNorm (1, 2
 and C groups) forward and backward, with and without the folded ReLU and a dropout's
 positions (sorted, as normlab draws them, and shuffled), the eval-mode BatchNorm and the
-2x2 max pooling, fp32 and bf16, shapes of the seed's network and odd ones (a partial last
-block), with a NaN, a -NaN and a -0.0 in every input. Every output is compared bit for
+2x2 max pooling, fp32 and bf16, in shapes of the seed's network and odd ones (a partial
+last block), with a NaN, a -NaN and a -0.0 in every input; and the training images'
+rotation (angles from 0 to 180 degrees, odd image sizes). Every output is compared bit for
 bit, except that all NaNs count as one: a NaN's sign and payload come from the operand
 order the compiler picks, which IEEE leaves open (two builds of the same source for other
 CPUs differ there too). Then the seed network's
@@ -93,6 +94,12 @@ def outputs(seed: int) -> list[torch.Tensor]:
                 y, picks = kernels.pool_forward(x)
                 half = grad[:, :, : h // 2, : w // 2].contiguous(memory_format=torch.channels_last)
                 out += [y, picks, kernels.pool_backward(picks, half, x.shape, dtype)]
+    for h, w in ((28, 28), (13, 21), (32, 9)):  # the training images' rotation
+        images = torch.randint(0, 256, (40, h, w), dtype=torch.uint8, generator=g)
+        idx = torch.randint(0, 40, (70,), generator=g)
+        degrees = torch.cat([torch.tensor([0.0, 7.0, -7.0, 45.0, 90.0, -180.0, 1e-6]),
+                             (torch.rand(63, generator=g) * 2 - 1) * 30])
+        out.append(kernels.rotate_normalize(images, idx, degrees, 0.1307, 0.3081))
     return [t.clone() for t in out]
 
 

@@ -533,16 +533,43 @@ int nl_rotate_normalize(const uint8_t *images, int64_t n, const int64_t *idx,
         const uint8_t *img = images + idx[k] * H * W;
         float *o = out + k * H * W;
         const double t = (double)degrees[k] * (pi / 180.0), c = cos(t), s = sin(t);
-        for (int64_t i = 0; i < H; i++)
-            for (int64_t j = 0; j < W; j++) {
+        for (int64_t i = 0; i < H; i++) {
+            const double sy = s * ys[i], cy = c * ys[i];
+            int64_t j = 0;
+#ifdef __AVX512F__  /* 8 pixels at a time: the same operations in the same order per lane */
+            const __m512d vc = _mm512_set1_pd(c), vs = _mm512_set1_pd(s);
+            const __m512d vsy = _mm512_set1_pd(sy), vcy = _mm512_set1_pd(cy);
+            const __m512d one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+            const __m512d w = _mm512_set1_pd((double)W), h = _mm512_set1_pd((double)H);
+            const __m512d zero = _mm512_setzero_pd();
+            for (; j + 8 <= W; j += 8) {
+                const __m512d x = _mm512_loadu_pd(xs + j);
+                __m512d ix = _mm512_add_pd(_mm512_sub_pd(_mm512_mul_pd(vc, x), vsy), one);
+                ix = _mm512_mul_pd(_mm512_sub_pd(_mm512_mul_pd(ix, w), one), half);
+                ix = _mm512_roundscale_pd(ix, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+                __m512d iy = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(vs, x), vcy), one);
+                iy = _mm512_mul_pd(_mm512_sub_pd(_mm512_mul_pd(iy, h), one), half);
+                iy = _mm512_roundscale_pd(iy, _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC);
+                const __mmask8 inside = _mm512_cmp_pd_mask(ix, zero, _CMP_GE_OQ)
+                                        & _mm512_cmp_pd_mask(ix, w, _CMP_LT_OQ)
+                                        & _mm512_cmp_pd_mask(iy, zero, _CMP_GE_OQ)
+                                        & _mm512_cmp_pd_mask(iy, h, _CMP_LT_OQ);
+                /* outside pixels read pixel 0 (then black): every index read is in range */
+                const __m512d at = _mm512_maskz_add_pd(inside, _mm512_mul_pd(iy, w), ix);
+                int32_t pix[8];
+                _mm256_storeu_si256((__m256i *)pix, _mm512_cvttpd_epi32(at));
+                for (int q = 0; q < 8; q++)
+                    o[i * W + j + q] = (inside >> q) & 1 ? value[img[pix[q]]] : value[0];
+            }
+#endif
+            for (; j < W; j++) {
                 /* source = ((R (x, y) + 1) * size - 1) / 2, to the nearest pixel */
-                const double ix =
-                    nearbyint(((c * xs[j] - s * ys[i] + 1.0) * (double)W - 1.0) * 0.5);
-                const double iy =
-                    nearbyint(((s * xs[j] + c * ys[i] + 1.0) * (double)H - 1.0) * 0.5);
+                const double ix = nearbyint(((c * xs[j] - sy + 1.0) * (double)W - 1.0) * 0.5);
+                const double iy = nearbyint(((s * xs[j] + cy + 1.0) * (double)H - 1.0) * 0.5);
                 const int inside = ix >= 0.0 && ix < (double)W && iy >= 0.0 && iy < (double)H;
                 o[i * W + j] = inside ? value[img[(int64_t)iy * W + (int64_t)ix]] : value[0];
             }
+        }
     }
     return 0;
 }
