@@ -7,7 +7,8 @@ in turn in this process. Both builds get the same inputs: BatchNorm and GroupNor
 and C groups) forward and backward, with and without the folded ReLU and a dropout's
 positions (sorted, as normlab draws them, and shuffled), the eval-mode BatchNorm and the
 2x2 max pooling, fp32 and bf16, in shapes of the seed's network and odd ones (a partial
-last block), with a NaN, a -NaN and a -0.0 in every input; and the training images'
+last block), with a NaN, a -NaN and a -0.0 in every input (and outputs in the denormal
+range); and the training images'
 rotation (angles from 0 to 180 degrees, odd image sizes). Every output is compared bit for
 bit, except that all NaNs count as one: a NaN's sign and payload come from the operand
 order the compiler picks, which IEEE leaves open (two builds of the same source for other
@@ -90,6 +91,9 @@ def outputs(seed: int) -> list[torch.Tensor]:
                         out += [y, saved, *kernels.gn_backward(x, groups, weight, saved, drop,
                                                                grad, 1.1, relu)]
                 out.append(kernels.batch_norm_eval(x, weight, bias, mean, var, 1e-5, relu=relu))
+                tiny = torch.full_like(weight, 3e-39)  # outputs in the denormal range
+                out.append(kernels.batch_norm_eval(x, tiny, bias * 0, mean * 0, var, 1e-5,
+                                                   relu=relu))
             if h % 2 == 0 and w % 2 == 0:
                 y, picks = kernels.pool_forward(x)
                 half = grad[:, :, : h // 2, : w // 2].contiguous(memory_format=torch.channels_last)

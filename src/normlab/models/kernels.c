@@ -47,6 +47,17 @@ static inline void store_f32(float *p, f16v v) { memcpy(p, &v, sizeof v); }
 /* Round to nearest even, as torch's bfloat16 conversion does; NaN stays a quiet NaN. */
 static inline void store_bf16(uint16_t *p, f16v v) {
     u16v u = (u16v)v;
+#ifdef __AVX512BF16__
+    /* One instruction does the same (RNE, NaN quieted as below) except that it flushes
+     * denormal inputs to zero: a vector holding one takes the integer path below. */
+    const __m512i bits = (__m512i)u;
+    if (!(_mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000))
+          & _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x007fffff)))) {
+        __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+        memcpy(p, &h, sizeof h);
+        return;
+    }
+#endif
     u16v rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     i16v nan = (u & 0x7fffffffu) > 0x7f800000u;
     u16v out = (rounded & ~(u16v)nan) | (((u >> 16) | 0x40u) & (u16v)nan);
