@@ -8,13 +8,12 @@ and C groups) forward and backward, with and without the folded ReLU and a dropo
 positions (sorted, as normlab draws them, and shuffled), the eval-mode BatchNorm and the
 2x2 max pooling, fp32 and bf16, in shapes of the seed's network and odd ones (a partial
 last block), with a NaN, a -NaN and a -0.0 in every input (and outputs in the denormal
-range); and the training images'
-rotation (angles from 0 to 180 degrees, odd image sizes). Every output is compared bit for
-bit, except that all NaNs count as one: a NaN's sign and payload come from the operand
-order the compiler picks, which IEEE leaves open (two builds of the same source for other
-CPUs differ there too). Then the seed network's
-five ReLU -> BatchNorm layers at batch 64 (bf16, p = 0.01, one thread) are timed with
-each build, alternating, median of ``--rounds``.
+range); and the training images' rotation (angles from 0 to 180 degrees, odd image sizes).
+Every output is compared bit for bit, except that all NaNs count as one: a NaN's sign and
+payload come from the operand order the compiler picks, which IEEE leaves open (two builds
+of the same source for other CPUs differ there too). Then the seed network's five ReLU ->
+BatchNorm layers at batch 64 (bf16, p = 0.01, one thread) are timed with each build,
+alternating, median of ``--rounds``.
 
     python benchmarks/kernels_ab.py HEAD WORKTREE
     python benchmarks/kernels_ab.py 961a7c5 HEAD --rounds 9
