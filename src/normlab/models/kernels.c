@@ -80,15 +80,6 @@ static inline f16v relu_grad(f16v x, f16v r) {
 }
 static inline f16v all_grad(f16v x, f16v r) { (void)x; return r; }
 
-/* The low and high 8 lanes, widened to double (in registers: no trip through memory). */
-static inline d8v lo(f16v v) {
-    return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), d8v);
-}
-static inline d8v hi(f16v v) {
-    return __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15),
-                                   d8v);
-}
-
 /* A following dropout, folded in: its dropped units are logical (row-major NCHW) indices,
  * sorted. Forward, the norm's output is zeroed there; backward, the output gradient reads
  * as +0 there (what zeroing a copy of it would give, without the copy), through a bitmap
