@@ -201,7 +201,7 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         for group in opt.param_groups:  # a checkpoint of normlab 0.6 or before says None
-            group["foreach"] = True
+            group["foreach"] = opt.defaults["foreach"]
         for sched, key in ((per_epoch, "per_epoch"), (per_step, "per_step")):
             if sched is not None:
                 sched.load_state_dict(ckpt[key])
