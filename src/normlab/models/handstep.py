@@ -95,6 +95,8 @@ class HandStep:
         # same rounding as autocast's casts, one by one); fp32 uses the weights themselves.
         self._low = ([torch.empty_like(m.weight, dtype=dtype) for m in self._convs]
                      if dtype != torch.float32 else None)
+        # Channels-last weights (a 3x3 kernel over 8 channels tells the layouts apart).
+        self._channels_last = not model.convblock2[0].weight.is_contiguous()
 
     @classmethod
     def build(cls, model: nn.Module, precision: str) -> HandStep | None:
@@ -132,10 +134,11 @@ class HandStep:
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether the step takes this input: a 4-d fp32 CPU tensor in channels-last (the
-        layout the kernels need all the way through), with the model's weights in it."""
-        return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
-                and x.is_contiguous(memory_format=torch.channels_last)
-                and not self.model.convblock2[0].weight.is_contiguous())
+        layout the kernels need all the way through), the model's weights in it when the
+        step was built (the engine builds one per epoch)."""
+        return (self._channels_last and x.device.type == "cpu" and x.dim() == 4
+                and x.dtype == torch.float32
+                and x.is_contiguous(memory_format=torch.channels_last))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -180,8 +183,7 @@ class HandStep:
                 w = next(convs)
                 tape.append((kind, m, h, w, not tape))
                 h = F.conv2d(h, w, None, m.stride, m.padding, m.dilation, m.groups)
-                continue
-            if kind in ("bn", "gn"):
+            elif kind in ("bn", "gn"):
                 if new_shape and not kernels.applies(h, m.weight):
                     raise RuntimeError(f"HandStep: the kernels do not take {m}'s input "
                                        f"{tuple(h.shape)} {h.dtype} (a bug: build() checks)")
