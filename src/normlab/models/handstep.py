@@ -12,9 +12,12 @@ nodes call (``convolution_backward`` with the same output mask, the kernels' bac
 autocast's ``ToCopyBackward`` makes) in reverse order, and sets each parameter's ``.grad``.
 The dropout positions of all layers are drawn at once before the forward
 (:func:`~normlab.models.dropout.bernoulli_positions_many`: the same numbers from the same
-generator). So the losses, gradients, running statistics and weights equal autograd's bit
-for bit (the tests train both ways and compare), and a run's config need not say which
-computed its steps.
+generator). The convolutions run on oneDNN primitives created once per layer and shape
+(:mod:`normlab.models.onednn`: torch's own oneDNN without torch's per-call set-up), each
+checked against torch's convolution when created; where that check or anything else
+fails, on ``F.conv2d`` and ``convolution_backward``. So the losses, gradients, running
+statistics and weights equal autograd's bit for bit (the tests train both ways and
+compare), and a run's config need not say which computed its steps.
 
 It takes the network as normlab builds it for its kernels (``kernels="normlab"``): every
 block Conv -> :class:`~normlab.models.normdrop.FoldedReLU` -> a BatchNorm or GroupNorm
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from normlab.models import kernels
+from normlab.models import kernels, onednn
 from normlab.models.dropout import bernoulli_positions_many
 from normlab.models.net import GAP_KERNEL, LAYOUT, POOL_AFTER, MaxPool2x2, Net
 from normlab.models.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
@@ -79,10 +82,13 @@ class HandStep:
     ``loss`` hold no graph."""
 
     def __init__(self, model: Net, plan: list[tuple[str, nn.Module | None]],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, direct_convs: bool = True) -> None:
         self.model = model
         self.plan = plan
         self.dtype = dtype
+        self.direct_convs = direct_convs
+        # input shape -> each convolution's oneDNN primitives (None: torch's F.conv2d)
+        self._layers: dict[torch.Size, list[onednn.Conv | None]] = {}
         self.p = next((m.p for kind, m in plan if kind in ("bn", "gn")), 0.0)
         self._sizes: dict[torch.Size, list[int]] = {}  # input shape -> dropout layers' units
         self._convs = [m for kind, m in plan if kind == "conv"]
@@ -99,9 +105,12 @@ class HandStep:
         self._channels_last = not model.convblock2[0].weight.is_contiguous()
 
     @classmethod
-    def build(cls, model: nn.Module, precision: str) -> HandStep | None:
+    def build(cls, model: nn.Module, precision: str, direct_convs: bool = True
+              ) -> HandStep | None:
         """The step for ``model`` trained in ``precision`` ("fp32" or "bf16" autocast), or
-        None where it does not apply (see the module): autograd then trains it."""
+        None where it does not apply (see the module): autograd then trains it. With
+        ``direct_convs`` the convolutions run on primitives kept across steps
+        (:mod:`normlab.models.onednn`) wherever those compute torch's numbers."""
         if type(model) is not Net or not model.training or precision not in ("fp32", "bf16"):
             return None
         if _hooked(model) or not all(p.requires_grad and p.device.type == "cpu"
@@ -130,7 +139,8 @@ class HandStep:
         ps = {m.p for kind, m in plan if kind in ("bn", "gn")}
         if len(ps) > 1:
             return None
-        return cls(model, plan, torch.bfloat16 if precision == "bf16" else torch.float32)
+        return cls(model, plan, torch.bfloat16 if precision == "bf16" else torch.float32,
+                   direct_convs)
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether the step takes this input: a 4-d fp32 CPU tensor in channels-last (the
@@ -178,11 +188,22 @@ class HandStep:
             torch._foreach_copy_(self._low, weights)
             weights = self._low
         convs = iter(weights)
+        layers = self._layers.get(x.shape)
+        direct = iter(layers) if layers is not None else None
+        if direct is None:
+            layers = self._layers[x.shape] = []
         for kind, m in self.plan:
             if kind == "conv":
                 w = next(convs)
-                tape.append((kind, m, h, w, not tape))
-                h = F.conv2d(h, w, None, m.stride, m.padding, m.dilation, m.groups)
+                if direct is not None:
+                    layer = next(direct)
+                else:  # created (and checked against torch) the first time a shape comes
+                    layer = (onednn.conv(h, w, m.stride, m.padding, m.dilation, m.groups,
+                                         bool(tape)) if self.direct_convs else None)
+                    layers.append(layer)
+                tape.append((kind, m, h, w, not tape, layer))
+                h = (layer.forward(h, w) if layer is not None else
+                     F.conv2d(h, w, None, m.stride, m.padding, m.dilation, m.groups))
             elif kind in ("bn", "gn"):
                 if new_shape and not kernels.applies(h, m.weight):
                     raise RuntimeError(f"HandStep: the kernels do not take {m}'s input "
@@ -220,7 +241,10 @@ class HandStep:
         g = g.view(logits.shape)
         for kind, m, *saved in reversed(tape):
             if kind == "conv":
-                h, w, first = saved
+                h, w, first, layer = saved
+                if layer is not None:
+                    g, m.weight.grad = layer.backward(g, h, w, not first)
+                    continue
                 g, gw, _ = _ATEN.convolution_backward.default(
                     g, h, w, None, m.stride, m.padding, m.dilation, False, [0, 0], m.groups,
                     [not first, True, False])

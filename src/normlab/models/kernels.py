@@ -78,8 +78,9 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(cc: str | None = None) -> Path:
-    """Compile ``kernels.c`` (or reuse the cached build); returns the shared library."""
+def build(cc: str | None = None, source: Path = SOURCE) -> Path:
+    """Compile ``kernels.c`` (or another of normlab's C sources; or reuse the cached
+    build); returns the shared library."""
     cc = cc or compiler()
     if cc is None:
         raise KernelUnavailable(
@@ -88,10 +89,10 @@ def build(cc: str | None = None) -> Path:
             "(--kernels aten) to use torch's norms"
         )
     key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
+        b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
                     _cpu_id().encode()])
     ).hexdigest()[:16]
-    target = _cache_dir() / f"kernels-{key}.so"
+    target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -99,11 +100,11 @@ def build(cc: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"],
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise KernelUnavailable(
-                f"{cc} could not build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}\n"
+                f"{cc} could not build {source.name}:\n{done.stderr.strip()[-2000:]}\n"
                 "set kernels = \"aten\" (--kernels aten) to use torch's norms"
             )
         os.replace(tmp, target)

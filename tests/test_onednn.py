@@ -1,0 +1,135 @@
+"""The convolutions on torch's own oneDNN (normlab.models.onednn): found in libtorch_cpu,
+torch's numbers bit for bit where used (forward, backward-data, backward-weights), the
+training step's convolutions on them, and torch's path wherever they do not apply."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import require_tool
+from normlab.models import onednn
+from normlab.models.handstep import HandStep
+from test_handstep import assert_same_state, batches, net
+
+LAYERS = [  # the seed network's convolutions: (input, weights, padding)
+    ((64, 1, 28, 28), (8, 1, 3, 3), 0),
+    ((64, 8, 26, 26), (16, 8, 3, 3), 0),
+    ((64, 16, 24, 24), (8, 16, 1, 1), 0),
+    ((64, 8, 12, 12), (12, 8, 3, 3), 0),
+    ((64, 14, 8, 8), (14, 14, 3, 3), 1),
+    ((64, 14, 1, 1), (10, 14, 1, 1), 0),
+    ((32, 8, 12, 12), (12, 8, 3, 3), 0),  # the epoch's short last batch
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def available() -> None:
+    require_tool(onednn.api() is not None,
+                 "torch's oneDNN through libtorch_cpu's symbol table (normlab.models.onednn)")
+
+
+def test_the_c_api_is_found_in_torchs_library():
+    found = onednn.symbols(onednn.torch_library(), onednn.NAMES)
+    require_tool(len(found) == len(onednn.NAMES), "libtorch_cpu's symbol table")
+    assert all(value > 0 for value in found.values())
+    assert onednn.symbols(onednn.torch_library(), ("no_such_function_here",)) == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_shape,w_shape,pad", LAYERS)
+def test_a_layer_computes_torchs_numbers_bitwise(x_shape, w_shape, pad, dtype):
+    """Forward, backward-data and backward-weights against F.conv2d and
+    convolution_backward on new data, several times (the primitives are kept)."""
+    available()
+    gen = torch.Generator().manual_seed(7)
+    w = torch.empty(w_shape, dtype=dtype, memory_format=torch.channels_last)
+    x = torch.empty(x_shape, dtype=dtype, memory_format=torch.channels_last)
+    layer = onednn.conv(x, w, (1, 1), (pad, pad), (1, 1), 1, True)
+    assert layer is not None
+    forward, backward_data, backward_weights = layer.impl()
+    assert forward and backward_data and backward_weights
+    for _ in range(3):
+        x.copy_(torch.randn(x_shape, generator=gen))
+        w.copy_(torch.randn(w_shape, generator=gen) / 3)
+        y = F.conv2d(x, w, None, 1, pad)
+        dy = torch.randn(y.shape, generator=gen).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dy, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, True, False])
+        ours = layer.forward(x, w)
+        our_dx, our_dw = layer.backward(dy, x, w, True)
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ours, y) and torch.equal(our_dx, dx)
+        assert our_dw.dtype == torch.float32 and torch.equal(our_dw, dw.float())
+        assert layer.backward(dy, x, w, False)[0] is None
+
+
+def test_layers_are_kept_per_shape_and_thread_count():
+    available()
+    x = torch.randn(16, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    a = onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True)
+    assert a is not None and onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True) is a
+    assert onednn.conv(x[:8], w, (1, 1), (0, 0), (1, 1), 1, True) not in (None, a)
+    torch.set_num_threads(2)
+    assert onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True) is not a
+
+
+def test_what_it_does_not_take_is_left_to_torch():
+    available()
+    x = torch.randn(16, 8, 12, 12)
+    w = torch.randn(12, 8, 3, 3)
+    cl = torch.channels_last
+    assert onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True) is None  # not channels-last
+    x, w = x.contiguous(memory_format=cl), w.contiguous(memory_format=cl)
+    assert onednn.conv(x.double(), w.double(), (1, 1), (0, 0), (1, 1), 1, True) is None
+    assert onednn.conv(x, w.bfloat16(), (1, 1), (0, 0), (1, 1), 1, True) is None
+    assert onednn.conv(x, w, (1, 1), "same", (1, 1), 1, True) is None
+    assert onednn.conv(x, w, (1, 1), (0, 0), (2, 2), 1, True) is None
+    assert onednn.conv(x, w[:, :4], (1, 1), (0, 0), (1, 1), 2, True) is None
+
+
+def test_a_layer_whose_numbers_differ_from_torchs_is_not_used(monkeypatch):
+    """The check against torch decides: a layer it refuses leaves the convolution to
+    torch, and the step is still autograd's bit for bit."""
+    available()
+    monkeypatch.setattr(onednn, "_LAYERS", {})
+    monkeypatch.setattr(onednn, "_matches", lambda *args: False)
+    model = net("bn", dropout=0.05)
+    step = HandStep.build(model, "bf16")
+    x, y = next(batches((24,)))
+    step(x, y)
+    assert step._layers[x.shape] == [None] * 7
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_the_step_on_onednn_is_the_step_on_torch_bitwise(norm, precision):
+    """At the seed protocol's batch (64, and a short last batch) every convolution of the
+    step runs on the kept primitives, and the losses, outputs, gradients, statistics and
+    weights equal the step's on torch's convolutions."""
+    available()
+    a, b = net(norm, dropout=0.05), net(norm, dropout=0.05)
+    direct, on_torch = HandStep.build(a, precision), HandStep.build(b, precision, False)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    for step, (x, y) in enumerate(batches((64, 64, 32))):
+        outs = []
+        for by_hand, opt in ((direct, opt_a), (on_torch, opt_b)):
+            torch.manual_seed(100 + step)
+            outs.append(by_hand(x, y))
+            opt.step()
+        (loss_a, out_a), (loss_b, out_b) = outs
+        assert torch.equal(loss_a, loss_b) and torch.equal(out_a, out_b)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa.grad, pb.grad)
+        assert None not in direct._layers[x.shape]
+        assert on_torch._layers[x.shape] == [None] * 7
+    assert_same_state(a, b)
