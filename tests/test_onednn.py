@@ -42,6 +42,22 @@ def test_the_c_api_is_found_in_torchs_library():
     assert onednn.symbols(onednn.torch_library(), ("no_such_function_here",)) == {}
 
 
+def test_the_symbols_are_read_once_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("NORMLAB_KERNEL_CACHE", str(tmp_path))
+    path = onednn.torch_library()
+    first = onednn._cached_symbols(path, onednn.NAMES)
+    require_tool(len(first) == len(onednn.NAMES), "libtorch_cpu's symbol table")
+    assert len(list(tmp_path.glob("onednn-symbols-*.json"))) == 1
+
+    def unread(*args):
+        raise AssertionError("read the table again")
+
+    monkeypatch.setattr(onednn, "symbols", unread)
+    assert onednn._cached_symbols(path, onednn.NAMES) == first
+    with pytest.raises(AssertionError):  # other names: another entry
+        onednn._cached_symbols(path, onednn.NAMES[:3])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("x_shape,w_shape,pad", LAYERS)
 def test_a_layer_computes_torchs_numbers_bitwise(x_shape, w_shape, pad, dtype):

@@ -60,7 +60,9 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$NORMLAB_KERNEL_CACHE``, by default
+    ``~/.cache/normlab/kernels``."""
     root = os.environ.get("NORMLAB_KERNEL_CACHE")
     if root:
         return Path(root)
@@ -92,7 +94,7 @@ def build(cc: str | None = None, source: Path = SOURCE) -> Path:
         b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
                     _cpu_id().encode()])
     ).hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
+import json
 import mmap
 import os
 import struct
@@ -97,6 +99,29 @@ def symbols(path: Path, names: tuple[str, ...]) -> dict[str, int]:
         return found
 
 
+def _cached_symbols(path: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """:func:`symbols`, kept beside the compiled kernels for this very file (its path,
+    size and modification time): reading the table takes a few tenths of a second, and
+    every worker process of a suite would pay them."""
+    info = path.stat()
+    key = hashlib.sha256(repr((str(path.resolve()), info.st_size, info.st_mtime_ns, names))
+                         .encode()).hexdigest()[:16]
+    cache = kernels.cache_dir() / f"onednn-symbols-{key}.json"
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        pass
+    found = symbols(path, names)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(found))
+        os.replace(tmp, cache)  # whole or not at all, for processes starting at once
+    except OSError:
+        pass
+    return found
+
+
 @functools.cache
 def api() -> ctypes.CDLL | None:
     """``onednn.c`` loaded and pointed at torch's oneDNN, or None where that cannot be
@@ -111,7 +136,7 @@ def api() -> ctypes.CDLL | None:
     lib.nl_dnnl_base.argtypes, lib.nl_dnnl_base.restype = [ctypes.c_char_p], ctypes.c_size_t
     base = lib.nl_dnnl_base(b"/" + path.name.encode())
     try:
-        offsets = symbols(path, (*NAMES, "dnnl_version"))
+        offsets = _cached_symbols(path, (*NAMES, "dnnl_version"))
     except OSError:
         return None
     if not base or len(offsets) != len(NAMES) + 1:
