@@ -1,9 +1,9 @@
 # Two entry points, each doing all set-up on a fresh machine:
-#   make run   - the S6 suite on MNIST (seed protocol, 3 seeds) and its report in runs/s6
+#   make run   - the S6 suite on MNIST (seed protocol, 5 seeds) and its report in runs/s6
 #   make test  - lint and the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
-SEEDS  ?= 3
+SEEDS  ?= 5
 BIN    := $(VENV)/bin
 
 .PHONY: run test venv system-deps clean
