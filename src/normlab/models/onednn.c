@@ -29,6 +29,7 @@ static struct {
     st_t (*stream_create)(hnd *, hnd, unsigned);
     st_t (*md_create_with_strides)(hnd *, int, const int64_t *, int, const int64_t *);
     st_t (*md_create_with_tag)(hnd *, int, const int64_t *, int, int);
+    st_t (*md_destroy)(hnd);
     size_t (*md_get_size)(hnd);
     st_t (*memory_create)(hnd *, hnd, hnd, void *);
     st_t (*memory_set_data_handle)(hnd, void *);
@@ -43,6 +44,7 @@ static struct {
     st_t (*reorder_pd)(hnd *, hnd, hnd, hnd, hnd, hnd);
     hnd (*pd_query_md)(hnd, int, int);
     st_t (*pd_query)(hnd, int, int, void *);
+    st_t (*pd_destroy)(hnd);
     st_t (*primitive_create)(hnd *, hnd);
     st_t (*primitive_execute)(hnd, hnd, int, const exec_arg_t *);
 } api;
@@ -94,41 +96,29 @@ typedef struct {
     step_t wf, fwd, wb, bwd_data, bwd_w, dw;
     hnd user_w, user_dw, src, dst, diff_dst, diff_src, wf_mem, wb_mem, dwb_mem;
     void *wf_buf, *wb_buf, *dwb_buf, *scratch;
-    size_t scratch_size;
     char impl[3][128];
 } conv_t;
 
-static int pd_prim(hnd pd, step_t *s, hnd *scratch_md)
-{
-    *scratch_md = api.pd_query_md(pd, Q_SCRATCHPAD, 0);
-    return api.primitive_create(&s->prim, pd) ? -1 : 0;
-}
-
-static int arg(step_t *s, int which, hnd mem)
+static void arg(step_t *s, int which, hnd mem)
 {
     s->args[s->n].arg = which;
     s->args[s->n++].memory = mem;
-    return 0;
 }
 
-static int mem(hnd *m, hnd md)
+static int mem(hnd *m, hnd md, void *buf)
 {
-    return api.memory_create(m, md, engine, NULL) ? -1 : 0;
+    return api.memory_create(m, md, engine, buf) ? -1 : 0;
 }
 
 static int blocked(hnd *m, hnd md, void **buf)
 {
-    *buf = aligned_alloc(64, (api.md_get_size(md) + 63) / 64 * 64);
-    return !*buf || api.memory_create(m, md, engine, *buf) ? -1 : 0;
+    *buf = aligned_alloc(64, (api.md_get_size(md) + 64) / 64 * 64);
+    return !*buf || mem(m, md, *buf);
 }
 
-static int reorder(step_t *s, hnd from_md, hnd from, hnd to_md, hnd to, hnd *scratch_md)
+static int reorder_pd(hnd *pd, hnd from_md, hnd to_md)
 {
-    hnd pd;
-    if (api.reorder_pd(&pd, from_md, engine, to_md, engine, attr) || pd_prim(pd, s, scratch_md))
-        return -1;
-    arg(s, A_SRC, from);
-    return arg(s, A_DST, to);
+    return api.reorder_pd(pd, from_md, engine, to_md, engine, attr) ? -1 : 0;
 }
 
 static void impl_name(hnd pd, char *out)
@@ -138,89 +128,107 @@ static void impl_name(hnd pd, char *out)
     strncpy(out, name ? name : "?", 127);
 }
 
-static void attach_scratch(step_t *s, hnd smd, conv_t *c, hnd *holder)
-{
-    /* every step's scratchpad is the layer's one buffer (the steps run one at a time) */
-    if (api.md_get_size(smd) == 0)
-        return;
-    api.memory_create(holder, smd, engine, c->scratch);
-    arg(s, A_SCRATCH, *holder);
-}
-
-static int fail(conv_t *c)
-{
-    free(c);  /* (what oneDNN allocated for a refused layer is left: it happens once) */
-    return 0;
-}
-
-/* x: N C H W with strides xs; w: O C KH KW with strides ws (the caller's weights, `dtype`);
- * y: N O OH OW with strides ys; dw: the gradient's layout, fp32 with strides ws.
- * pad: top, left, bottom, right. Returns NULL if oneDNN refuses any of it. */
+/* x: N C H W with strides xs; w: O C KH KW with strides ws (the caller's weights: fp32 if
+ * bits is 32, else bf16, as x and y); y: N O OH OW with strides ys; the weights' gradient
+ * is fp32 with strides ws. pad: top, left, bottom, right. Returns NULL if oneDNN refuses
+ * any of it (or memory runs out). */
 void *nl_conv_create(const int64_t *x, const int64_t *xs, const int64_t *w, const int64_t *ws,
                      const int64_t *y, const int64_t *ys, const int64_t *stride,
                      const int64_t *pad, int bits, int data_grad)
 {
-    int dt = bits == 32 ? F32 : BF16;
+    int dt = bits == 32 ? F32 : BF16, ok = 0;
     dims_t st = {stride[0], stride[1]}, dil = {0, 0}, pl = {pad[0], pad[1]},
            pr = {pad[2], pad[3]};
-    hnd x_md, w_md, y_md, dw_md, any_w, fwd_pd, bd_pd = NULL, bw_pd, smd[6] = {0};
-    hnd holder[6];
+    hnd mds[5] = {0}; /* x, w, y, the gradient of w, "any" weights */
+    hnd pds[6] = {0}; /* the steps' descriptors, in the order of `steps` below */
     conv_t *c = calloc(1, sizeof *c);
+    step_t *steps[6];
     if (!c)
         return NULL;
-    if (api.md_create_with_strides(&x_md, 4, x, dt, xs)
-        || api.md_create_with_strides(&w_md, 4, w, dt, ws)
-        || api.md_create_with_strides(&y_md, 4, y, dt, ys)
-        || api.md_create_with_strides(&dw_md, 4, w, F32, ws)
-        || api.md_create_with_tag(&any_w, 4, w, dt, TAG_ANY))
-        return fail(c), NULL;
+    steps[0] = &c->wf, steps[1] = &c->fwd, steps[2] = &c->wb, steps[3] = &c->bwd_data;
+    steps[4] = &c->bwd_w, steps[5] = &c->dw;
+    hnd x_md, w_md, y_md, dw_md, any_w;
+    if (api.md_create_with_strides(&mds[0], 4, x, dt, xs)
+        || api.md_create_with_strides(&mds[1], 4, w, dt, ws)
+        || api.md_create_with_strides(&mds[2], 4, y, dt, ys)
+        || api.md_create_with_strides(&mds[3], 4, w, F32, ws)
+        || api.md_create_with_tag(&mds[4], 4, w, dt, TAG_ANY))
+        goto done;
+    x_md = mds[0], w_md = mds[1], y_md = mds[2], dw_md = mds[3], any_w = mds[4];
     /* the weights "any": each primitive picks its blocked layout, as PyTorch (ideep) asks */
-    if (api.conv_fwd_pd(&fwd_pd, engine, FORWARD_TRAINING, DIRECT, x_md, any_w, NULL, y_md,
+    if (api.conv_fwd_pd(&pds[1], engine, FORWARD_TRAINING, DIRECT, x_md, any_w, NULL, y_md,
                         st, dil, pl, pr, attr)
-        || api.conv_bwd_weights_pd(&bw_pd, engine, DIRECT, x_md, any_w, NULL, y_md, st, dil,
-                                   pl, pr, fwd_pd, attr)
-        || (data_grad && api.conv_bwd_data_pd(&bd_pd, engine, DIRECT, x_md, any_w, y_md, st,
-                                              dil, pl, pr, fwd_pd, attr)))
-        return fail(c), NULL;
-    hnd wf_md = api.pd_query_md(fwd_pd, Q_WEIGHTS, 0);
-    hnd dwb_md = api.pd_query_md(bw_pd, Q_DIFF_WEIGHTS, 0);
-    if (mem(&c->user_w, w_md) || mem(&c->user_dw, dw_md) || mem(&c->src, x_md)
-        || mem(&c->dst, y_md) || mem(&c->diff_dst, y_md) || mem(&c->diff_src, x_md)
-        || blocked(&c->wf_mem, wf_md, &c->wf_buf) || blocked(&c->dwb_mem, dwb_md, &c->dwb_buf))
-        return fail(c), NULL;
-    if (pd_prim(fwd_pd, &c->fwd, &smd[1]) || pd_prim(bw_pd, &c->bwd_w, &smd[4])
-        || reorder(&c->wf, w_md, c->user_w, wf_md, c->wf_mem, &smd[0])
-        || reorder(&c->dw, dwb_md, c->dwb_mem, dw_md, c->user_dw, &smd[5]))
-        return fail(c), NULL;
-    if (bd_pd) {
-        hnd wb_md = api.pd_query_md(bd_pd, Q_WEIGHTS, 0);
-        if (blocked(&c->wb_mem, wb_md, &c->wb_buf) || pd_prim(bd_pd, &c->bwd_data, &smd[3])
-            || reorder(&c->wb, w_md, c->user_w, wb_md, c->wb_mem, &smd[2]))
-            return fail(c), NULL;
-        impl_name(bd_pd, c->impl[1]);
+        || api.conv_bwd_weights_pd(&pds[4], engine, DIRECT, x_md, any_w, NULL, y_md, st, dil,
+                                   pl, pr, pds[1], attr)
+        || (data_grad && api.conv_bwd_data_pd(&pds[3], engine, DIRECT, x_md, any_w, y_md, st,
+                                              dil, pl, pr, pds[1], attr)))
+        goto done;
+    hnd wf_md = api.pd_query_md(pds[1], Q_WEIGHTS, 0);
+    hnd dwb_md = api.pd_query_md(pds[4], Q_DIFF_WEIGHTS, 0);
+    if (mem(&c->user_w, w_md, NULL) || mem(&c->user_dw, dw_md, NULL) || mem(&c->src, x_md, NULL)
+        || mem(&c->dst, y_md, NULL) || mem(&c->diff_dst, y_md, NULL)
+        || mem(&c->diff_src, x_md, NULL) || blocked(&c->wf_mem, wf_md, &c->wf_buf)
+        || blocked(&c->dwb_mem, dwb_md, &c->dwb_buf) || reorder_pd(&pds[0], w_md, wf_md)
+        || reorder_pd(&pds[5], dwb_md, dw_md))
+        goto done;
+    if (pds[3]) {
+        hnd wb_md = api.pd_query_md(pds[3], Q_WEIGHTS, 0);
+        if (blocked(&c->wb_mem, wb_md, &c->wb_buf) || reorder_pd(&pds[2], w_md, wb_md))
+            goto done;
+        arg(&c->wb, A_SRC, c->user_w);
+        arg(&c->wb, A_DST, c->wb_mem);
         arg(&c->bwd_data, A_DIFF_DST, c->diff_dst);
         arg(&c->bwd_data, A_WEIGHTS, c->wb_mem);
         arg(&c->bwd_data, A_DIFF_SRC, c->diff_src);
+        impl_name(pds[3], c->impl[1]);
     }
-    impl_name(fwd_pd, c->impl[0]);
-    impl_name(bw_pd, c->impl[2]);
+    impl_name(pds[1], c->impl[0]);
+    impl_name(pds[4], c->impl[2]);
+    arg(&c->wf, A_SRC, c->user_w);
+    arg(&c->wf, A_DST, c->wf_mem);
     arg(&c->fwd, A_SRC, c->src);
     arg(&c->fwd, A_WEIGHTS, c->wf_mem);
     arg(&c->fwd, A_DST, c->dst);
     arg(&c->bwd_w, A_SRC, c->src);
     arg(&c->bwd_w, A_DIFF_DST, c->diff_dst);
     arg(&c->bwd_w, A_DIFF_WEIGHTS, c->dwb_mem);
-    step_t *steps[6] = {&c->wf, &c->fwd, &c->wb, &c->bwd_data, &c->bwd_w, &c->dw};
+    arg(&c->dw, A_SRC, c->dwb_mem);
+    arg(&c->dw, A_DST, c->user_dw);
+    /* one scratchpad for the layer, as large as its largest step's: they run one at a time */
+    size_t scratch = 0;
     for (int i = 0; i < 6; i++)
-        if (smd[i] && api.md_get_size(smd[i]) > c->scratch_size)
-            c->scratch_size = api.md_get_size(smd[i]);
-    c->scratch = aligned_alloc(64, (c->scratch_size + 64) / 64 * 64);
+        if (pds[i]) {
+            size_t need = api.md_get_size(api.pd_query_md(pds[i], Q_SCRATCHPAD, 0));
+            scratch = need > scratch ? need : scratch;
+        }
+    c->scratch = aligned_alloc(64, (scratch + 64) / 64 * 64);
     if (!c->scratch)
-        return fail(c), NULL;
+        goto done;
+    for (int i = 0; i < 6; i++) {
+        if (!pds[i])
+            continue;
+        hnd smd = api.pd_query_md(pds[i], Q_SCRATCHPAD, 0), pad_mem;
+        if (api.primitive_create(&steps[i]->prim, pds[i]))
+            goto done;
+        if (api.md_get_size(smd)) {
+            if (mem(&pad_mem, smd, c->scratch))
+                goto done;
+            arg(steps[i], A_SCRATCH, pad_mem);
+        }
+    }
+    ok = 1;
+done: /* the primitives and memories keep copies of what they need */
     for (int i = 0; i < 6; i++)
-        if (smd[i] && steps[i]->prim)
-            attach_scratch(steps[i], smd[i], c, &holder[i]);
-    return c;
+        if (pds[i])
+            api.pd_destroy(pds[i]);
+    for (int i = 0; i < 5; i++)
+        if (mds[i])
+            api.md_destroy(mds[i]);
+    if (ok)
+        return c;
+    /* a refused layer: its buffers are freed; the few oneDNN objects made are left (once) */
+    free(c->wf_buf), free(c->wb_buf), free(c->dwb_buf), free(c->scratch), free(c);
+    return NULL;
 }
 
 const char *nl_conv_impl(void *h, int which)

@@ -48,14 +48,16 @@ SOURCE = Path(__file__).with_name("onednn.c")
 # The C API's functions onednn.c calls, in the order of its `api` struct.
 NAMES = (
     "dnnl_engine_create", "dnnl_stream_create", "dnnl_memory_desc_create_with_strides",
-    "dnnl_memory_desc_create_with_tag", "dnnl_memory_desc_get_size", "dnnl_memory_create",
+    "dnnl_memory_desc_create_with_tag", "dnnl_memory_desc_destroy",
+    "dnnl_memory_desc_get_size", "dnnl_memory_create",
     "dnnl_memory_set_data_handle", "dnnl_primitive_attr_create",
     "dnnl_primitive_attr_set_scratchpad_mode",
     "dnnl_convolution_forward_primitive_desc_create",
     "dnnl_convolution_backward_data_primitive_desc_create",
     "dnnl_convolution_backward_weights_primitive_desc_create",
     "dnnl_reorder_primitive_desc_create", "dnnl_primitive_desc_query_md",
-    "dnnl_primitive_desc_query", "dnnl_primitive_create", "dnnl_primitive_execute",
+    "dnnl_primitive_desc_query", "dnnl_primitive_desc_destroy", "dnnl_primitive_create",
+    "dnnl_primitive_execute",
 )
 _ATEN = torch.ops.aten
 
