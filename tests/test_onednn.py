@@ -98,6 +98,21 @@ def test_layers_are_kept_per_shape_and_thread_count():
     assert onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True) is not a
 
 
+def test_torchs_settings_are_part_of_a_layers_check():
+    """A layer checked with oneDNN enabled in torch is not used once torch stops using
+    oneDNN for convolutions (torch's numbers would then come from another kernel)."""
+    available()
+    x = torch.randn(16, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(12, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True) is not None
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True) is None
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert onednn.conv(x, w, (1, 1), (0, 0), (1, 1), 1, True) is not None
+
+
 def test_what_it_does_not_take_is_left_to_torch():
     available()
     x = torch.randn(16, 8, 12, 12)

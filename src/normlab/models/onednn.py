@@ -243,16 +243,25 @@ def conv(x: torch.Tensor, w: torch.Tensor, stride: tuple[int, int],
     if isinstance(padding, str) or tuple(dilation) != (1, 1) or groups != 1:
         return None
     key = (tuple(x.shape), x.stride(), x.dtype, tuple(w.shape), w.stride(), w.dtype,
-           tuple(stride), tuple(padding), data_grad, torch.get_num_threads())
+           tuple(stride), tuple(padding), data_grad, torch.get_num_threads(), _torch_settings())
     if key in _LAYERS:
         return _LAYERS[key]
     _LAYERS[key] = layer = _create(x, w, stride, padding, data_grad)
     return layer
 
 
+def _torch_settings() -> tuple:
+    """What else decides how torch computes a convolution on a CPU: a layer checked under
+    other settings is checked again."""
+    mkldnn = torch.backends.mkldnn
+    return (mkldnn.enabled, mkldnn.deterministic, getattr(mkldnn.conv, "fp32_precision", None),
+            getattr(mkldnn, "fp32_precision", None))
+
+
 def _create(x, w, stride, padding, data_grad) -> Conv | None:
     lib = api()
-    if (lib is None or x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype
+    if (lib is None or not torch.backends.mkldnn.enabled
+            or x.dtype not in (torch.float32, torch.bfloat16) or w.dtype != x.dtype
             or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last)
             or not w.is_contiguous(memory_format=torch.channels_last)):
         return None
