@@ -188,19 +188,18 @@ class HandStep:
             torch._foreach_copy_(self._low, weights)
             weights = self._low
         convs = iter(weights)
-        layers = self._layers.get(x.shape)
-        direct = iter(layers) if layers is not None else None
-        if direct is None:
-            layers = self._layers[x.shape] = []
+        known = self._layers.get(x.shape)
+        direct = iter(known) if known is not None else None
+        made: list[onednn.Conv | None] = []  # the first time a shape comes
         for kind, m in self.plan:
             if kind == "conv":
                 w = next(convs)
                 if direct is not None:
                     layer = next(direct)
-                else:  # created (and checked against torch) the first time a shape comes
+                else:  # created and checked against torch
                     layer = (onednn.conv(h, w, m.stride, m.padding, m.dilation, m.groups,
                                          bool(tape)) if self.direct_convs else None)
-                    layers.append(layer)
+                    made.append(layer)
                 tape.append((kind, m, h, w, not tape, layer))
                 h = (layer.forward(h, w) if layer is not None else
                      F.conv2d(h, w, None, m.stride, m.padding, m.dilation, m.groups))
@@ -230,6 +229,7 @@ class HandStep:
                 tape.append((kind, None, h))
                 h = F.avg_pool2d(h, GAP_KERNEL)
         self._sizes.setdefault(x.shape, sizes)
+        self._layers.setdefault(x.shape, made)
         logits = h
         low = torch.log_softmax(logits.flatten(1), -1)  # autocast runs it in bf16 on a CPU
         out = low.float()
