@@ -180,8 +180,9 @@ class Conv:
     compute, for channels-last ``x`` of that shape and weights of ``w``'s dtype and
     strides. Built by :func:`conv`."""
 
-    def __init__(self, handle: int, out_shape: tuple[int, ...], dtype: torch.dtype,
-                 data_grad: bool) -> None:
+    def __init__(self, lib: ctypes.CDLL, handle: int, out_shape: tuple[int, ...],
+                 dtype: torch.dtype, data_grad: bool) -> None:
+        self.lib = lib
         self.handle = handle
         self.out_shape = out_shape
         self.dtype = dtype
@@ -190,12 +191,11 @@ class Conv:
     def impl(self) -> tuple[str, str, str]:
         """oneDNN's names of the forward's, backward-data's and backward-weights'
         implementations (for the record and the tests)."""
-        lib = api()
-        return tuple(lib.nl_conv_impl(self.handle, i).decode() for i in range(3))
+        return tuple(self.lib.nl_conv_impl(self.handle, i).decode() for i in range(3))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         y = torch.empty(self.out_shape, dtype=self.dtype, memory_format=torch.channels_last)
-        if api().nl_conv_forward(self.handle, x.data_ptr(), w.data_ptr(), y.data_ptr()):
+        if self.lib.nl_conv_forward(self.handle, x.data_ptr(), w.data_ptr(), y.data_ptr()):
             raise RuntimeError("oneDNN's convolution forward failed")
         return y
 
@@ -205,8 +205,9 @@ class Conv:
         dy = dy.contiguous(memory_format=torch.channels_last)  # as torch's backward does
         dx = torch.empty_like(x) if data_grad else None
         dw = torch.empty_like(w, dtype=torch.float32)
-        if api().nl_conv_backward(self.handle, dy.data_ptr(), x.data_ptr(), w.data_ptr(),
-                                  dx.data_ptr() if dx is not None else None, dw.data_ptr()):
+        if self.lib.nl_conv_backward(self.handle, dy.data_ptr(), x.data_ptr(), w.data_ptr(),
+                                     dx.data_ptr() if dx is not None else None,
+                                     dw.data_ptr()):
             raise RuntimeError("oneDNN's convolution backward failed")
         return dx, dw
 
@@ -275,5 +276,5 @@ def _create(x, w, stride, padding, data_grad) -> Conv | None:
                                 32 if x.dtype == torch.float32 else 16, int(data_grad))
     if not handle:
         return None
-    layer = Conv(handle, out, x.dtype, data_grad)
+    layer = Conv(lib, handle, out, x.dtype, data_grad)
     return layer if _matches(layer, x, w, stride, padding) else None
