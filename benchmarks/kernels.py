@@ -1,4 +1,4 @@
-"""normlab's ReLU -> norm kernels as a lever (``normlab.models.kernels``): ``--kernels
+"""normlab's ReLU -> norm kernels as a lever (``normlab.accel.kernels``): ``--kernels
 normlab`` against ``--kernels aten`` (torch's ReLU and norms), for each norm of the s6
 suite, in the settings normlab trains in.
 

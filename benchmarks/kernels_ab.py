@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from normlab.models import kernels
+from normlab.accel import kernels
 from normlab.models.dropout import bernoulli_positions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def compile_revision(rev: str, folder: Path) -> Path:
         source.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{SOURCE}"],
                                           check=True, capture_output=True).stdout)
     target = source.with_suffix(".so")
-    subprocess.run([kernels.compiler(), *kernels.FLAGS, "-o", str(target), str(source), "-lm"],
+    subprocess.run([kernels.compiler(), *kernels.flags(), "-o", str(target), str(source), "-lm"],
                    check=True)
     return target
 

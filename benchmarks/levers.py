@@ -11,7 +11,7 @@ at the same thread count; "a: normlab's Net() as it is now" is whatever the work
 ``Net()`` builds. Sections:
 
   a  dropout: nn.Dropout (ATen bernoulli_) vs SparseDropout vs BatchNormDropout (scale folded
-     into BN, normlab.models.normdrop) vs no dropout (the floor a cheaper mask can approach)
+     into BN, normlab.accel.normdrop) vs no dropout (the floor a cheaper mask can approach)
   b  fusion: torch.compile (inductor, CPU) of the model, with the sparse drop kept out of
      the graph (a graph break per dropout); compile time printed; off unless asked
   c  bf16 autocast (AMX); ``--accuracy`` adds 1-epoch test accuracy fp32 vs bf16
@@ -64,10 +64,10 @@ class Variant:
 
 def replace_dropout(model: nn.Module, fold: bool) -> nn.Module:
     """Swap the ``nn.Dropout`` layers of ``model``'s Sequentials, in place: for the norm
-    fused with its dropout (``normlab.models.normdrop.with_dropout``: the 1/(1-p) scale
+    fused with its dropout (``normlab.accel.normdrop.with_dropout``: the 1/(1-p) scale
     folded into the norm's affine, positions zeroed in place) where a BatchNorm2d or a
     GroupNorm precedes it and ``fold``, else for ``SparseDropout``."""
-    from normlab.models.normdrop import with_dropout
+    from normlab.accel.normdrop import with_dropout
 
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):

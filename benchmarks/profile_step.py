@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--dropout-impl", choices=["aten", "sparse", "fold", "kernels"],
                         default="aten",
                         help="nn.Dropout (the seed's), SparseDropout, the norm fused with "
-                        "its dropout (normlab.models.normdrop), or that with the ReLU folded "
+                        "its dropout (normlab.accel.normdrop), or that with the ReLU folded "
                         "in too and normlab's C kernels (normlab's default network)")
     parser.add_argument("--norm", default="bn", choices=["bn", "gn", "ln"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")

@@ -1,4 +1,4 @@
-"""The training step by hand (normlab.models.handstep) against autograd: bitwise the same
+"""The training step by hand (normlab.accel.handstep) against autograd: bitwise the same
 losses, outputs, gradients, running statistics and weights; the networks it takes and the
 ones it leaves to autograd; and the dropout positions drawn at once."""
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from normlab.models import ModelConfig, Net
 from normlab.models import dropout as dropout_module
 from normlab.models.dropout import bernoulli_positions, bernoulli_positions_many
-from normlab.models.handstep import HandStep
+from normlab.accel.handstep import HandStep
 from normlab.training.engine import TensorData, l1_parameters, train_one_epoch
 
 

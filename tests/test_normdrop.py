@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.models import normdrop
+from normlab.accel import normdrop
 from normlab.models.dropout import bernoulli_positions, draws_positions
-from normlab.models.normdrop import BatchNormDropout, GroupNormDropout, with_dropout
+from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout, with_dropout
 
 P = 0.2
 

@@ -1,4 +1,4 @@
-"""The convolutions on torch's own oneDNN (normlab.models.onednn): found in libtorch_cpu,
+"""The convolutions on torch's own oneDNN (normlab.accel.onednn): found in libtorch_cpu,
 torch's numbers bit for bit where used (forward, backward-data, backward-weights), the
 training step's convolutions on them, and torch's path wherever they do not apply."""
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import require_tool
-from normlab.models import onednn
-from normlab.models.handstep import HandStep
+from normlab.accel import onednn
+from normlab.accel.handstep import HandStep
 from test_handstep import assert_same_state, batches, net
 
 LAYERS = [  # the seed network's convolutions: (input, weights, padding)
@@ -32,7 +32,7 @@ def one_thread():
 
 def available() -> None:
     require_tool(onednn.api() is not None,
-                 "torch's oneDNN through libtorch_cpu's symbol table (normlab.models.onednn)")
+                 "torch's oneDNN through libtorch_cpu's symbol table (normlab.accel.onednn)")
 
 
 def test_the_c_api_is_found_in_torchs_library():

@@ -26,7 +26,7 @@ from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, manifest, run_suite
 from normlab.experiments.progress import ConsoleProgress
 from normlab.experiments.suite import default_label
-from normlab.models import kernels
+from normlab.accel import kernels
 from normlab.training import RunConfig, RunDir, resolve_protocol
 from normlab.training.events import (
     EpochFinished,

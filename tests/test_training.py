@@ -16,7 +16,8 @@ from conftest import require_tool
 from normlab import memory
 from normlab.cli import main
 from normlab.fields import ConfigError
-from normlab.models import dropout, kernels, normdrop
+from normlab.models import dropout
+from normlab.accel import kernels, normdrop
 from normlab.training import (
     RunConfig,
     TensorData,

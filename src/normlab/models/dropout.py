@@ -26,7 +26,7 @@ independently with probability p, and a run's numbers differ between CPU and GPU
 
 ``SparseDropout(p, inplace=False)`` is a drop-in for ``nn.Dropout`` (same arguments,
 identity in eval mode and at p = 0, zeros at p = 1): one full pass forward (the scale) and
-one backward. Where a norm precedes the dropout, :mod:`normlab.models.normdrop` fuses the
+one backward. Where a norm precedes the dropout, :mod:`normlab.accel.normdrop` fuses the
 two and saves that pass too.
 """
 
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from normlab.models.eager import eager
+from normlab.eager import eager
 
 __all__ = [
     "SparseDropout", "bernoulli_positions", "bernoulli_positions_many", "dense_drop_",

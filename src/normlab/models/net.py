@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.fields import ConfigError, check_keys, coerce
-from normlab.models import kernels
+from normlab.accel import kernels
 from normlab.models.dropout import SparseDropout
-from normlab.models.normdrop import fold_relu, with_dropout
+from normlab.accel.normdrop import fold_relu, with_dropout
 from normlab.models.norms import check_norm, make_norm
 
 # (name, in, out, kernel, padding, is_conv_block). A conv block is Conv -> ReLU -> norm ->
@@ -48,14 +48,14 @@ class ModelConfig:
     ``dropout_draw`` says how dropout masks are drawn, both in the same distribution (each
     unit dropped independently with probability p, survivors scaled by 1/(1-p)):
     ``"positions"`` draws only the dropped positions and fuses the dropout into the norm
-    before it (:mod:`normlab.models.normdrop`; about 20% of a CPU training step saved at
+    before it (:mod:`normlab.accel.normdrop`; about 20% of a CPU training step saved at
     p = 0.01); ``"bernoulli"`` is ``nn.Dropout``, one random number per unit, as the seed
     and normlab 0.1 drew them (a stored config without the field reads as that:
     ``normlab.training.config.from_stored``).
 
     ``kernels`` says what computes a block's ReLU -> norm (-> dropout), for BatchNorm and
     GroupNorm (so LN and IN): ``"normlab"`` folds the ReLU into the norm and, for
-    channels-last CPU training, runs normlab's C kernels (:mod:`normlab.models.kernels`;
+    channels-last CPU training, runs normlab's C kernels (:mod:`normlab.accel.kernels`;
     built on first use with the system's C compiler), ``"aten"`` is torch's ``nn.ReLU``
     and norm layers. They agree to rounding, not bitwise. (With ``"normlab"`` the max
     pooling is the kernels' too, bitwise torch's.) The default is ``"normlab"`` where a C
@@ -258,7 +258,7 @@ class Net(nn.Module):
 
 class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2, 2)`` by normlab's kernel where it applies (a channels-last CPU
-    tensor: :func:`~normlab.models.kernels.max_pool_2x2`), torch's elsewhere: the same
+    tensor: :func:`~normlab.accel.kernels.max_pool_2x2`), torch's elsewhere: the same
     numbers either way, the kernel's in one pass with a byte per output kept for the
     backward."""
 

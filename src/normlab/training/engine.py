@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.models import ModelConfig, kernels
-from normlab.models.handstep import HandStep
+from normlab.models import ModelConfig
+from normlab.accel import kernels
+from normlab.accel.handstep import HandStep
 from normlab.training.augment import to_input
 
 
@@ -119,14 +120,14 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one epoch; returns mean train loss (NLL), accuracy %, L1 term, seconds.
 
-    With ``hand_step`` a network :class:`~normlab.models.handstep.HandStep` takes (the
+    With ``hand_step`` a network :class:`~normlab.accel.handstep.HandStep` takes (the
     seed's network on normlab's kernels, on a CPU) trains without autograd: the same
     numbers, bit for bit, faster. ``hand_step=False`` trains everything through autograd
     (for benchmarks and the tests that compare the two).
 
     ``augment`` says what rotates and normalises the training images on a CPU: ``"aten"``
     (:func:`~normlab.training.augment.to_input`, torch's ops) or ``"normlab"`` (the C
-    kernel, :func:`~normlab.models.kernels.rotate_normalize`, one pass).
+    kernel, :func:`~normlab.accel.kernels.rotate_normalize`, one pass).
 
     ``step_scheduler`` is stepped after every batch (one-cycle); per-epoch schedulers are
     the caller's. ``on_step(images_seen)`` is called after every batch (it must not read

@@ -17,7 +17,7 @@ import torch
 
 from normlab import __version__
 from normlab.memory import allocator, keep_freed_memory
-from normlab.models import kernels
+from normlab.accel import kernels
 from normlab.training.config import RunConfig, continue_hint
 from normlab.training.engine import (
     TensorData,

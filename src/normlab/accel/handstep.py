@@ -5,7 +5,7 @@ A training step of the 5,760-parameter network at batch 64 spends about a third 
 outside its kernels: building and walking the autograd graph (about 60 nodes), autocast's
 dispatch, the module calls, the dropout's per-layer draws (eight small torch operations
 each). :class:`HandStep` runs the same computation as a flat list: the forward calls the
-same ATen convolutions and normlab's kernels (:mod:`normlab.models.kernels`) under
+same ATen convolutions and normlab's kernels (:mod:`normlab.accel.kernels`) under
 ``torch.no_grad`` and keeps what each backward needs; the backward calls what autograd's
 nodes call (``convolution_backward`` with the same output mask, the kernels' backward,
 ``avg_pool2d_backward``, ``_log_softmax_backward_data``, ``nll_loss_backward``, the casts
@@ -13,14 +13,14 @@ autocast's ``ToCopyBackward`` makes) in reverse order, and sets each parameter's
 The dropout positions of all layers are drawn at once before the forward
 (:func:`~normlab.models.dropout.bernoulli_positions_many`: the same numbers from the same
 generator). The convolutions run on oneDNN primitives created once per layer and shape
-(:mod:`normlab.models.onednn`: torch's own oneDNN without torch's per-call set-up), each
+(:mod:`normlab.accel.onednn`: torch's own oneDNN without torch's per-call set-up), each
 checked against torch's convolution when created; where that check or anything else
 fails, on ``F.conv2d`` and ``convolution_backward``. So the losses, gradients, running
 statistics and weights equal autograd's bit for bit (the tests train both ways and
 compare), and a run's config need not say which computed its steps.
 
 It takes the network as normlab builds it for its kernels (``kernels="normlab"``): every
-block Conv -> :class:`~normlab.models.normdrop.FoldedReLU` -> a BatchNorm or GroupNorm
+block Conv -> :class:`~normlab.accel.normdrop.FoldedReLU` -> a BatchNorm or GroupNorm
 (LN, IN) with the ReLU folded in and its dropout fused, the kernels' max pooling, in
 training mode, on the CPU, in channels-last, fp32 or bf16 autocast, with no hooks on the
 modules or parameters. :meth:`HandStep.build` returns None for anything else (stacked
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from normlab.models import kernels, onednn
+from normlab.accel import kernels, onednn
 from normlab.models.dropout import bernoulli_positions_many
 from normlab.models.net import GAP_KERNEL, LAYOUT, POOL_AFTER, MaxPool2x2, Net
-from normlab.models.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
+from normlab.accel.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
 
 _ATEN = torch.ops.aten  # ops called by overload (``.default``): no overload resolution per call
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
@@ -110,7 +110,7 @@ class HandStep:
         """The step for ``model`` trained in ``precision`` ("fp32" or "bf16" autocast), or
         None where it does not apply (see the module): autograd then trains it. With
         ``direct_convs`` the convolutions run on primitives kept across steps
-        (:mod:`normlab.models.onednn`) wherever those compute torch's numbers."""
+        (:mod:`normlab.accel.onednn`) wherever those compute torch's numbers."""
         if type(model) is not Net or not model.training or precision not in ("fp32", "bf16"):
             return None
         if _hooked(model) or not all(p.requires_grad and p.device.type == "cpu"
@@ -168,7 +168,7 @@ class HandStep:
     def _drops(self, shape: torch.Size) -> list[torch.Tensor] | None:
         """Every dropout layer's positions for an input of this shape, drawn at once; None
         at p = 0, and the first time a shape is seen: the layers then draw theirs one by
-        one (:func:`~normlab.models.normdrop.dropped_units`, as the modules do) and their
+        one (:func:`~normlab.accel.normdrop.dropped_units`, as the modules do) and their
         sizes are kept for the next time."""
         sizes = self._sizes.get(shape)
         if sizes is None or not self.p:

@@ -7,7 +7,7 @@ were a third of the time, ReLU and GroupNorm more (benchmarks/README.md). ``kern
 does a training-mode forward in two passes (statistics, then the affine, the ReLU applied
 on the way in) and the backward in two (gradient sums, then the input's gradient, the
 ReLU's mask applied on the way out), with a following dropout folded in: its 1/(1-p) in
-the affine as :mod:`normlab.models.normdrop` does, its dropped units zeroed as the output
+the affine as :mod:`normlab.accel.normdrop` does, its dropped units zeroed as the output
 is written and read as 0 in the gradient (the same numbers as zeroing copies, without
 them). It reads fp32 and bf16 and sums in double, each sum in a fixed order, so a result
 does not depend on the machine's vector width. GroupNorm covers normlab's LayerNorm (1
@@ -41,11 +41,28 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from normlab.models.eager import eager
+from normlab.eager import eager
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-         "-fPIC", "-shared")
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+# The instruction sets the C code is built for: ``native`` (this CPU's), or what another
+# host would get, ``x86-64-v3`` (AVX2) or ``x86-64`` (SSE2: the generic branches), set by
+# ``$NORMLAB_MARCH`` or per build; the sums are in a fixed order, so every build computes
+# the same numbers (tests/test_dispatch.py compares them bitwise).
+MARCHES = ("native", "x86-64-v4", "x86-64-v3", "x86-64")
+
+
+def march() -> str:
+    """``$NORMLAB_MARCH`` (default ``native``): the ``-march`` the kernels are built for."""
+    value = os.environ.get("NORMLAB_MARCH", "native")
+    if value not in MARCHES:
+        raise KernelUnavailable(f"NORMLAB_MARCH={value!r}: choose one of {', '.join(MARCHES)}")
+    return value
+
+
+def flags(arch: str | None = None) -> tuple[str, ...]:
+    """The compiler flags for a build for ``arch`` (default :func:`march`)."""
+    return (*FLAGS, f"-march={arch or march()}")
 MAX_LANES = 128  # LMAX in kernels.c
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -80,10 +97,11 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def build(cc: str | None = None, source: Path = SOURCE) -> Path:
+def build(cc: str | None = None, source: Path = SOURCE, arch: str | None = None) -> Path:
     """Compile ``kernels.c`` (or another of normlab's C sources; or reuse the cached
-    build); returns the shared library."""
+    build) for ``arch`` (default :func:`march`); returns the shared library."""
     cc = cc or compiler()
+    cflags = flags(arch)
     if cc is None:
         raise KernelUnavailable(
             f"no C compiler found ({os.environ.get('CC', 'cc')!r} is not on the PATH); "
@@ -91,7 +109,7 @@ def build(cc: str | None = None, source: Path = SOURCE) -> Path:
             "(--kernels aten) to use torch's norms"
         )
     key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
+        b"\0".join([source.read_bytes(), " ".join(cflags).encode(), cc.encode(),
                     _cpu_id().encode()])
     ).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
@@ -102,7 +120,7 @@ def build(cc: str | None = None, source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"],
+        done = subprocess.run([cc, *cflags, "-o", tmp, str(source), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise KernelUnavailable(
@@ -116,10 +134,16 @@ def build(cc: str | None = None, source: Path = SOURCE) -> Path:
     return target
 
 
-@functools.cache
 def library() -> ctypes.CDLL:
-    """The loaded kernels (built on first use); raises :class:`KernelUnavailable`."""
-    lib = ctypes.CDLL(str(build()))
+    """The loaded kernels, built for :func:`march` on first use; raises
+    :class:`KernelUnavailable`."""
+    return library_for(march())
+
+
+@functools.cache
+def library_for(arch: str) -> ctypes.CDLL:
+    """The kernels built for ``arch`` (one of :data:`MARCHES`), loaded."""
+    lib = ctypes.CDLL(str(build(arch=arch)))
     p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     signatures = {
         "bn_forward": [p, p, i64, i64, i64, i64, p, p, p, p, f64, f64, f64, p, p, i64],
@@ -287,7 +311,7 @@ def _check(x: torch.Tensor, drop: torch.Tensor | None, *tensors: torch.Tensor) -
     """Raise unless the kernels can take these; returns ``drop`` as the kernels read it."""
     if not applies(x, tensors[0]):
         raise ValueError("normlab's kernels take a CPU fp32/bf16 4-d channels-last tensor "
-                         "(see normlab.models.kernels.applies)")
+                         "(see normlab.accel.kernels.applies)")
     for t in tensors:
         if t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError("the norm's weight, bias and running statistics must be "

@@ -16,7 +16,7 @@ a different oneDNN build or version may pick other kernels, which sum in another
 ``libtorch_cpu`` links oneDNN statically and exports none of its symbols, so
 :func:`api` reads the addresses of the C API's functions from the library's ELF symbol
 table (``.symtab``) and hands them to ``onednn.c``, compiled like
-:mod:`normlab.models.kernels`. Nothing here is trusted blindly: :func:`conv` checks
+:mod:`normlab.accel.kernels`. Nothing here is trusted blindly: :func:`conv` checks
 each new layer shape once against ``torch``'s own convolution and its backward on
 random data, bit for bit, and a shape that differs (another CPU, another torch, a
 thread count torch handles otherwise) keeps torch's path. Where anything is missing
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from normlab.models import kernels
+from normlab.accel import kernels
 
 SOURCE = Path(__file__).with_name("onednn.c")
 # The C API's functions onednn.c calls, in the order of its `api` struct.

@@ -7,14 +7,14 @@ input, not their output, for the backward). So dropout costs no full pass forwar
 (the gradient with the same positions zeroed) backward, and the positions are drawn by
 :func:`~normlab.models.dropout.bernoulli_positions` (about n·p random numbers instead of n;
 on a GPU a dense mask is drawn on the device instead, see :mod:`normlab.models.dropout`).
-Where normlab's kernels run the norm (:mod:`normlab.models.kernels`) they take the positions
+Where normlab's kernels run the norm (:mod:`normlab.accel.kernels`) they take the positions
 too: they zero them as they write the output, and their backward reads the gradient as 0
 there, so dropout costs no pass at all, with the same numbers as zeroing copies.
 The modules subclass ``nn.BatchNorm2d`` and ``nn.GroupNorm`` and only add ``p`` (and
 a folded-in ReLU, :func:`fold_relu`), so a network built with them has the seed's
 state-dict keys (a Dropout has none). In eval mode, and at p = 0, each is exactly its norm
 (after the ReLU, where it is folded in); with ``eval_kernels`` an evaluation under
-``torch.no_grad`` goes through the kernels (:func:`~normlab.models.kernels.batch_norm_eval`,
+``torch.no_grad`` goes through the kernels (:func:`~normlab.accel.kernels.batch_norm_eval`,
 the training kernel for GroupNorm), which agree with torch's norms to rounding.
 Numerically the folded affine agrees with norm-then-scale to rounding, not bitwise: a run's
 config records which draw it used.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.models import kernels
+from normlab.accel import kernels
 from normlab.models.dropout import (
     bernoulli_positions,
     dense_drop_,
@@ -54,7 +54,7 @@ class BatchNormDropout(nn.BatchNorm2d):
 
     With ``relu=True`` the ReLU before the norm is folded in too (the block then holds a
     :class:`FoldedReLU` where the ReLU was), and in training a channels-last CPU input
-    goes through normlab's kernel (:mod:`normlab.models.kernels`): ReLU, statistics,
+    goes through normlab's kernel (:mod:`normlab.accel.kernels`): ReLU, statistics,
     normalisation and the dropout's scale in two passes forward and two backward.
     With ``eval_kernels`` too an evaluation under ``torch.no_grad`` of such an input (one
     pass, from the running statistics). Elsewhere (eval mode otherwise, another layout or
