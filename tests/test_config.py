@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from normlab.accel import kernels
 from normlab.fields import ConfigError
 from normlab.models import ModelConfig, Net
-from normlab.accel import kernels
 from normlab.training import RunConfig, RunDir, resolve_protocol
 from normlab.training.config import from_stored
 

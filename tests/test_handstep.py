@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normlab.accel.handstep import HandStep
 from normlab.models import ModelConfig, Net
 from normlab.models import dropout as dropout_module
 from normlab.models.dropout import bernoulli_positions, bernoulli_positions_many
-from normlab.accel.handstep import HandStep
 from normlab.training.engine import TensorData, l1_parameters, train_one_epoch
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import require_tool
-from normlab.models import ModelConfig, Net
 from normlab.accel import kernels
+from normlab.models import ModelConfig, Net
 from normlab.models.dropout import bernoulli_positions, drop_positions
 from normlab.models.net import default_kernels
 from normlab.training.augment import to_input

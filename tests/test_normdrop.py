@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from normlab.accel import normdrop
-from normlab.models.dropout import bernoulli_positions, draws_positions
 from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout, with_dropout
+from normlab.models.dropout import bernoulli_positions, draws_positions
 
 P = 0.2
 

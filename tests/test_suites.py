@@ -22,11 +22,11 @@ import normlab.reports
 import normlab.training.engine as engine
 from conftest import suite_toml
 from normlab import memory
+from normlab.accel import kernels
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, manifest, run_suite
 from normlab.experiments.progress import ConsoleProgress
 from normlab.experiments.suite import default_label
-from normlab.accel import kernels
 from normlab.training import RunConfig, RunDir, resolve_protocol
 from normlab.training.events import (
     EpochFinished,

@@ -14,10 +14,10 @@ import torch
 
 from conftest import require_tool
 from normlab import memory
+from normlab.accel import kernels, normdrop
 from normlab.cli import main
 from normlab.fields import ConfigError
 from normlab.models import dropout
-from normlab.accel import kernels, normdrop
 from normlab.training import (
     RunConfig,
     TensorData,

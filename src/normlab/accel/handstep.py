@@ -36,9 +36,9 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from normlab.accel import kernels, onednn
+from normlab.accel.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
 from normlab.models.dropout import bernoulli_positions_many
 from normlab.models.net import GAP_KERNEL, LAYOUT, POOL_AFTER, MaxPool2x2, Net
-from normlab.accel.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
 
 _ATEN = torch.ops.aten  # ops called by overload (``.default``): no overload resolution per call
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",

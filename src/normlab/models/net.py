@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.fields import ConfigError, check_keys, coerce
 from normlab.accel import kernels
-from normlab.models.dropout import SparseDropout
 from normlab.accel.normdrop import fold_relu, with_dropout
+from normlab.fields import ConfigError, check_keys, coerce
+from normlab.models.dropout import SparseDropout
 from normlab.models.norms import check_norm, make_norm
 
 # (name, in, out, kernel, padding, is_conv_block). A conv block is Conv -> ReLU -> norm ->

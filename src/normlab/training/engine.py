@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.models import ModelConfig
 from normlab.accel import kernels
 from normlab.accel.handstep import HandStep
+from normlab.models import ModelConfig
 from normlab.training.augment import to_input
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from normlab import __version__
-from normlab.memory import allocator, keep_freed_memory
 from normlab.accel import kernels
+from normlab.memory import allocator, keep_freed_memory
 from normlab.training.config import RunConfig, continue_hint
 from normlab.training.engine import (
     TensorData,
