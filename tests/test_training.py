@@ -69,7 +69,12 @@ def test_same_seed_same_metrics_other_seed_differs(small, tmp_path):
     c = train(config(seed=2), tmp_path / "c", data=small)
     assert without_timing(a.history) == without_timing(b.history)
     assert without_timing(a.history) != without_timing(c.history)
-    assert a.history[-1]["test_acc"] > 50  # it learns
+    # It learns, by margins that hold on every kernel path (tests/test_dispatch.py's hosts;
+    # the test accuracy of two epochs on 1,000 images swings with the path: 43-67% seen).
+    first, last = a.history[0], a.history[-1]
+    assert last["train_loss"] < 0.75 * first["train_loss"]  # 1.79 -> 0.84-0.90 seen
+    assert last["train_acc"] > 50  # 76-77% seen
+    assert last["test_acc"] > 20  # chance is 10%
     assert torch.equal(
         torch.load(tmp_path / "a/predictions.pt", weights_only=True)["pred"],
         torch.load(tmp_path / "b/predictions.pt", weights_only=True)["pred"],
