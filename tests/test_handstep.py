@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normlab.accel import accelerated_net
 from normlab.accel.handstep import HandStep
 from normlab.models import ModelConfig, Net
 from normlab.models import dropout as dropout_module
@@ -15,7 +16,7 @@ from normlab.training.engine import TensorData, l1_parameters, train_one_epoch
 
 def net(norm="bn", **options) -> Net:
     torch.manual_seed(1)
-    model = Net.from_config(ModelConfig(norms=(norm,), kernels="normlab", **options))
+    model = accelerated_net(ModelConfig(norms=(norm,), kernels="normlab", **options))
     return model.to(memory_format=torch.channels_last).train()
 
 
@@ -120,8 +121,9 @@ def test_train_one_epoch_by_hand_and_by_autograd_give_the_same_run(mnist, precis
 ])
 def test_other_networks_are_left_to_autograd(options):
     config = {"norms": ("bn",), "kernels": "normlab", **options}
-    model = Net.from_config(ModelConfig(**config)).train()
+    model = accelerated_net(ModelConfig(**config)).train()
     assert HandStep.build(model, "bf16") is None
+    assert HandStep.refusal(model, "bf16")  # says why
 
 
 def test_hooks_eval_mode_frozen_weights_and_other_precisions_are_left_to_autograd():

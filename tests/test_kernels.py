@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import require_tool
-from normlab.accel import kernels
-from normlab.models import ModelConfig, Net
+from normlab.accel import accelerated_net, kernels
+from normlab.models import ModelConfig
 from normlab.models.dropout import bernoulli_positions, drop_positions
 from normlab.models.net import default_kernels
 from normlab.training.augment import to_input
@@ -182,9 +182,9 @@ def test_max_pool_picks_as_torch_does(shape, kind, dtype):
 
 
 def test_the_network_pools_with_the_kernel_only_where_it_applies():
-    net = Net.from_config(ModelConfig(kernels="normlab"))
+    net = accelerated_net(ModelConfig(kernels="normlab"))
     assert type(net.pool1).__name__ == "MaxPool2x2"
-    assert type(Net.from_config(ModelConfig(kernels="aten")).pool1) is torch.nn.MaxPool2d
+    assert type(accelerated_net(ModelConfig(kernels="aten")).pool1) is torch.nn.MaxPool2d
     x = torch.randn(2, 8, 6, 6)  # contiguous: torch's pooling, the same numbers
     assert not kernels.pool_applies(x)
     assert torch.equal(net.pool1(x), F.max_pool2d(x, 2, 2))
@@ -241,7 +241,7 @@ def test_relu_keeps_torchs_edge_cases():
 
 def _train_step(kernel_choice, seed=3, dtype=torch.float32):
     torch.manual_seed(seed)
-    model = Net.from_config(ModelConfig(norms=("bn",), kernels=kernel_choice))
+    model = accelerated_net(ModelConfig(norms=("bn",), kernels=kernel_choice))
     model = model.to(memory_format=CL).train()
     x = torch.randn(16, 1, 28, 28).contiguous(memory_format=CL)
     with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -269,7 +269,7 @@ def test_the_network_trains_as_with_torchs_ops():
 
 def test_where_the_kernels_do_not_apply_torchs_ops_run():
     torch.manual_seed(0)
-    model = Net.from_config(ModelConfig(norms=("bn",), kernels="normlab")).train()
+    model = accelerated_net(ModelConfig(norms=("bn",), kernels="normlab")).train()
     x = torch.randn(4, 1, 28, 28)  # contiguous: torch's ReLU and BatchNorm
     assert not kernels.applies(model.convblock1[0](x), model.convblock1[2].weight)
     model(x).sum().backward()
@@ -290,12 +290,12 @@ def test_the_test_pass_goes_through_the_kernels_with_eval_kernels(norm, monkeypa
     no_grad runs the kernels and agrees with torch's ReLU and norms (eval_kernels="aten")
     to rounding; with autograd on, or eval_kernels="aten", torch's run."""
     torch.manual_seed(0)
-    model = Net.from_config(ModelConfig(norms=(norm,), kernels="normlab",
+    model = accelerated_net(ModelConfig(norms=(norm,), kernels="normlab",
                                         eval_kernels="normlab"))
     model = model.to(memory_format=CL)
     for _ in range(3):  # running statistics that are not the initial ones
         model(torch.randn(16, 1, 28, 28).contiguous(memory_format=CL)).sum().backward()
-    aten = Net.from_config(ModelConfig(norms=(norm,), kernels="normlab", eval_kernels="aten"))
+    aten = accelerated_net(ModelConfig(norms=(norm,), kernels="normlab", eval_kernels="aten"))
     aten = aten.to(memory_format=CL)
     aten.load_state_dict(model.state_dict())
     model.eval()

@@ -1,10 +1,12 @@
 """The seed's Net: its exact keyword API, parameter counts, shapes and error messages."""
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
+from normlab.accel import accelerate, accelerated_net
 from normlab.cli import main
 from normlab.models import NORMS, ModelConfig, Net, count_parameters, make_norm
 
@@ -54,25 +56,31 @@ def test_seed_flags_resolve_to_registry_names():
 
 
 def test_layer_order_matches_seed():
-    aten = {"kernels": "aten"}  # torch's ReLU and BatchNorm, as the seed
-    seed = Net.from_config(ModelConfig(dropout_draw="bernoulli", **aten))  # and nn.Dropout
+    # The model is plain PyTorch whatever the config says about the acceleration.
+    seed = Net.from_config(ModelConfig(dropout_draw="bernoulli"))  # nn.Dropout, as the seed
     kinds = [type(m).__name__ for m in seed.convblock1]
     assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "Dropout"]
     assert seed.convblock1[0].bias is None
     assert [type(m).__name__ for m in Net().convblock3] == ["Conv2d"]  # transition: bare
-    assert [type(m).__name__ for m in
-            Net.from_config(ModelConfig(dropout=0, **aten)).convblock2] == [
+    assert [type(m).__name__ for m in Net.from_config(ModelConfig(dropout=0)).convblock2] == [
         "Conv2d", "ReLU", "BatchNorm2d"]
-    # positions: the dropout fused into the norm; normlab's kernels: the ReLU too. The
-    # seed's state dict (the ReLU's place is kept), and in eval mode exactly its network.
-    fused = Net.from_config(ModelConfig(dropout_draw="positions", **aten))
-    assert [type(m).__name__ for m in fused.convblock1] == ["Conv2d", "ReLU", "BatchNormDropout"]
-    folded = Net.from_config(ModelConfig(kernels="normlab"))
+    for kernels in ("normlab", "aten"):
+        plain = Net.from_config(ModelConfig(kernels=kernels))
+        assert [type(m).__name__ for m in plain.convblock1] == [
+            "Conv2d", "ReLU", "BatchNorm2d", "SparseDropout"]
+        assert type(plain.pool1) is torch.nn.MaxPool2d
+    # The acceleration swaps in its fused modules: positions -> the dropout fused into the
+    # norm; normlab's kernels -> the ReLU too. The seed's state dict (the ReLU's and the
+    # dropout's places are kept), and in eval mode exactly its network.
+    fused = accelerated_net(ModelConfig(dropout_draw="positions", kernels="aten"))
+    assert [type(m).__name__ for m in fused.convblock1] == [
+        "Conv2d", "ReLU", "BatchNormDropout", "FusedDropout"]
+    folded = accelerated_net(ModelConfig(kernels="normlab"))
     assert [type(m).__name__ for m in folded.convblock1] == [
-        "Conv2d", "FoldedReLU", "BatchNormDropout"]
+        "Conv2d", "FoldedReLU", "BatchNormDropout", "FusedDropout"]
     assert "FoldedReLU(applied by the norm after it)" in repr(folded)
     assert [type(m).__name__ for m in
-            Net.from_config(ModelConfig(dropout_draw="bernoulli")).convblock1] == [
+            accelerated_net(ModelConfig(dropout_draw="bernoulli")).convblock1] == [
         "Conv2d", "FoldedReLU", "BatchNormDropout", "Dropout"]
     x = torch.randn(5, 1, 28, 28)
     for net in (fused, folded):
@@ -135,10 +143,12 @@ def test_stacked_seed_flags_warn_and_stack():
         model = Net(layer_norm=True)
     assert model.config.norms == ("bn", "ln")
     kinds = [type(m).__name__ for m in model.convblock1]
-    if model.config.kernels == "aten":
-        assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "GroupNormDropout"]  # into the last
-    else:  # the ReLU folded into the BatchNorm after it
-        assert kinds == ["Conv2d", "FoldedReLU", "BatchNormDropout", "GroupNormDropout"]
+    assert kinds == ["Conv2d", "ReLU", "BatchNorm2d", "GroupNorm", "SparseDropout"]
+    for kernels, relu_and_bn in (("aten", ["ReLU", "BatchNorm2d"]),
+                                 ("normlab", ["FoldedReLU", "BatchNormDropout"])):
+        accelerate(model, dataclasses.replace(model.config, kernels=kernels))
+        kinds = [type(m).__name__ for m in model.convblock1]  # the dropout into the last norm
+        assert kinds == ["Conv2d", *relu_and_bn, "GroupNormDropout", "FusedDropout"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Net(batch_norm=False, layer_norm=True)  # one norm: no warning

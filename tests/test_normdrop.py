@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from normlab.accel import normdrop
-from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout, with_dropout
-from normlab.models.dropout import bernoulli_positions, draws_positions
+from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout, fuse_block
+from normlab.models.dropout import SparseDropout, bernoulli_positions, draws_positions
 
 P = 0.2
 
@@ -21,6 +21,13 @@ def pair(kind: str):
     fused = with_dropout(nn.BatchNorm2d(6) if kind == "bn" else nn.GroupNorm(2, 6), P)
     fused.load_state_dict(norm.state_dict())
     return norm, fused
+
+
+def with_dropout(norm: nn.Module, p: float) -> nn.Module:
+    """``norm`` fused with the dropout after it, as the acceleration swaps it into a block."""
+    block = nn.Sequential(nn.Conv2d(6, 6, 1), nn.ReLU(), norm, SparseDropout(p))
+    fuse_block(block, kernels_on=False, eval_kernels=False)
+    return block[2]
 
 
 def positions_mask(like: torch.Tensor) -> torch.Tensor:
@@ -79,8 +86,8 @@ def test_eval_mode_and_state_dict_are_the_norms(kind):
 
 
 def test_only_batch_and_group_norms_fuse():
-    assert with_dropout(nn.Identity(), P) is None
-    assert with_dropout(nn.ReLU(), P) is None
+    for other in (nn.Identity(), nn.LayerNorm([6, 4, 4]), nn.InstanceNorm2d(6)):
+        assert with_dropout(other, P) is other  # left as it is, its dropout after it
 
 
 def test_drop_rate_over_a_large_tensor():

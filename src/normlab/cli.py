@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "suite": ("normlab.experiments.cli", "run a suite of variants x seeds, then write its report"),
     "report": ("normlab.reports.cli", "(re)build the report of a suite's run directories"),
     "sheet": ("normlab.workbook.cli", "write the xlsx workbook that computes BN/LN/GN/IN"),
+    "info": ("normlab.accel.cli", "say what each acceleration path would be on this host"),
 }
 
 

@@ -1,3 +1,192 @@
 """Acceleration behind one seam: what makes a training step fast without changing what the
-model computes (normlab's C kernels, convolutions on kept oneDNN primitives, the step by
-hand)."""
+model means.
+
+:mod:`normlab.models` is plain PyTorch (``Net``: Conv -> ReLU -> norm -> dropout blocks,
+``nn.MaxPool2d``, ``F.log_softmax``). The engine asks :func:`prepare` for its training step
+and gets a :class:`Step` that:
+
+- swaps, in place, each block's norm and the dropout after it for one fused module and, with
+  ``kernels="normlab"``, folds the ReLU into it so normlab's C kernels compute ReLU -> norm
+  -> dropout (:mod:`normlab.accel.normdrop`, :mod:`normlab.accel.kernels`). A swapped
+  module shares the parameters and buffers of the one it replaces and keeps every setting,
+  or the block stays as it is. The fused modules agree with the plain ones to rounding:
+  ``ModelConfig.kernels`` and ``dropout_draw`` are part of a run's config, as always;
+- trains the network by hand where it can (:class:`~normlab.accel.handstep.HandStep`: its
+  forward and backward without autograd, convolutions on oneDNN primitives kept across
+  steps, :mod:`normlab.accel.onednn`), after one step of it has been checked against
+  autograd bit for bit on this model; elsewhere through autograd;
+- records which paths it took (:meth:`Step.paths`, written into the run's config.json).
+
+``RunConfig.accel = "off"`` (``--accel off``) leaves the model plain and trains it through
+autograd with torch's norms. :func:`report` says, for this host, what each path would be
+and why (``normlab info``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.models.net import STAGES, ModelConfig
+
+ACCEL = ("on", "off")
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward pass's precision: bf16 autocast, or (fp32) nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def autograd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference step: the forward under autocast, ``F.nll_loss`` and its backward
+    (every parameter's ``.grad`` set afresh). Returns ``(loss, out)``."""
+    with autocast(x.device, precision):
+        out = model(x)
+    loss = F.nll_loss(out.float(), y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss, out
+
+
+def accelerate(model: nn.Module, config: ModelConfig) -> dict[str, str]:
+    """Swap ``model``'s modules, in place, for the fused ones ``config`` asks for (see the
+    module); returns what was done to each block (or why not), by stage name."""
+    from normlab.accel.normdrop import fold_pool, fuse_block
+
+    kernels_on = config.kernels == "normlab"
+    done: dict[str, str] = {}
+    for name in STAGES:
+        stage = getattr(model, name, None)
+        if isinstance(stage, nn.Sequential):
+            done[name] = fuse_block(stage, kernels_on, config.eval_kernels == "normlab")
+        elif name == "pool1" and kernels_on and stage is not None:
+            done[name] = "normlab kernel" if fold_pool(model, name) else "torch's"
+    return done
+
+
+def accelerated_net(config: ModelConfig) -> nn.Module:
+    """``Net.from_config(config)`` with the modules :func:`accelerate` swaps in."""
+    from normlab.models import Net
+
+    model = Net.from_config(config)
+    accelerate(model, config)
+    return model
+
+
+@dataclass
+class Step:
+    """``step(x, y) -> (loss, out)``: one training step of ``model`` (the forward, the NLL
+    loss, the backward; every parameter's ``.grad`` set), by hand where :attr:`hand` takes
+    the input, else through autograd. The optimizer's step is the caller's."""
+
+    model: nn.Module
+    precision: str
+    accel: str = "on"
+    hand: object | None = None  # a HandStep
+    why_autograd: str | None = None
+    blocks: dict[str, str] = field(default_factory=dict)
+    hand_steps: int = 0
+    autograd_steps: int = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.hand is not None and self.hand.applies(x):
+            self.hand_steps += 1
+            return self.hand(x, y)
+        self.autograd_steps += 1
+        return autograd_step(self.model, x, y, self.precision)
+
+    def paths(self) -> dict:
+        """The paths the steps so far took, for config.json: the step (hand or autograd,
+        with counts and why autograd), each input shape's convolutions on kept oneDNN
+        primitives (``"7/7"``), the blocks' norms (normlab's kernels or torch's), the
+        precision."""
+        from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout
+
+        step = ("hand" if self.hand_steps and not self.autograd_steps else
+                "autograd" if self.autograd_steps and not self.hand_steps else
+                "hand+autograd" if self.hand_steps else "none yet")
+        norms = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]
+        on_kernels = [m for m in norms if isinstance(m, BatchNormDropout | GroupNormDropout)
+                      and m.relu]
+        paths: dict = {
+            "accel": self.accel, "precision": self.precision, "step": step,
+            "hand_steps": self.hand_steps, "autograd_steps": self.autograd_steps,
+            "norms": ("normlab kernels" if norms and len(on_kernels) == len(norms) else
+                      "torch" if not on_kernels else
+                      f"normlab kernels for {len(on_kernels)} of {len(norms)}"),
+        }
+        if self.why_autograd:
+            paths["why_autograd"] = self.why_autograd
+        if self.hand is not None:
+            paths["onednn_convs"] = {
+                "x".join(map(str, shape)): f"{sum(c is not None for c in layers)}/{len(layers)}"
+                for shape, layers in self.hand._layers.items() if layers}
+        if self.blocks:
+            paths["blocks"] = self.blocks
+        return paths
+
+
+def prepare(model: nn.Module, config: ModelConfig | None, precision: str, *,
+            enabled: bool = True, check: bool = True) -> Step:
+    """The training step for ``model`` (see the module). With ``config`` its modules are
+    first swapped as :func:`accelerate` does (``None``: taken as they are). With
+    ``enabled=False`` every step goes through autograd and nothing is swapped. With
+    ``check`` the hand step is taken only after one step of it on a small random batch has
+    equalled autograd's bit for bit on this model (the model, its gradients, running
+    statistics and the random generator's state are restored after)."""
+    if not enabled:
+        return Step(model, precision, "off", why_autograd="acceleration off (--accel off)")
+    from normlab.accel.handstep import HandStep
+
+    blocks = accelerate(model, config) if config is not None else {}
+    hand = HandStep.build(model, precision)
+    why = None if hand is not None else HandStep.refusal(model, precision)
+    if hand is not None and check:
+        why = _disagreement(model, hand, precision)
+        hand = None if why else hand
+    return Step(model, precision, "on", hand, why, blocks)
+
+
+def _disagreement(model: nn.Module, hand, precision: str) -> str | None:
+    """Why one hand step on a random batch of 4 differs from autograd's (None: bit for bit
+    the same loss, output, gradients and running statistics), all state restored."""
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    if not hand.applies(x):
+        return None  # the model's layout: its steps go through autograd anyway
+    y = torch.arange(4)
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    saved = ([p.grad for p in params], [b.clone() for b in buffers], torch.get_rng_state())
+
+    def restore() -> None:
+        for p, g in zip(params, saved[0], strict=True):
+            p.grad = g
+        for b, v in zip(buffers, saved[1], strict=True):
+            b.copy_(v)
+        torch.set_rng_state(saved[2])
+
+    try:
+        loss, out = autograd_step(model, x, y, precision)
+        ref = [loss, out.float(), *(p.grad for p in params), *(b.clone() for b in buffers)]
+        restore()
+        loss, out = hand(x, y)
+        got = [loss, out.float(), *(p.grad for p in params), *buffers]
+        same = all(a is not None and b is not None and torch.equal(a, b)
+                   for a, b in zip(ref, got, strict=True))
+    finally:
+        with torch.no_grad():
+            restore()
+    return None if same else ("the step by hand differs from autograd on this model "
+                              "(has Net.forward changed?)")
+
+
+def report() -> list[tuple[str, str]]:
+    """For this host: each path and what it would be, with why (``normlab info``)."""
+    from normlab.accel.hostinfo import describe
+
+    return describe()

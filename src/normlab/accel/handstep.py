@@ -17,15 +17,17 @@ generator). The convolutions run on oneDNN primitives created once per layer and
 checked against torch's convolution when created; where that check or anything else
 fails, on ``F.conv2d`` and ``convolution_backward``. So the losses, gradients, running
 statistics and weights equal autograd's bit for bit (the tests train both ways and
-compare), and a run's config need not say which computed its steps.
+compare; :func:`normlab.accel.prepare` also checks one step of each model against
+autograd before taking it).
 
-It takes the network as normlab builds it for its kernels (``kernels="normlab"``): every
-block Conv -> :class:`~normlab.accel.normdrop.FoldedReLU` -> a BatchNorm or GroupNorm
+It walks the network's own stages (:data:`normlab.models.net.STAGES`, what ``Net.forward``
+walks) as :func:`normlab.accel.prepare` makes them for the kernels (``kernels="normlab"``):
+every block Conv -> :class:`~normlab.accel.normdrop.FoldedReLU` -> a BatchNorm or GroupNorm
 (LN, IN) with the ReLU folded in and its dropout fused, the kernels' max pooling, in
 training mode, on the CPU, in channels-last, fp32 or bf16 autocast, with no hooks on the
 modules or parameters. :meth:`HandStep.build` returns None for anything else (stacked
-norms, ``dropout_draw="bernoulli"``, torch's norms, another device), which then trains
-through autograd as before.
+norms, ``dropout_draw="bernoulli"``, torch's norms, another device; :meth:`HandStep.refusal`
+says which), which then trains through autograd.
 """
 
 from __future__ import annotations
@@ -36,9 +38,16 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from normlab.accel import kernels, onednn
-from normlab.accel.normdrop import BatchNormDropout, FoldedReLU, GroupNormDropout, dropped_units
+from normlab.accel.normdrop import (
+    BatchNormDropout,
+    FoldedReLU,
+    FusedDropout,
+    GroupNormDropout,
+    MaxPool2x2,
+    dropped_units,
+)
 from normlab.models.dropout import bernoulli_positions_many
-from normlab.models.net import GAP_KERNEL, LAYOUT, POOL_AFTER, MaxPool2x2, Net
+from normlab.models.net import GAP_KERNEL, STAGES, Net
 
 _ATEN = torch.ops.aten  # ops called by overload (``.default``): no overload resolution per call
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
@@ -63,6 +72,8 @@ def _layer(m: nn.Module) -> str | None:
         return "conv" if m.bias is None and m.padding_mode == "zeros" else None
     if type(m) is FoldedReLU:
         return "relu"  # applied by the norm after it
+    if type(m) is FusedDropout:
+        return "dropout"  # applied by the norm before it
     if type(m) is BatchNormDropout and m.relu and m.affine and m.track_running_stats:
         return "bn"
     if type(m) is GroupNormDropout and m.relu and m.affine:
@@ -108,39 +119,66 @@ class HandStep:
     def build(cls, model: nn.Module, precision: str, direct_convs: bool = True
               ) -> HandStep | None:
         """The step for ``model`` trained in ``precision`` ("fp32" or "bf16" autocast), or
-        None where it does not apply (see the module): autograd then trains it. With
-        ``direct_convs`` the convolutions run on primitives kept across steps
+        None where it does not apply (:meth:`refusal` says why): autograd then trains it.
+        With ``direct_convs`` the convolutions run on primitives kept across steps
         (:mod:`normlab.accel.onednn`) wherever those compute torch's numbers."""
-        if type(model) is not Net or not model.training or precision not in ("fp32", "bf16"):
-            return None
-        if _hooked(model) or not all(p.requires_grad and p.device.type == "cpu"
-                                     for p in model.parameters()):
-            return None
-        plan: list[tuple[str, nn.Module | None]] = []
-        for name, *_, is_block in LAYOUT:
-            layers = list(getattr(model, name))
-            kinds = [_layer(m) for m in layers]
-            expected = ["conv", "relu", kinds[2] if len(kinds) > 2 else None] if is_block \
-                else ["conv"]
-            if kinds != expected or None in kinds:
-                return None
-            plan += [(k, m) for k, m in zip(kinds, layers, strict=True) if k != "relu"]
-            if name == POOL_AFTER:
-                if type(model.pool1) is not MaxPool2x2:
-                    return None
-                plan.append(("pool", None))
-            if name == LAYOUT[-2][0]:
-                plan.append(("gap", None))
-        gap = model.gap
-        if (type(gap) is not nn.AvgPool2d or gap.kernel_size != GAP_KERNEL or gap.padding != 0
-                or gap.ceil_mode or not gap.count_include_pad or gap.divisor_override
-                or gap.stride != GAP_KERNEL):
-            return None
-        ps = {m.p for kind, m in plan if kind in ("bn", "gn")}
-        if len(ps) > 1:
+        plan = cls._plan(model, precision)
+        if isinstance(plan, str):
             return None
         return cls(model, plan, torch.bfloat16 if precision == "bf16" else torch.float32,
                    direct_convs)
+
+    @classmethod
+    def refusal(cls, model: nn.Module, precision: str) -> str | None:
+        """Why :meth:`build` returns None for this model, or None where it builds."""
+        plan = cls._plan(model, precision)
+        return plan if isinstance(plan, str) else None
+
+    @staticmethod
+    def _plan(model: nn.Module, precision: str) -> list[tuple[str, nn.Module | None]] | str:
+        """The step's layers, walking the network's own stages (:data:`~normlab.models.net.
+        STAGES`, what ``Net.forward`` walks), or why it takes no step for this model."""
+        if type(model) is not Net or type(model).forward is not Net.forward:
+            return "not normlab's Net (the step knows that network's forward only)"
+        if not model.training:
+            return "the model is in eval mode"
+        if precision not in ("fp32", "bf16"):
+            return f"precision {precision!r}"
+        if _hooked(model):
+            return "a hook is registered on the model, a module or a parameter"
+        if not all(p.requires_grad and p.device.type == "cpu" for p in model.parameters()):
+            return "a parameter is frozen or not on the CPU"
+        plan: list[tuple[str, nn.Module | None]] = []
+        for name in STAGES:
+            stage = getattr(model, name)
+            if name == "pool1":
+                if type(stage) is not MaxPool2x2:
+                    return "the max pooling is torch's (kernels off)"
+                plan.append(("pool", None))
+                continue
+            if name == "gap":
+                if (type(stage) is not nn.AvgPool2d or stage.kernel_size != GAP_KERNEL
+                        or stage.padding != 0 or stage.ceil_mode or not stage.count_include_pad
+                        or stage.divisor_override or stage.stride != GAP_KERNEL):
+                    return "the average pooling is not the seed's"
+                plan.append(("gap", None))
+                continue
+            kinds = [_layer(m) for m in stage]
+            if None in kinds or kinds[:1] != ["conv"] or kinds.count("conv") != 1:
+                odd = next((m for m, k in zip(stage, kinds, strict=True) if k is None), stage)
+                return (f"{name} holds a layer the step does not take: "
+                        f"{type(odd).__name__} (stacked norms, torch's norms, no norm, "
+                        f"nn.Dropout or a norm without affine or running statistics train "
+                        f"through autograd)")
+            if len(kinds) > 1 and (kinds[1:3] not in (["relu", "bn"], ["relu", "gn"])
+                                   or kinds[3:] not in ([], ["dropout"])):
+                return f"{name}'s layers are not Conv -> ReLU -> one norm (-> dropout)"
+            plan += [(k, m) for k, m in zip(kinds, stage, strict=True)
+                     if k not in ("relu", "dropout")]
+        ps = {m.p for kind, m in plan if kind in ("bn", "gn")}
+        if len(ps) > 1:
+            return "the blocks' dropout probabilities differ"
+        return plan
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether the step takes this input: a 4-d fp32 CPU tensor in channels-last (the

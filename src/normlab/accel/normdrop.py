@@ -11,13 +11,15 @@ Where normlab's kernels run the norm (:mod:`normlab.accel.kernels`) they take th
 too: they zero them as they write the output, and their backward reads the gradient as 0
 there, so dropout costs no pass at all, with the same numbers as zeroing copies.
 The modules subclass ``nn.BatchNorm2d`` and ``nn.GroupNorm`` and only add ``p`` (and
-a folded-in ReLU, :func:`fold_relu`), so a network built with them has the seed's
-state-dict keys (a Dropout has none). In eval mode, and at p = 0, each is exactly its norm
-(after the ReLU, where it is folded in); with ``eval_kernels`` an evaluation under
+a folded-in ReLU): :func:`fuse_block` swaps them in for a plain block's norm, sharing its
+parameters and buffers and keeping every setting (or leaving the block as it is), with
+:class:`FusedDropout` and :class:`FoldedReLU` holding the dropout's and the ReLU's places,
+so the network keeps the seed's state-dict keys. In eval mode, and at p = 0, each is
+exactly its norm (after the ReLU, where it is folded in); with ``eval_kernels`` an evaluation under
 ``torch.no_grad`` goes through the kernels (:func:`~normlab.accel.kernels.batch_norm_eval`,
 the training kernel for GroupNorm), which agree with torch's norms to rounding.
 Numerically the folded affine agrees with norm-then-scale to rounding, not bitwise: a run's
-config records which draw it used.
+config.json records the paths it took (:func:`normlab.accel.prepare`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from normlab.accel import kernels
 from normlab.models.dropout import (
+    SparseDropout,
     bernoulli_positions,
     dense_drop_,
     draws_positions,
@@ -63,8 +66,8 @@ class BatchNormDropout(nn.BatchNorm2d):
     """
 
     def __init__(self, channels: int, p: float, relu: bool = False,
-                 eval_kernels: bool = False) -> None:
-        super().__init__(channels)
+                 eval_kernels: bool = False, **settings) -> None:
+        super().__init__(channels, **settings)
         self.p = float(p)
         self.relu = bool(relu)
         self.eval_kernels = bool(eval_kernels)
@@ -128,8 +131,8 @@ class GroupNormDropout(nn.GroupNorm):
     ``relu=True`` as :class:`BatchNormDropout`'s."""
 
     def __init__(self, groups: int, channels: int, p: float, relu: bool = False,
-                 eval_kernels: bool = False) -> None:
-        super().__init__(groups, channels)
+                 eval_kernels: bool = False, **settings) -> None:
+        super().__init__(groups, channels, **settings)
         self.p = float(p)
         self.relu = bool(relu)
         self.eval_kernels = bool(eval_kernels)
@@ -153,32 +156,115 @@ class GroupNormDropout(nn.GroupNorm):
         return _extra_repr(self, super().extra_repr())
 
 
-def fold_relu(layers: list[nn.Module], eval_kernels: bool = False) -> None:
-    """In a block ``[Conv, ReLU, norm, ...]`` whose norm is a BatchNorm or a GroupNorm, move
-    the ReLU into the norm (in place): the norm becomes its ``...Dropout`` module with
-    ``relu=True`` (its dropout, if any, kept) and the ReLU a :class:`FoldedReLU`; with
-    ``eval_kernels`` its evaluation goes through the kernels too (under ``torch.no_grad``).
-    Any other block is left as it is."""
-    if len(layers) < 3 or type(layers[1]) is not nn.ReLU:
-        return
-    norm = layers[2]
-    p = getattr(norm, "p", 0.0)
+class FusedDropout(nn.Identity):
+    """Where a block's dropout was when the norm before it applies it (a
+    :class:`BatchNormDropout` or :class:`GroupNormDropout` with ``p``): the identity,
+    holding the dropout's place in the block."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, applied by the norm before it"
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2, 2)`` by normlab's kernel where it applies (a channels-last CPU
+    tensor: :func:`~normlab.accel.kernels.max_pool_2x2`), torch's elsewhere: the same
+    numbers either way, the kernel's in one pass with a byte per output kept for the
+    backward."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.pool_applies(x):
+            return kernels.max_pool_2x2(x)
+        return super().forward(x)
+
+
+# Attributes a swapped module adds to the module it replaces; every other one must be equal.
+_ADDED = {"p", "relu", "eval_kernels"}
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+def _plain_settings(m: nn.Module) -> dict:
+    return {k: v for k, v in vars(m).items()
+            if not k.startswith("_") and k not in _ADDED and k != "training"}
+
+
+def _swappable(m: nn.Module) -> bool:
+    """Whether ``m`` can be replaced at all: no hooks (a swap would drop them)."""
+    return not any(getattr(m, name, None) for name in _HOOKS)
+
+
+def _fused_norm(norm: nn.Module, p: float, relu: bool, eval_kernels: bool
+                ) -> nn.Module | None:
+    """``norm`` (exactly an ``nn.BatchNorm2d`` or ``nn.GroupNorm``, or an earlier fused
+    one) as its fused module, sharing its parameters and buffers and with every setting
+    the same (eps, momentum, ...); None where it cannot be (no affine or no running
+    statistics: the fused modules fold the dropout's scale into the affine; a hook; another
+    class, whose forward may differ)."""
+    if not _swappable(norm) or not getattr(norm, "affine", False):
+        return None
+    relu = relu or getattr(norm, "relu", False)
     if type(norm) in (nn.BatchNorm2d, BatchNormDropout):
-        layers[2] = BatchNormDropout(norm.num_features, p, relu=True,
-                                     eval_kernels=eval_kernels)
+        if not norm.track_running_stats:
+            return None
+        new = BatchNormDropout(norm.num_features, p, relu=relu, eval_kernels=eval_kernels,
+                               eps=norm.eps, momentum=norm.momentum)
+        buffers = ("running_mean", "running_var", "num_batches_tracked")
     elif type(norm) in (nn.GroupNorm, GroupNormDropout):
-        layers[2] = GroupNormDropout(norm.num_groups, norm.num_channels, p, relu=True,
-                                     eval_kernels=eval_kernels)
+        new = GroupNormDropout(norm.num_groups, norm.num_channels, p, relu=relu,
+                               eval_kernels=eval_kernels, eps=norm.eps)
+        buffers = ()
     else:
-        return
-    layers[1] = FoldedReLU()
+        return None
+    new.weight, new.bias = norm.weight, norm.bias  # the same Parameters: optimizers keep them
+    for name in buffers:
+        setattr(new, name, getattr(norm, name))
+    new.train(norm.training)
+    if _plain_settings(new) != _plain_settings(norm):  # a setting this swap does not know
+        return None
+    return new
 
 
-def with_dropout(norm: nn.Module, p: float) -> nn.Module | None:
-    """``norm`` (a fresh BatchNorm2d or GroupNorm) fused with the dropout after it, or None
-    when it is neither (the caller then appends a separate dropout)."""
-    if type(norm) is nn.BatchNorm2d:
-        return BatchNormDropout(norm.num_features, p)
-    if type(norm) is nn.GroupNorm:
-        return GroupNormDropout(norm.num_groups, norm.num_channels, p)
-    return None
+def fuse_block(block: nn.Sequential, kernels_on: bool, eval_kernels: bool) -> str:
+    """Fuse a conv block ``[Conv, ReLU, norm(s)..., dropout]`` in place (the layers keep
+    their indices, so the state-dict keys stay the seed's): a :class:`SparseDropout` after
+    a BatchNorm or GroupNorm into that norm (its scale folded into the affine, its
+    positions zeroed in the norm's output), and with ``kernels_on`` the ReLU into the first
+    norm (normlab's C kernels then compute ReLU -> norm -> dropout). Returns what was done
+    or why not, in a few words."""
+    layers = list(block)
+    done = []
+    if len(layers) >= 3 and type(layers[-1]) is SparseDropout and layers[-1].p > 0:
+        fused = _fused_norm(layers[-2], layers[-1].p, False, False)
+        if fused is not None:
+            layers[-2], layers[-1] = fused, FusedDropout(layers[-1].p)
+            done.append("dropout fused")
+    if kernels_on and len(layers) >= 3 and type(layers[1]) is nn.ReLU and _swappable(layers[1]):
+        fused = _fused_norm(layers[2], getattr(layers[2], "p", 0.0), True, eval_kernels)
+        if fused is not None:
+            layers[1], layers[2] = FoldedReLU(), fused
+            done.append("ReLU folded")
+    for i, layer in enumerate(layers):
+        if block[i] is not layer:
+            block[i] = layer
+    return ", ".join(done) or "as it is"
+
+
+def fold_pool(model: nn.Module, name: str) -> bool:
+    """Replace ``model.<name>``, an ``nn.MaxPool2d(2, 2)`` with torch's defaults otherwise,
+    by :class:`MaxPool2x2` (the same numbers); whether it did."""
+    pool = getattr(model, name)
+    if type(pool) is not nn.MaxPool2d or not _swappable(pool):
+        return False
+    new = MaxPool2x2()
+    if _plain_settings(new) != _plain_settings(pool):
+        return False
+    new.train(pool.training)
+    setattr(model, name, new)
+    return True

@@ -10,8 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.accel import kernels
-from normlab.accel.normdrop import fold_relu, with_dropout
 from normlab.fields import ConfigError, check_keys, coerce
 from normlab.models.dropout import SparseDropout
 from normlab.models.norms import check_norm, make_norm
@@ -27,14 +25,19 @@ LAYOUT = (
     ("convblock7", 14, 14, 3, 1, True),
     ("convblock8", 14, 10, 1, 0, False),
 )
-POOL_AFTER = "convblock3"
 GAP_KERNEL = 6  # the seed's AvgPool2d(6) on an 8x8 map: it averages the top-left 6x6 window
+# The forward, stage by stage: the submodules it calls in order, then log-softmax. Defined
+# once here: Net.forward walks it, and so does the accelerated step (normlab.accel).
+STAGES = ("convblock1", "convblock2", "convblock3", "pool1",
+          "convblock4", "convblock6", "convblock7", "gap", "convblock8")
 
 
 def default_kernels() -> str:
-    """``"normlab"`` where its C kernel can be compiled (a C compiler is on the PATH),
-    else ``"aten"``."""
-    return "normlab" if kernels.compiler() else "aten"
+    """``"normlab"`` where normlab's C kernels can be compiled (a C compiler is on the
+    PATH), else ``"aten"`` (the acceleration's choice: :mod:`normlab.accel`)."""
+    from normlab.accel.kernels import compiler
+
+    return "normlab" if compiler() else "aten"
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,11 @@ class ModelConfig:
 
     ``dropout_draw`` says how dropout masks are drawn, both in the same distribution (each
     unit dropped independently with probability p, survivors scaled by 1/(1-p)):
-    ``"positions"`` draws only the dropped positions and fuses the dropout into the norm
-    before it (:mod:`normlab.accel.normdrop`; about 20% of a CPU training step saved at
-    p = 0.01); ``"bernoulli"`` is ``nn.Dropout``, one random number per unit, as the seed
-    and normlab 0.1 drew them (a stored config without the field reads as that:
-    ``normlab.training.config.from_stored``).
+    ``"positions"`` draws only the dropped positions (:class:`SparseDropout`; the
+    acceleration fuses it into the norm before it, :mod:`normlab.accel.normdrop`: about
+    20% of a CPU training step saved at p = 0.01); ``"bernoulli"`` is ``nn.Dropout``, one
+    random number per unit, as the seed and normlab 0.1 drew them (a stored config without
+    the field reads as that: ``normlab.training.config.from_stored``).
 
     ``kernels`` says what computes a block's ReLU -> norm (-> dropout), for BatchNorm and
     GroupNorm (so LN and IN): ``"normlab"`` folds the ReLU into the norm and, for
@@ -234,53 +237,28 @@ class Net(nn.Module):
         self.config = cfg
         for name, c_in, c_out, kernel, padding, is_block in LAYOUT:
             layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False)]
-            if is_block:
+            if is_block:  # Conv -> ReLU -> norm(s) -> Dropout, as the seed's blocks
                 layers.append(nn.ReLU())
                 layers += [make_norm(n, c_out, cfg.groups) for n in cfg.norms if n != "none"]
                 if cfg.dropout > 0:
-                    layers += _dropout(layers, cfg)
-                if cfg.kernels == "normlab":
-                    fold_relu(layers, eval_kernels=cfg.eval_kernels == "normlab")
+                    layers.append(make_dropout(cfg))
             setattr(self, name, nn.Sequential(*layers))
-            if name == POOL_AFTER:
-                self.pool1 = MaxPool2x2() if cfg.kernels == "normlab" else nn.MaxPool2d(2, 2)
+        self.pool1 = nn.MaxPool2d(2, 2)
         self.gap = nn.AvgPool2d(GAP_KERNEL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name, *_ in LAYOUT[:-1]:
+        for name in STAGES:
             x = getattr(self, name)(x)
-            if name == POOL_AFTER:
-                x = self.pool1(x)
-        x = self.gap(x)
-        x = self.convblock8(x)
         return F.log_softmax(x.flatten(1), dim=-1)
 
 
-class MaxPool2x2(nn.MaxPool2d):
-    """``nn.MaxPool2d(2, 2)`` by normlab's kernel where it applies (a channels-last CPU
-    tensor: :func:`~normlab.accel.kernels.max_pool_2x2`), torch's elsewhere: the same
-    numbers either way, the kernel's in one pass with a byte per output kept for the
-    backward."""
-
-    def __init__(self) -> None:
-        super().__init__(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.pool_applies(x):
-            return kernels.max_pool_2x2(x)
-        return super().forward(x)
-
-
-def _dropout(layers: list[nn.Module], cfg: ModelConfig) -> list[nn.Module]:
-    """The dropout after a block's last layer: nn.Dropout, or (positions) fused into the
-    norm before it, replacing ``layers[-1]``, or a separate SparseDropout."""
+def make_dropout(cfg: ModelConfig) -> nn.Module:
+    """A block's dropout: :class:`SparseDropout` (``dropout_draw="positions"``: only the
+    dropped positions drawn) or ``nn.Dropout`` (``"bernoulli"``, as the seed), both
+    dropping each unit with probability ``cfg.dropout``."""
     if cfg.dropout_draw == "bernoulli":
-        return [nn.Dropout(cfg.dropout)]
-    fused = with_dropout(layers[-1], cfg.dropout)
-    if fused is None:
-        return [SparseDropout(cfg.dropout)]
-    layers[-1] = fused
-    return []
+        return nn.Dropout(cfg.dropout)
+    return SparseDropout(cfg.dropout)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +22,17 @@ PRECISIONS = ("fp32", "bf16")
 REGULARIZER_KEYS = ("l1", "l1_scope", "weight_decay")
 
 
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below which it computes no bf16 natively
+_NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), where oneDNN's bf16
-    convolutions are fast; elsewhere bf16 is emulated and slower than fp32."""
+    convolutions are fast; elsewhere bf16 is emulated and slower than fp32. A cap set by
+    ``ONEDNN_MAX_CPU_ISA`` below AVX512-BF16 counts as the CPU (the dispatch another host
+    gets, forced on this one)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
+        return False
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch >= 2.2
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -60,9 +69,23 @@ class RunConfig:
     # grid_sample, as normlab 0.4 and before did); they may pick another neighbour for a
     # pixel whose source is within float32 rounding of a half-way point
     augment: str = field(default_factory=default_kernels)
+    # "on": the step normlab.accel prepares (the same numbers as autograd on the same
+    # modules; the kernels as ModelConfig.kernels says); "off": the plain model through
+    # autograd with torch's norms and augmentation (kernels, eval_kernels and augment
+    # become "aten"). A stored config without the field (0.8 and before) reads as "on".
+    accel: str = "on"
 
     def __post_init__(self) -> None:
+        from normlab.accel import ACCEL
         from normlab.data import DATASETS
+
+        if self.accel not in ACCEL:
+            raise ConfigError("accel", f"accel must be one of {', '.join(ACCEL)}, "
+                                       f"got {self.accel!r}")
+        if self.accel == "off":
+            object.__setattr__(self, "augment", "aten")
+            object.__setattr__(self, "model", dataclasses.replace(
+                self.model, kernels="aten", eval_kernels="aten"))
 
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", f"unknown dataset {self.dataset!r}; "
@@ -97,6 +120,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
+        if self.accel == "on":  # written only when off: the format 0.8 and before wrote
+            del data["accel"]
         return data
 
     @classmethod
@@ -124,7 +149,7 @@ class RunConfig:
         """A config from ``normlab train``'s options, flat, as the command line and
         ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
         ``dropout_draw``, ``kernels``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``,
-        ``seed``, ``subset``, ``precision``, ``augment``) and any field of the named
+        ``seed``, ``subset``, ``precision``, ``augment``, ``accel``) and any field of the named
         ``protocol`` (``epochs``, ``lr``, ...). An option given as None keeps its default."""
         run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)
                                    if f.name not in ("model", "protocol"))]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.accel import kernels
-from normlab.accel.handstep import HandStep
+from normlab import accel
+from normlab.accel import autocast, kernels
 from normlab.models import ModelConfig
 from normlab.training.augment import to_input
 
@@ -67,11 +67,6 @@ def _layout(model: nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def autocast(device: torch.device, precision: str):
-    """The forward pass's precision: bf16 autocast, or (fp32) nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def l1_parameters(model: nn.Module, scope: str) -> list[torch.Tensor]:
     if scope == "conv":
         return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -116,14 +111,16 @@ def train_one_epoch(
     on_step: Callable[[int], None] | None = None,
     precision: str = "fp32",
     augment: str = "aten",
+    step: accel.Step | None = None,
     hand_step: bool = True,
 ) -> dict[str, float]:
     """Train for one epoch; returns mean train loss (NLL), accuracy %, L1 term, seconds.
 
-    With ``hand_step`` a network :class:`~normlab.accel.handstep.HandStep` takes (the
-    seed's network on normlab's kernels, on a CPU) trains without autograd: the same
-    numbers, bit for bit, faster. ``hand_step=False`` trains everything through autograd
-    (for benchmarks and the tests that compare the two).
+    ``step`` computes each batch's loss and gradients: the one :func:`normlab.accel.prepare`
+    gave for this model (a run prepares it once). Without it one is prepared for the model
+    as it is (no module swapped): by hand where the step takes the model (the same numbers
+    as autograd, bit for bit, faster), else through autograd; ``hand_step=False`` trains
+    everything through autograd (for benchmarks and the tests that compare the two).
 
     ``augment`` says what rotates and normalises the training images on a CPU: ``"aten"``
     (:func:`~normlab.training.augment.to_input`, torch's ops) or ``"normlab"`` (the C
@@ -150,8 +147,9 @@ def train_one_epoch(
     predicted = torch.empty(n, device=device, dtype=torch.long)
     l1_sum = torch.zeros((), device=device)
     in_c = augment == "normlab" and device.type == "cpu" and bool(rotation)
-    by_hand = HandStep.build(model, precision) if hand_step else None
-    for step, begin in enumerate(range(0, n, batch_size)):
+    if step is None:
+        step = accel.prepare(model, None, precision, enabled=hand_step)
+    for i, begin in enumerate(range(0, n, batch_size)):
         idx = order[begin : begin + batch_size]
         if in_c:
             x = kernels.rotate_normalize(data.images, idx, angles[idx], data.mean, data.std)
@@ -160,14 +158,7 @@ def train_one_epoch(
             x = to_input(data.images[idx], data.mean, data.std,
                          angles[idx] if rotation else None, memory_format=layout)
         y = data.labels[idx]
-        if by_hand is not None and by_hand.applies(x):
-            loss, out = by_hand(x, y)  # bitwise what the lines below compute (.grad set)
-        else:
-            with autocast(device, precision):
-                out = model(x)
-            loss = F.nll_loss(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        loss, out = step(x, y)  # the forward, the loss and its backward (.grad set)
         total = loss.detach()
         if l1:  # loss + l1 * sum|w|, its gradient added by hand (the same bits, faster)
             with torch.no_grad():
@@ -178,9 +169,9 @@ def train_one_epoch(
         optimizer.step()
         if step_scheduler is not None:
             step_scheduler.step()
-        losses[step] = loss.detach()
+        losses[i] = loss.detach()
         if l1:
-            totals[step] = total
+            totals[i] = total
         predicted[begin : begin + len(idx)] = out.argmax(1)
         if on_step is not None:
             on_step(begin + len(idx))

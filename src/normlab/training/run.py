@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from normlab import __version__
+from normlab import __version__, accel
 from normlab.accel import kernels
 from normlab.memory import allocator, keep_freed_memory
 from normlab.training.config import RunConfig, continue_hint
@@ -145,7 +145,8 @@ def train(
         torch.set_num_threads(threads)
     keep_freed_memory()
     dev = resolve_device(device)
-    if "normlab" in (config.model.kernels, config.augment) and dev.type == "cpu":
+    if ("normlab" in (config.model.kernels, config.augment) and dev.type == "cpu"
+            and config.accel == "on"):
         kernels.library()  # built now: a run that cannot have it fails before it starts
     with run.lock():
         result = _train_locked(config, run, dev, tensorboard, data, listener, name, until)
@@ -193,6 +194,8 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
     torch.manual_seed(config.seed)
     layout = memory_format(dev, torch.get_num_threads(), config.model)
     model = config.make_model().to(dev, memory_format=layout)
+    # the acceleration: its modules swapped in (sharing the parameters), its step
+    step = accel.prepare(model, config.model, config.precision, enabled=config.accel == "on")
     opt, per_epoch, per_step = make_optimizer(model, config, steps_per_epoch)
     covered = l1_parameters(model, config.l1_scope)
     history: list[dict] = []
@@ -221,8 +224,9 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
             model, train_data, opt, seed=config.seed, epoch=epoch, batch_size=p.batch_size,
             rotation=p.rotation, l1=config.l1, l1_params=covered, step_scheduler=per_step,
             on_step=_step_events(listener, name, epoch, len(train_data), p.batch_size),
-            precision=config.precision, augment=config.augment,
+            precision=config.precision, augment=config.augment, step=step,
         )
+        run.record_paths(step.paths())  # config.json says which paths the steps took
         if per_epoch is not None:
             per_epoch.step()
         te = evaluate(model, test_data, p.eval_batch_size, predictions=True,

@@ -180,6 +180,13 @@ class RunDir:
     def write_config(self, config: RunConfig, meta: dict[str, Any]) -> None:
         write_json(self.file(CONFIG), {"run": config.to_dict(), **meta})
 
+    def record_paths(self, paths: dict[str, Any]) -> None:
+        """Write the acceleration paths the run's steps took (:meth:`normlab.accel.Step.
+        paths`) into config.json, beside the config (not part of what resume compares)."""
+        stored = self.stored()
+        if stored is not None and stored.get("paths") != paths:
+            write_json(self.file(CONFIG), {**stored, "paths": paths})
+
     def write_metrics(self, history: list[dict]) -> None:
         write_text(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in history))
 

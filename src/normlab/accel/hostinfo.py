@@ -1,0 +1,103 @@
+"""What each acceleration path would be on this host, and why (``normlab info``).
+
+It looks (CPU features, the C compiler, torch's oneDNN and its symbol table), then tries:
+it builds the kernels, and trains one step of the seed's network (BatchNorm, batch 64) in
+each precision through :func:`normlab.accel.prepare`, reporting the paths it took.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "asimd", "sve")
+FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NORMLAB_MARCH", "CC")
+
+
+def cpu() -> tuple[str, list[str]]:
+    """The CPU's model name and which of :data:`FEATURES` it has (Linux's /proc/cpuinfo)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine()):
+                name = value.strip()
+            if key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return name, [f for f in FEATURES if f in flags]
+
+
+def _step_paths(precision: str) -> str:
+    from normlab.accel import kernels, prepare
+    from normlab.models import ModelConfig, Net
+
+    torch.manual_seed(0)
+    config = ModelConfig(norms=("bn",))
+    model = Net.from_config(config).to(memory_format=torch.channels_last)
+    step = prepare(model, config, precision)
+    x = torch.randn(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    step(x, torch.randint(0, 10, (64,)))
+    paths = step.paths()
+    convs = next(iter(paths.get("onednn_convs", {}).values()), "0/7")
+    text = f"{paths['step']} step; norms: {paths['norms']}; convolutions on kept oneDNN " \
+           f"primitives: {convs}"
+    if paths.get("why_autograd"):
+        text += f" (autograd: {paths['why_autograd']})"
+    if step.hand is not None and kernels.compiler():
+        layers = next(iter(step.hand._layers.values()), [])
+        impls = sorted({layer.impl()[0] for layer in layers if layer is not None})
+        if impls:
+            text += f"; oneDNN implementations: {', '.join(impls)}"
+    return text
+
+
+def describe() -> list[tuple[str, str]]:
+    """(path, what it is here and why) lines."""
+    from normlab.accel import kernels, onednn
+    from normlab.training.config import default_precision
+
+    name, features = cpu()
+    have = " ".join(features) or "none of " + ", ".join(FEATURES)
+    lines = [("cpu", f"{name} ({platform.machine()}); features: {have}"),
+             ("torch", f"{torch.__version__}; ATen CPU capability "
+                       f"{torch.backends.cpu.get_cpu_capability()}; "
+                       f"{torch.get_num_threads()} threads")]
+    forced = [f"{k}={os.environ[k]}" for k in FORCING if k in os.environ]
+    if forced:
+        lines.append(("forced", " ".join(forced)))
+    precision = default_precision()
+    lines.append(("precision", f"{precision} by default ("
+                  + ("this CPU computes bf16 natively: AMX or AVX512-BF16" if precision == "bf16"
+                     else "no native bf16 here (AMX or AVX512-BF16): fp32") + ")"))
+    cc = kernels.compiler()
+    if cc is None:
+        lines.append(("kernels", "torch's ReLU and norms: no C compiler on the PATH "
+                                 "(install gcc for normlab's kernels)"))
+    else:
+        try:
+            kernels.library()
+            lines.append(("kernels", f"normlab's C kernels, built by {cc} with "
+                                     f"-march={kernels.march()} in {kernels.cache_dir()}"))
+        except kernels.KernelUnavailable as err:
+            lines.append(("kernels", f"torch's norms: {str(err).splitlines()[0]}"))
+    if not torch.backends.mkldnn.is_available():
+        lines.append(("oneDNN", "torch was built without oneDNN: torch's convolutions"))
+    elif not torch.backends.mkldnn.enabled:
+        lines.append(("oneDNN", "torch's oneDNN is turned off: torch's convolutions"))
+    elif onednn.api() is None:
+        lines.append(("oneDNN", "torch's oneDNN C API not found in libtorch_cpu's symbol "
+                                "table (or no C compiler): torch's convolutions"))
+    else:
+        lines.append(("oneDNN", f"torch's own oneDNN through {onednn.torch_library().name}'s "
+                                "symbol table; each layer checked against torch when made"))
+    for p in dict.fromkeys((precision, "fp32")):
+        try:
+            lines.append((f"step {p}", _step_paths(p)))
+        except Exception as err:  # report, don't fail: this is a diagnosis
+            lines.append((f"step {p}", f"failed: {type(err).__name__}: {err}"))
+    return lines
