@@ -1,9 +1,11 @@
 """Two builds of ``kernels.c`` side by side: the same numbers (bit for bit), and which is
-faster. For changes to the C kernels that must not change a run.
+faster. For changes to the C kernels that must not change a run, and for the builds other
+CPUs get (``--march-a``, ``--march-b``: one of ``kernels.MARCHES``).
 
-Each revision's ``src/normlab/models/kernels.c`` (``git show REV:...``; ``WORKTREE`` for
-the file as it is now) is compiled with normlab's flags into a temporary folder and loaded
-in turn in this process. Both builds get the same inputs: BatchNorm and GroupNorm (1, 2
+Each revision's ``src/normlab/accel/kernels.c`` (``git show REV:...``; ``WORKTREE`` for
+the file as it is now) is compiled with normlab's flags for its ``-march`` (default
+``$NORMLAB_MARCH``, else ``native``) into a temporary folder and loaded in turn in this
+process. Both builds get the same inputs: BatchNorm and GroupNorm (1, 2
 and C groups) forward and backward, with and without the folded ReLU and a dropout's
 positions (sorted, as normlab draws them, and shuffled), the eval-mode BatchNorm and the
 2x2 max pooling, fp32 and bf16, in shapes of the seed's network and odd ones (a partial
@@ -17,6 +19,10 @@ alternating, median of ``--rounds``.
 
     python benchmarks/kernels_ab.py HEAD WORKTREE
     python benchmarks/kernels_ab.py 961a7c5 HEAD --rounds 9
+    python benchmarks/kernels_ab.py HEAD HEAD --march-a x86-64 --march-b native
+
+:func:`outputs` and :func:`differing` are also what tests/test_dispatch.py compares the
+builds for every ``-march`` with.
 """
 
 from __future__ import annotations
@@ -36,30 +42,33 @@ from normlab.accel import kernels
 from normlab.models.dropout import bernoulli_positions
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = "src/normlab/models/kernels.c"
+SOURCE = "src/normlab/accel/kernels.c"
 SHAPES = [(4, 8, 26, 26), (3, 16, 24, 24), (5, 12, 10, 10), (2, 14, 8, 8), (3, 3, 5, 7),
           (2, 24, 3, 3), (7, 14, 1, 1)]
 NET = [(64, 8, 26, 26), (64, 16, 24, 24), (64, 12, 10, 10), (64, 14, 8, 8), (64, 14, 8, 8)]
 
 
-def compile_revision(rev: str, folder: Path) -> Path:
-    source = folder / f"{rev.replace('/', '_')}.c"
+def compile_revision(rev: str, folder: Path, arch: str | None = None,
+                     name: str | None = None) -> Path:
+    """``rev``'s kernels.c built for ``arch`` (default :func:`kernels.march`) as
+    ``folder/name.so``."""
+    source = folder / f"{name or rev.replace('/', '_')}.c"
     if rev == "WORKTREE":
         source.write_bytes((ROOT / SOURCE).read_bytes())
     else:
         source.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{SOURCE}"],
                                           check=True, capture_output=True).stdout)
     target = source.with_suffix(".so")
-    subprocess.run([kernels.compiler(), *kernels.flags(), "-o", str(target), str(source), "-lm"],
-                   check=True)
+    subprocess.run([kernels.compiler(), *kernels.flags(arch), "-o", str(target), str(source),
+                    "-lm"], check=True)
     return target
 
 
 def use(library: Path) -> None:
-    """Load ``library`` as normlab's kernels (kernels.py's signatures, its cache reset)."""
-    kernels.library.cache_clear()
+    """Load ``library`` as normlab's kernels (kernels.py's signatures, its caches reset)."""
+    kernels.library_for.cache_clear()
     kernels._function.cache_clear()
-    kernels.build = lambda cc=None: library
+    kernels.build = lambda cc=None, source=None, arch=None: library
 
 
 def outputs(seed: int) -> list[torch.Tensor]:
@@ -114,6 +123,13 @@ def raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype != torch.uint8 else t
 
 
+def differing(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[int]:
+    """The indices of the outputs that are not the same bit for bit (NaNs as one)."""
+    assert len(a) == len(b)
+    return [i for i, (x, y) in enumerate(zip(a, b, strict=True))
+            if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(raw(x), raw(y))]
+
+
 def step_seconds(rounds_of: int = 200) -> float:
     """Seconds of the network's five ReLU -> BatchNorm layers, forward and backward."""
     layers = []
@@ -142,17 +158,19 @@ def main() -> None:
     parser.add_argument("a", help="a git revision, or WORKTREE")
     parser.add_argument("b", help="a git revision, or WORKTREE")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--march-a", choices=kernels.MARCHES, help="A's -march")
+    parser.add_argument("--march-b", choices=kernels.MARCHES, help="B's -march")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        builds = {name: compile_revision(rev, Path(tmp))
-                  for name, rev in (("A", args.a), ("B", args.b))}
+        builds = {name: compile_revision(rev, Path(tmp), arch, name)
+                  for name, rev, arch in (("A", args.a, args.march_a),
+                                          ("B", args.b, args.march_b))}
         results = {}
         for name, library in builds.items():
             use(library)
             results[name] = [t for seed in range(4) for t in outputs(seed)]
-        different = [i for i, (a, b) in enumerate(zip(results["A"], results["B"], strict=True))
-                     if not torch.equal(raw(a), raw(b))]
+        different = differing(results["A"], results["B"])
         print(f"{len(results['A'])} outputs compared: "
               + ("bit for bit the same (NaNs as one)" if not different
                  else f"{len(different)} DIFFER (first: {different[:8]})"))
@@ -164,7 +182,8 @@ def main() -> None:
             print(f"round {r}: A {1e3 * times['A'][-1]:.3f} ms, B {1e3 * times['B'][-1]:.3f} ms",
                   flush=True)
     a, b = statistics.median(times["A"]), statistics.median(times["B"])
-    print(f"A: {args.a}  B: {args.b}")
+    print(f"A: {args.a} (-march={args.march_a or kernels.march()})  "
+          f"B: {args.b} (-march={args.march_b or kernels.march()})")
     print(f"median, five ReLU -> BatchNorm layers forward + backward (batch 64, bf16): "
           f"A {1e3 * a:.3f} ms, B {1e3 * b:.3f} ms; A/B = {a / b:.3f}")
     if different:
