@@ -19,9 +19,10 @@ import statistics
 
 import torch
 
+from normlab.accel import accelerated_net
 from normlab.data import load_dataset
 from normlab.memory import keep_freed_memory
-from normlab.models import ModelConfig, Net
+from normlab.models import ModelConfig
 from normlab.training.config import default_precision
 from normlab.training.engine import TensorData, evaluate
 
@@ -42,7 +43,7 @@ def main() -> None:
           f"{args.rounds} rounds")
     for norm in args.norm:
         torch.manual_seed(1)
-        models = {side: Net.from_config(ModelConfig(norms=(norm,), kernels="normlab",
+        models = {side: accelerated_net(ModelConfig(norms=(norm,), kernels="normlab",
                                                     eval_kernels=side))
                   for side in SIDES}
         models["normlab"].load_state_dict(models["aten"].state_dict())

@@ -64,10 +64,15 @@ class Variant:
 
 def replace_dropout(model: nn.Module, fold: bool) -> nn.Module:
     """Swap the ``nn.Dropout`` layers of ``model``'s Sequentials, in place: for the norm
-    fused with its dropout (``normlab.accel.normdrop.with_dropout``: the 1/(1-p) scale
-    folded into the norm's affine, positions zeroed in place) where a BatchNorm2d or a
-    GroupNorm precedes it and ``fold``, else for ``SparseDropout``."""
-    from normlab.accel.normdrop import with_dropout
+    fused with its dropout (as ``normlab.accel.normdrop.fuse_block`` fuses them: the
+    1/(1-p) scale folded into the norm's affine, positions zeroed in place) where a
+    BatchNorm2d or a GroupNorm precedes it and ``fold``, else for ``SparseDropout``."""
+    from normlab.accel.normdrop import fuse_block
+
+    def with_dropout(norm: nn.Module, p: float) -> nn.Module | None:
+        block = nn.Sequential(nn.Identity(), nn.Identity(), norm, SparseDropout(p))
+        fuse_block(block, kernels_on=False, eval_kernels=False)
+        return None if block[2] is norm else block[2]
 
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
@@ -113,7 +118,10 @@ def build_model(v: Variant, seed: int = 1) -> nn.Module:
         model = StackedNet([seed_net(0.0 if v.dropout == "off" else 0.01)
                             for _ in range(v.models)])
     elif v.dropout == "default":
-        model = Net(dropout_value=0.01)  # normlab's Net as the working tree builds it
+        from normlab.accel import accelerated_net
+        from normlab.models import ModelConfig
+
+        model = accelerated_net(ModelConfig())  # the working tree's Net as it trains
     else:
         model = seed_net(0.0 if v.dropout == "off" else 0.01)
     if v.dropout in ("sparse", "fold"):

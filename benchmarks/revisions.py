@@ -49,6 +49,12 @@ model = config.make_model().to(memory_format=memory_format(torch.device("cpu"), 
                                                            config.model))
 opt, _, _ = make_optimizer(model, config, steps)
 extra = {"augment": config.augment} if hasattr(config, "augment") else {}
+try:  # 0.9 and after: the model is plain, the acceleration prepares its step
+    from normlab import accel
+    extra["step"] = accel.prepare(model, config.model, config.precision,
+                                  enabled=config.accel == "on")
+except ImportError:  # before: the model was built accelerated
+    pass
 if config.l1:
     extra.update(l1=config.l1, l1_params=l1_parameters(model, config.l1_scope))
 for part in (warm, data):
