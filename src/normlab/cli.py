@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("normlab.training.cli", "train one model into a resumable run directory"),
     "suite": ("normlab.experiments.cli", "run a suite of variants x seeds, then write its report"),
     "report": ("normlab.reports.cli", "(re)build the report of a suite's run directories"),
+    "track": ("normlab.tracking.cli", "push a suite's (or a run's) folder to W&B, MLflow or "
+                                      "TensorBoard"),
     "sheet": ("normlab.workbook.cli", "write the xlsx workbook that computes BN/LN/GN/IN"),
     "info": ("normlab.accel.cli", "say what each acceleration path would be on this host"),
 }

@@ -180,5 +180,5 @@ def run(args: argparse.Namespace) -> int:
         check_out(suite, out, seeds)
         return 0
     run_suite(suite, out, seeds, executor=executor, device=args.device, threads=args.threads,
-              quiet=args.quiet, jobs=args.jobs)
+              quiet=args.quiet, jobs=args.jobs, track=args.track)
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from normlab.experiments.executors import (
@@ -31,6 +31,7 @@ from normlab.experiments.progress import ConsoleProgress, duration
 from normlab.experiments.suite import Suite
 from normlab.files import write_json
 from normlab.reports.stats import fmt_mean_std
+from normlab.tracking import check_trackers, suite_tracking
 from normlab.training.events import Listener
 from normlab.training.run import resolve_device
 from normlab.training.rundir import TIMING_FIELDS, RunDir
@@ -73,13 +74,16 @@ def run_suite(
     quiet: bool = False,
     listener: Listener | None = None,
     log: Callable[[str], None] | None = None,
+    track: str | Sequence[str] | None = None,
 ) -> Path:
     """Train every run of ``suite`` that is not finished, then build the report.
 
     ``out`` defaults to runs/<suite name>; ``seeds`` overrides the suite's. The executor
     defaults to :func:`make_executor` (``jobs`` runs at a time, ``device``, ``threads``).
-    Progress goes to ``listener`` (default: the console). Returns the report's path.
-    Everything is checked before the first run trains.
+    Progress goes to ``listener`` (default: the console), and to the trackers ``track``
+    names ("wandb", "mlflow", "tensorboard": :mod:`normlab.tracking`), which also get the
+    runs finished before. Returns the report's path. Everything is checked before the first
+    run trains.
     """
     out = Path(out) if out is not None else default_out(suite)
     seeds = list(seeds or suite.seeds)
@@ -88,6 +92,7 @@ def run_suite(
     executor = executor or make_executor(jobs, device, threads, sum(r.to_train for r in runs))
     check_conflicts(runs)
     data_manifest, kept = merged_manifest(out, suite, seeds)
+    check_trackers(track)  # a missing package fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MANIFEST, data_manifest)
 
@@ -95,6 +100,8 @@ def run_suite(
     console = ConsoleProgress(heads, sum(r.epochs_left for r in runs), quiet=quiet,
                               splits_runs=executor.splits_runs)
     listener = listener or console
+    tracking = suite_tracking(track, suite, out, runs, listener)  # it passes events on
+    listener = tracking or listener
     say = log or (lambda text: print(text, flush=True))
     if kept:
         say(f"{out / MANIFEST} keeps seeds {', '.join(map(str, kept))} of an earlier invocation")
@@ -103,12 +110,16 @@ def run_suite(
             say(f"{heads[r.rel]}: skipped ({r.state})")
     to_train = [r for r in runs if r.to_train]
     try:
+        if tracking is not None:  # the runs finished before: in the trackers too
+            tracking.sync(r.rel for r in runs if not r.to_train)
         outcomes = executor.execute([r.job for r in to_train], listener)
     except KeyboardInterrupt:
         console.close()
         say(f"stopped: {what_is_kept(runs)}; rerun the same command to continue")
         raise
     finally:
+        for line in tracking.close() if tracking is not None else []:
+            say(line)
         console.close()
 
     from normlab.reports import build_report

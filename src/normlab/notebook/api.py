@@ -55,7 +55,8 @@ def run_suite(suite: str | Path | Suite, out: str | Path | None = None,
               seeds: int | list[int] | None = None, *, subset: int | None = None,
               epochs: int | None = None, jobs: int = 1, device: str = "auto",
               threads: int | None = None, progress: bool | Listener = True, executor=None,
-              images: ImageLoader | None = None) -> Results:
+              images: ImageLoader | None = None,
+              track: str | list[str] | None = None) -> Results:
     """Train every unfinished run of ``suite`` (a bundled name such as ``"s6"``, a .toml
     path, or a :class:`~normlab.experiments.Suite`) into ``out`` (default runs/<name>), build
     its report, and return its :class:`Results`.
@@ -63,6 +64,8 @@ def run_suite(suite: str | Path | Suite, out: str | Path | None = None,
     ``seeds``: a count K (seeds 1..K) or a list, instead of the suite's. ``subset`` and
     ``epochs`` resize every variant (see :func:`resize`). ``jobs`` runs train at once in
     worker processes. ``progress``: tqdm.auto bars (True), nothing (False) or your listener.
+    ``track``: "wandb", "mlflow" and/or "tensorboard" (a name or a list) also log every run
+    there (:mod:`normlab.tracking`; W&B offline unless WANDB_MODE says otherwise).
 
     Interrupting the kernel stops it cleanly: every completed epoch is kept, and running the
     cell again continues where it stopped (finished runs are not retrained).
@@ -94,7 +97,10 @@ def run_suite(suite: str | Path | Suite, out: str | Path | None = None,
                                             sum(not r.to_train for r in planned)),
                    lambda: f"{what_is_kept(planned)} in {out}") as listener:
         run(suite, out, seeds, executor=executor, device=device, threads=threads, jobs=jobs,
-            listener=listener, log=say)
+            listener=listener, log=say, track=track)
+    for line in log:
+        if line.startswith(("W&B:", "MLflow:", "TensorBoard:")):
+            print(line)  # where the tracked runs are
     results = Results(out, images=images)
     results.log = log
     return results
@@ -113,7 +119,7 @@ def load_results(folder: str | Path, *, images: ImageLoader | None = None) -> Re
 def train(out: str | Path | None = None, *, protocol: str = "seed",
           config: RunConfig | None = None, device: str = "auto", threads: int | None = None,
           progress: bool | Listener = True, images: ImageLoader | None = None,
-          **options: Any) -> Run:
+          track: str | list[str] | None = None, **options: Any) -> Run:
     """Train one run into ``out`` and return it as a :class:`Run`.
 
     The ``options`` are ``normlab train``'s: ``norm`` (bn, gn, ln, in, none), ``groups``,
@@ -123,8 +129,10 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
     defaults (the seed's BN model and protocol). Or pass a whole ``config``.
     ``out`` defaults to runs/train/<norm>-seed<k>-<a hash of the config>, so running the
     same cell again resumes (or finds finished) the same run, and another config gets its
-    own folder. Interrupting the kernel keeps every completed epoch.
+    own folder. Interrupting the kernel keeps every completed epoch. ``track``: as for
+    :func:`run_suite`.
     """
+    from normlab.tracking import Tracking, check_trackers
     from normlab.training.run import train as train_run
 
     given = [k for k, v in options.items() if v is not None]  # None: not given
@@ -140,7 +148,14 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
 
     name = str(out)
     head = f"{default_label(config)}, seed {config.seed}"
+    check_trackers(track)
     with _watching(progress, lambda: NotebookProgress({name: head}),
                    lambda: f"{len(RunDir(out).metrics())} epochs are kept in {out}") as listener:
-        train_run(config, out, device=device, threads=threads, listener=listener, name=name)
+        tracking = Tracking(track, listener) if track else None
+        try:
+            train_run(config, out, device=device, threads=threads,
+                      listener=tracking or listener, name=name)
+        finally:
+            for line in tracking.close() if tracking else []:
+                print(line)
     return Run(out, images=images)

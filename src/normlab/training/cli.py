@@ -41,6 +41,24 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    add_track_arguments(parser)
+
+
+def add_track_arguments(parser: argparse.ArgumentParser) -> None:
+    """--track (repeatable), and --tensorboard as the old name of --track tensorboard."""
+    from normlab.tracking.consumer import TRACKERS
+
+    group = parser.add_argument_group("tracking")
+    group.add_argument("--track", action="append", choices=TRACKERS, default=None,
+                       metavar="TRACKER",
+                       help="also log every run to wandb (offline unless WANDB_MODE says "
+                            "otherwise; `wandb sync` uploads later), mlflow "
+                            "($MLFLOW_TRACKING_URI, else MLflow's default store in this "
+                            "folder: `mlflow ui` shows it) or tensorboard (the run's "
+                            "tensorboard/ folder); repeatable; needs pip install "
+                            "'normlab[wandb]' (mlflow, tensorboard)")
+    group.add_argument("--tensorboard", dest="track", action="append_const",
+                       const="tensorboard", help="the same as --track tensorboard")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -79,9 +97,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
             proto.add_argument(flag, dest=f"p_{f.name}", type=kind, default=None,
                                metavar=kind.__name__.upper())
     add_run_arguments(parser)
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also write TensorBoard scalars and a misclassified grid "
-                             "(needs: pip install 'normlab[tensorboard]')")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -98,15 +113,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     from normlab.experiments.progress import ConsoleProgress
+    from normlab.tracking import Tracking
     from normlab.training.run import train
 
     console = ConsoleProgress(quiet=args.quiet)
+    tracking = Tracking(args.track, console) if args.track else None
     try:
         result = train(
             config_from_args(args), args.out, device=args.device, threads=args.threads,
-            tensorboard=args.tensorboard, listener=console,
+            listener=tracking or console,
         )
     finally:
+        for line in tracking.close() if tracking else []:
+            console.line(line)
         console.close()
     if result.skipped:
         print(f"{args.out}: already finished ({len(result.history)} epochs); nothing to do")

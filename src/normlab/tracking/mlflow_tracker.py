@@ -1,0 +1,254 @@
+"""MLflow: one MLflow run per normlab run, under a parent run per suite.
+
+The store is MLflow's own choice: $MLFLOW_TRACKING_URI when set, else MLflow's default in
+the current folder (since MLflow 3.7 a SQLite file, ``mlflow.db``, with the artifacts in
+``mlruns/``; MLflow 3.17 refuses its older ``./mlruns`` file store unless
+MLFLOW_ALLOW_FILE_STORE=true, which is then respected too). ``mlflow ui`` started in the same
+folder shows the runs. The experiment is $MLFLOW_EXPERIMENT_NAME (or _ID) when set, else the
+suite's name ("normlab" for a single run).
+
+A run gets the RunConfig as params (dotted keys: ``model.norm``, ``protocol.lr``), its
+suite, variant and seed as tags, every metric of metrics.jsonl per epoch (step = epoch),
+and at the end the final metrics and the report's figures as artifacts
+(``figures/misclassified.png``, ``figures/confusion_matrix.png``). The store itself says
+what a resumed run already holds: the run is found again by its tag
+``normlab.run_key`` (its id is also kept in tracking.json), and its metric history gives
+the epochs logged, so a run interrupted at any point (kill -9 included) is continued with
+no epoch twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from normlab import __version__
+from normlab.tracking.consumer import (
+    STATE,
+    Handle,
+    RunInfo,
+    Tracker,
+    epoch_metrics,
+    final_metrics,
+    flat_config,
+    run_config,
+)
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+
+def key_of(path: Path) -> str:
+    """A tag value that names a folder (search filters need no quoting of it)."""
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:20]
+
+
+def _quiet(names=("mlflow.store.db.utils", "alembic")) -> None:
+    """MLflow's lines about setting up its database would interleave with the progress."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level in (logging.NOTSET, logging.INFO):
+            logger.setLevel(logging.WARNING)
+
+
+class MLflowTracker(Tracker):
+    name = "mlflow"
+    title = "MLflow"
+    module = "mlflow"
+    extra = "mlflow"
+
+    def __init__(self, suite) -> None:
+        super().__init__(suite)
+        self._client = None
+        self.uri: str | None = None
+        self.experiment_id: str | None = None
+        self.experiment_name = ""
+        self.parent: str | None = None
+        self.count = 0
+
+    # ------------------------------------------------------------------ the store
+
+    def client(self):
+        if self._client is None:
+            import mlflow
+            from mlflow import MlflowClient
+
+            _quiet()
+
+            self.uri = mlflow.get_tracking_uri()
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def _uri(self) -> str:
+        if self.uri is None:
+            import mlflow
+
+            self.uri = mlflow.get_tracking_uri()
+        return self.uri
+
+    def done(self, run: RunInfo, state: dict) -> bool:
+        return bool(state.get(self._uri(), {}).get("finished"))
+
+    def experiment(self) -> str:
+        if self.experiment_id is None:
+            client = self.client()
+            if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+                self.experiment_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+                self.experiment_name = client.get_experiment(self.experiment_id).name
+            else:
+                name = (os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                        or (self.suite.name if self.suite else "normlab"))
+                found = client.get_experiment_by_name(name)
+                self.experiment_id = (found.experiment_id if found is not None
+                                      else client.create_experiment(name))
+                self.experiment_name = name
+        return self.experiment_id
+
+    def _find(self, state: dict, tag: str, key: str):
+        """The run ``state`` names, else the one tagged ``tag`` = ``key``, else None."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        run_id = state.get("run_id")
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.lifecycle_stage == "active":
+                    return run
+            except MlflowException:
+                pass
+        found = client.search_runs([self.experiment()], f"tags.`{tag}` = '{key}'",
+                                   max_results=1)
+        return found[0] if found else None
+
+    def _running(self, run) -> None:
+        if run.info.status != "RUNNING":
+            self.client().update_run(run.info.run_id, status="RUNNING")
+
+    def _parent(self) -> str | None:
+        """The suite's parent run (created, or continued, on first use)."""
+        if self.suite is None:
+            return None
+        if self.parent is None:
+            from mlflow.entities import Param, RunTag
+
+            from normlab.files import write_json
+
+            path = self.suite.root / STATE
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                saved = {}
+            mine = saved.setdefault("mlflow", {}).setdefault(self._uri(), {})
+            run = self._find(mine, "normlab.suite_key", key_of(self.suite.root))
+            client = self.client()
+            if run is None:
+                run = client.create_run(self.experiment(), run_name=self.suite.name, tags={
+                    "normlab.suite_key": key_of(self.suite.root),
+                    "normlab.suite_dir": str(self.suite.root.resolve()),
+                    "normlab.suite": self.suite.name, "normlab.version": __version__})
+                client.log_batch(run.info.run_id, params=[
+                    Param("suite", self.suite.name), Param("dataset", self.suite.dataset),
+                    Param("variants", ", ".join(dict.fromkeys(
+                        r.variant for r in self.suite.runs.values())))], synchronous=True)
+            self._running(run)
+            seeds = sorted({r.seed for r in self.suite.runs.values()})
+            client.log_batch(run.info.run_id, tags=[
+                RunTag("normlab.seeds", ", ".join(map(str, seeds)))], synchronous=True)
+            self.parent = run.info.run_id
+            mine["run_id"] = self.parent
+            write_json(path, saved)
+        return self.parent
+
+    # ------------------------------------------------------------------ runs
+
+    def open(self, run: RunInfo, state: dict, save: Callable[[], None]) -> Handle:
+        from mlflow.entities import Param
+
+        client = self.client()
+        self.experiment()
+        mine = state.setdefault(self._uri(), {})
+        found = self._find(mine, "normlab.run_key", key_of(run.dir))
+        if found is None:
+            tags = {"normlab.run_key": key_of(run.dir), "normlab.run_dir": str(run.dir.resolve()),
+                    "normlab.seed": str(run.seed), "normlab.label": run.label,
+                    "normlab.version": __version__}
+            if run.suite is not None:
+                tags |= {"normlab.suite": run.suite, "normlab.variant": run.variant or ""}
+            parent = self._parent()
+            if parent is not None:
+                tags[PARENT_TAG] = parent
+            found = client.create_run(self.experiment(), run_name=run.name, tags=tags)
+        else:
+            self._parent()  # the suite's parent goes on too
+        run_id = found.info.run_id
+        if not found.data.params:  # new, or killed between creating it and this
+            params = [Param(k, str(v)) for k, v in flat_config(run_config(run)).items()]
+            for i in range(0, len(params), 100):  # MLflow takes 100 params per batch
+                client.log_batch(run_id, params=params[i:i + 100], synchronous=True)
+        mine["run_id"] = run_id
+        finished = found.data.tags.get("normlab.finished") == "true"
+        mine["finished"] = finished
+        if not finished:
+            self._running(found)
+        history = client.get_metric_history(run_id, "test_acc")
+        logged = max((m.step for m in history), default=0)
+        self.count += 1
+        return Handle(run, state, logged, finished, run_id)
+
+    def log_epochs(self, handle: Handle, records: list[dict]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, int(r["epoch"]))
+                   for r in records for key, value in epoch_metrics(r).items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics per batch
+            self.client().log_batch(handle.obj, metrics=metrics[i:i + 1000], synchronous=True)
+
+    def finish(self, handle: Handle, history: Sequence[dict], status: str,
+               figures: dict[str, tuple[bytes, str]]) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        client, run_id = self.client(), handle.obj
+        step = int(history[-1]["epoch"]) if history else 0
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[
+            Metric(k, v, now, step) for k, v in final_metrics(history, status).items()],
+            tags=[RunTag("normlab.status", status)], synchronous=True)
+        if figures:
+            with tempfile.TemporaryDirectory() as tmp:
+                for key, (png, _) in figures.items():
+                    (Path(tmp) / f"{key}.png").write_bytes(png)
+                client.log_artifacts(run_id, tmp, "figures")
+        client.set_tag(run_id, "normlab.finished", "true")
+        client.set_terminated(run_id, "FINISHED")
+        handle.state.setdefault(self._uri(), {})["finished"] = True
+
+    def stop(self, handle: Handle, error: str | None) -> None:
+        client = self.client()
+        if error:
+            client.set_tag(handle.obj, "normlab.error", error[:5000])
+        client.set_terminated(handle.obj, "FAILED" if error else "KILLED")
+
+    def close(self) -> list[str]:
+        if self.parent is not None:
+            runs = [self.suite.root / rel for rel in self.suite.runs]
+            done = all((path / "predictions.pt").exists() for path in runs)
+            self.client().set_terminated(self.parent, "FINISHED" if done else "KILLED")
+        if not self.count:
+            return []
+        where = self._uri()
+        if where.startswith(("http://", "https://")):
+            see = f"open {where}"
+        elif os.environ.get("MLFLOW_TRACKING_URI"):
+            see = f"`mlflow ui --backend-store-uri {where}`"
+        else:
+            see = f"`mlflow ui` started in {os.getcwd()}"
+        return [f"MLflow: {self.count} run{'s' if self.count != 1 else ''} in {where}, "
+                f"experiment {self.experiment_name!r}; to see them: {see}"]
