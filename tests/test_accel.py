@@ -2,6 +2,7 @@
 setting of what they replace (or refuse), the step is checked against autograd before it is
 taken, --accel off trains the plain model, and a run records the paths it took."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -174,3 +175,18 @@ def test_info_says_what_each_path_would_be(capsys):
     for key in ("cpu", "torch", "precision", "kernels", "oneDNN", "step fp32"):
         assert any(line.startswith(key) for line in out.splitlines()), key
     assert "step; norms:" in out
+
+
+def test_accel_flags_reach_the_configs(tmp_path):
+    from normlab.experiments.suite import load_suite
+    from normlab.training.cli import config_from_args, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--accel", "off"])
+    assert config_from_args(args).accel == "off"
+    assert config_from_args(parser.parse_args(["--out", str(tmp_path)])).accel == "on"
+    suite = load_suite("s6-quick").with_config(accel="off")
+    assert {v.config.accel for v in suite.variants} == {"off"}
+    assert main(["suite", "s6-quick", "--accel", "off", "--dry-run",
+                 "--out", str(tmp_path / "s")]) == 0

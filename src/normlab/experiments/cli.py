@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 
+from normlab.accel import ACCEL
 from normlab.models.net import DROPOUT_DRAWS, KERNELS
 from normlab.training.cli import add_run_arguments
 from normlab.training.config import PRECISIONS
@@ -96,6 +97,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "PATH) or aten (torch's affine_grid + grid_sample; what a folder "
                              "written by normlab 0.4 or before holds: pass it to continue "
                              "such a folder)")
+    parser.add_argument("--accel", choices=ACCEL, default=None,
+                        help="on: every run's step as normlab.accel prepares it (the fast "
+                             "paths this host takes; `normlab info` lists them); off: the "
+                             "plain model through autograd with torch's norms (default: on)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="every run in fp32 or with bf16 autocast; default: the suite "
                              "file's, else bf16 where the CPU has AMX or AVX512-BF16 (an "
@@ -172,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_model(eval_kernels=args.eval_kernels)
     if args.augment:
         suite = suite.with_config(augment=args.augment)
+    if args.accel:
+        suite = suite.with_config(accel=args.accel)
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list
     out = args.out or default_out(suite)
     executor = make_executor(args)

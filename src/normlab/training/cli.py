@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from normlab.accel import ACCEL
 from normlab.fields import check_keys
 from normlab.files import parse_toml
 from normlab.models.cli import add_model_arguments
@@ -76,6 +77,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="what rotates the training images: normlab (its C kernel, one "
                              "pass; the default where a C compiler is on the PATH) or aten "
                              "(torch's affine_grid + grid_sample, as normlab 0.4 and before)")
+    parser.add_argument("--accel", default=None, choices=ACCEL,
+                        help="on: the training step as normlab.accel prepares it (the fast "
+                             "paths this host takes, recorded in config.json; `normlab info` "
+                             "lists them); off: the plain model through autograd with torch's "
+                             "norms and augmentation (default: on)")
     add_model_arguments(parser)
     reg = parser.add_argument_group("regularizers")
     reg.add_argument("--l1", type=float, default=0.0,
@@ -106,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, f"p_{f.name}") is not None:
             options[f.name] = getattr(args, f"p_{f.name}")
     run_options = ("dataset", *MODEL_KEYS, "l1", "l1_scope", "weight_decay", "seed", "subset",
-                   "precision", "augment")
+                   "precision", "augment", "accel")
     return RunConfig.from_options(args.protocol, **options,
                                   **{key: getattr(args, key) for key in run_options})
 
