@@ -45,6 +45,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_tool
+from normlab.accel import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NORMLAB_MARCH")
@@ -88,10 +89,7 @@ ONEDNN = {"SSE41": ("SSE4.1", {"sse4_1"}),
           "AVX512_CORE_BF16": ("bfloat16", {"avx512f", "avx512bw", "avx512vl", "avx512dq",
                                             "avx512_vnni", "avx512_bf16"}),
           "AVX512_CORE_AMX": ("AMX", {"amx_tile", "amx_bf16", "amx_int8", "avx512_bf16"})}
-_V3 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3", "avx", "avx2", "bmi1", "bmi2",
-       "f16c", "fma", "abm", "movbe", "xsave"}
-MARCH = {"x86-64": set(), "x86-64-v3": _V3,  # the x86-64 psABI's levels
-         "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}}
+MARCH = kernels.NEEDS  # the x86-64 psABI's levels: what each needs of the CPU
 BRANCHES = ("__AVX__", "__AVX2__", "__AVX512F__", "__AVX512BF16__")  # what kernels.c tests
 
 

@@ -362,3 +362,21 @@ def test_the_layout_follows_the_kernels():
     for norms in (("none",), ("bn", "ln")):  # nothing, or not everything, for the kernels
         assert memory_format(cpu, 2, ModelConfig(norms=norms, kernels="normlab")) == \
             torch.contiguous_format
+
+
+def test_a_march_the_cpu_cannot_run_is_refused(monkeypatch):
+    """NORMLAB_MARCH=x86-64-v4 on an AVX2 CPU (Zen 3's flags, without AVX-512) would build a
+    library that stops the process with an illegal instruction: refused, naming what lacks."""
+    zen3 = ("flags\t\t: fpu sse sse2 cx16 lahf_lm popcnt sse4_1 sse4_2 ssse3 avx avx2 bmi1 "
+            "bmi2 f16c fma abm movbe xsave")
+    monkeypatch.setattr(kernels, "_cpu_id", lambda: zen3)
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    for ok in ("native", "x86-64-v3", "x86-64"):
+        monkeypatch.setenv("NORMLAB_MARCH", ok)
+        assert kernels.march() == ok
+    monkeypatch.setenv("NORMLAB_MARCH", "x86-64-v4")
+    with pytest.raises(kernels.KernelUnavailable, match="lacks avx512bw avx512cd"):
+        kernels.march()
+    monkeypatch.setenv("NORMLAB_MARCH", "pentium")
+    with pytest.raises(kernels.KernelUnavailable, match="choose one of"):
+        kernels.march()

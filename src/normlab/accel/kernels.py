@@ -52,11 +52,25 @@ FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-
 MARCHES = ("native", "x86-64-v4", "x86-64-v3", "x86-64")
 
 
+# What each x86-64 level needs of the CPU (the psABI's levels, as /proc/cpuinfo names them)
+_V3 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3", "avx", "avx2", "bmi1", "bmi2",
+       "f16c", "fma", "abm", "movbe", "xsave"}
+NEEDS = {"x86-64": set(), "x86-64-v3": _V3,
+         "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}}
+
+
 def march() -> str:
-    """``$NORMLAB_MARCH`` (default ``native``): the ``-march`` the kernels are built for."""
+    """``$NORMLAB_MARCH`` (default ``native``): the ``-march`` the kernels are built for. A
+    level this CPU cannot run is refused (a build for it would stop the process with an
+    illegal instruction)."""
     value = os.environ.get("NORMLAB_MARCH", "native")
     if value not in MARCHES:
         raise KernelUnavailable(f"NORMLAB_MARCH={value!r}: choose one of {', '.join(MARCHES)}")
+    flags = set(_cpu_id().partition(":")[2].split())
+    missing = sorted(NEEDS.get(value, set()) - flags) if platform.machine() == "x86_64" else []
+    if missing:
+        raise KernelUnavailable(f"NORMLAB_MARCH={value}: this CPU lacks {' '.join(missing)}; "
+                                "choose a level it has (x86-64-v3, x86-64) or native")
     return value
 
 
