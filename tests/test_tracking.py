@@ -291,6 +291,15 @@ def test_push_a_folder_after_the_fact_then_again_adds_nothing(tracked, tmp_path,
     for rel in RUNS:
         child = children2[str((out / rel).resolve())]
         assert len(metric_steps(uri, child.info.run_id, "test_acc")) == EPOCHS
+    # tracking.json is not believed over the store: a run it calls finished that the store
+    # does not hold (a store deleted or replaced since) is pushed again
+    from normlab.tracking.mlflow_tracker import MLflowTracker
+
+    tracker, info = MLflowTracker(None), Tracking(["mlflow"], print)._info(str(out / RUNS[0]))
+    state = json.loads((out / RUNS[0] / "tracking.json").read_text())["mlflow"]
+    assert tracker.done(info, state)
+    state[uri]["run_id"] = "0" * 32
+    assert not tracker.done(info, state)
 
 
 # ----------------------------------------------------------------------------- failures

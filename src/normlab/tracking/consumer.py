@@ -124,7 +124,7 @@ class Tracker(abc.ABC):
         return []
 
 
-def final_metrics(history: Sequence[dict], status: str) -> dict[str, float]:
+def final_metrics(history: Sequence[dict]) -> dict[str, float]:
     """What a finished run adds to its per-epoch metrics."""
     last = history[-1] if history else {}
     out = {f"final_{k}": float(last[k]) for k in ("test_acc", "test_loss", "train_acc",
@@ -132,9 +132,7 @@ def final_metrics(history: Sequence[dict], status: str) -> dict[str, float]:
     accs = [r["test_acc"] for r in history if math.isfinite(r.get("test_acc", math.nan))]
     if accs:
         out["best_test_acc"] = float(max(accs))
-    out["epochs"] = float(len(history))
     out["total_seconds"] = float(sum(r.get("seconds", 0.0) for r in history))
-    out["diverged"] = float(status == "diverged")
     return out
 
 

@@ -1,11 +1,12 @@
 """MLflow: one MLflow run per normlab run, under a parent run per suite.
 
 The store is MLflow's own choice: $MLFLOW_TRACKING_URI when set, else MLflow's default in
-the current folder (since MLflow 3.7 a SQLite file, ``mlflow.db``, with the artifacts in
-``mlruns/``; MLflow 3.17 refuses its older ``./mlruns`` file store unless
-MLFLOW_ALLOW_FILE_STORE=true, which is then respected too). ``mlflow ui`` started in the same
-folder shows the runs. The experiment is $MLFLOW_EXPERIMENT_NAME (or _ID) when set, else the
-suite's name ("normlab" for a single run).
+the current folder. In MLflow 3.17 (the version the tests pin) that default is a SQLite file,
+``mlflow.db``, with the artifacts in ``mlruns/``; its older file store (``file:./mlruns``)
+is refused unless MLFLOW_ALLOW_FILE_STORE=true, and works with it (the tests push to one).
+``mlflow ui`` started in the same folder shows the runs. The experiment is
+$MLFLOW_EXPERIMENT_NAME (or _ID) when set, else the suite's name ("normlab" for a single
+run); one normlab creates is tagged as model training, so MLflow's UI opens it on its runs.
 
 A run gets the RunConfig as params (dotted keys: ``model.norm``, ``protocol.lr``), its
 suite, variant and seed as tags, every metric of metrics.jsonl per epoch (step = epoch),
@@ -39,9 +40,34 @@ from normlab.tracking.consumer import (
     flat_config,
     run_config,
 )
+from normlab.training.rundir import RunDir
 
 PARENT_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
+# MLflow's UI opens an experiment of this kind on its runs (training runs compared), not on
+# the GenAI overview of traces it shows an experiment it cannot place
+KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def mtime_ms(path: Path) -> int:
+    """When ``path`` was last written (now when it does not exist), in ms."""
+    try:
+        return int(path.stat().st_mtime * 1000)
+    except OSError:
+        return now_ms()
+
+
+def started(run: RunInfo) -> int:
+    """When the run started training, in ms: now for a run with no epoch yet, else its last
+    epoch's end less the seconds its epochs took (a run pushed later gets its own times)."""
+    history = RunDir(run.dir).metrics()
+    if not history:
+        return now_ms()
+    return mtime_ms(run.dir / "metrics.jsonl") - int(
+        sum(float(r.get("seconds", 0.0)) for r in history) * 1000)
 
 
 def key_of(path: Path) -> str:
@@ -71,18 +97,16 @@ class MLflowTracker(Tracker):
         self.experiment_name = ""
         self.parent: str | None = None
         self.count = 0
+        self.starts: dict[str, int] = {}  # run id -> when its training started (ms)
 
     # ------------------------------------------------------------------ the store
 
     def client(self):
         if self._client is None:
-            import mlflow
             from mlflow import MlflowClient
 
             _quiet()
-
-            self.uri = mlflow.get_tracking_uri()
-            self._client = MlflowClient(self.uri)
+            self._client = MlflowClient(self._uri())
         return self._client
 
     def _uri(self) -> str:
@@ -93,7 +117,17 @@ class MLflowTracker(Tracker):
         return self.uri
 
     def done(self, run: RunInfo, state: dict) -> bool:
-        return bool(state.get(self._uri(), {}).get("finished"))
+        """Whether the store holds the run finished (tracking.json says so, and the store
+        still has it: a store deleted or moved since gets the run again)."""
+        mine = state.get(self._uri(), {})
+        if not mine.get("finished") or not mine.get("run_id"):
+            return False
+        try:
+            found = self.client().get_run(mine["run_id"])
+        except Exception:  # not in this store, or a store that fails: open() tries again
+            return False  # and reports what fails
+        return (found.info.lifecycle_stage == "active"
+                and found.data.tags.get("normlab.finished") == "true")
 
     def experiment(self) -> str:
         if self.experiment_id is None:
@@ -106,7 +140,7 @@ class MLflowTracker(Tracker):
                         or (self.suite.name if self.suite else "normlab"))
                 found = client.get_experiment_by_name(name)
                 self.experiment_id = (found.experiment_id if found is not None
-                                      else client.create_experiment(name))
+                                      else client.create_experiment(name, tags=KIND))
                 self.experiment_name = name
         return self.experiment_id
 
@@ -184,10 +218,12 @@ class MLflowTracker(Tracker):
             parent = self._parent()
             if parent is not None:
                 tags[PARENT_TAG] = parent
-            found = client.create_run(self.experiment(), run_name=run.name, tags=tags)
+            found = client.create_run(self.experiment(), run_name=run.name, tags=tags,
+                                      start_time=started(run))
         else:
             self._parent()  # the suite's parent goes on too
         run_id = found.info.run_id
+        self.starts[run_id] = found.info.start_time or started(run)
         if not found.data.params:  # new, or killed between creating it and this
             params = [Param(k, str(v)) for k, v in flat_config(run_config(run)).items()]
             for i in range(0, len(params), 100):  # MLflow takes 100 params per batch
@@ -205,8 +241,14 @@ class MLflowTracker(Tracker):
     def log_epochs(self, handle: Handle, records: list[dict]) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, value, now, int(r["epoch"]))
+        # an epoch's time: the run's start plus the seconds of the epochs up to it (the same
+        # whether the run is tracked as it trains or pushed later)
+        start, elapsed = self.starts.setdefault(handle.obj, started(handle.run)), 0.0
+        at = {}
+        for r in RunDir(handle.run.dir).metrics():
+            elapsed += float(r.get("seconds", 0.0))
+            at[int(r["epoch"])] = start + int(elapsed * 1000)
+        metrics = [Metric(key, value, at.get(int(r["epoch"]), now_ms()), int(r["epoch"]))
                    for r in records for key, value in epoch_metrics(r).items()]
         for i in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics per batch
             self.client().log_batch(handle.obj, metrics=metrics[i:i + 1000], synchronous=True)
@@ -217,9 +259,9 @@ class MLflowTracker(Tracker):
 
         client, run_id = self.client(), handle.obj
         step = int(history[-1]["epoch"]) if history else 0
-        now = int(time.time() * 1000)
+        end = mtime_ms(handle.run.dir / "predictions.pt")
         client.log_batch(run_id, metrics=[
-            Metric(k, v, now, step) for k, v in final_metrics(history, status).items()],
+            Metric(k, v, end, step) for k, v in final_metrics(history).items()],
             tags=[RunTag("normlab.status", status)], synchronous=True)
         if figures:
             with tempfile.TemporaryDirectory() as tmp:
@@ -227,14 +269,15 @@ class MLflowTracker(Tracker):
                     (Path(tmp) / f"{key}.png").write_bytes(png)
                 client.log_artifacts(run_id, tmp, "figures")
         client.set_tag(run_id, "normlab.finished", "true")
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=end)
         handle.state.setdefault(self._uri(), {})["finished"] = True
 
     def stop(self, handle: Handle, error: str | None) -> None:
         client = self.client()
         if error:
             client.set_tag(handle.obj, "normlab.error", error[:5000])
-        client.set_terminated(handle.obj, "FAILED" if error else "KILLED")
+        client.set_terminated(handle.obj, "FAILED" if error else "KILLED",
+                              end_time=mtime_ms(handle.run.dir / "metrics.jsonl"))
 
     def close(self) -> list[str]:
         if self.parent is not None:

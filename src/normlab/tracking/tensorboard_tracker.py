@@ -35,8 +35,13 @@ class TensorBoardTracker(Tracker):
         super().__init__(suite)
         self.dirs: list[str] = []
 
+    def done(self, run: RunInfo, state: dict) -> bool:
+        return bool(state.get("finished")) and any((run.dir / "tensorboard").glob("events.*"))
+
     def open(self, run: RunInfo, state: dict, save: Callable[[], None]) -> Handle:
         path = run.dir / "tensorboard"
+        if not any(path.glob("events.*")):
+            state.update(logged=0, finished=False)  # none written yet, or deleted since
         writer = writer_class()(str(path))
         self.dirs.append(str(path))
         return Handle(run, state, int(state.get("logged", 0)), bool(state.get("finished")),

@@ -48,7 +48,17 @@ def new_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def offline_epochs(wandb_dir: Path, run_id: str) -> int | None:
+def wandb_dir(run: RunInfo) -> Path:
+    """Where W&B keeps the run's folders: $WANDB_DIR/wandb, else the run directory's."""
+    return Path(os.environ.get("WANDB_DIR") or run.dir) / "wandb"
+
+
+def folders(where: Path, run_id: str) -> list[Path]:
+    """The folders of W&B run ``run_id`` (one per invocation that logged to it)."""
+    return sorted(p for p in where.glob(f"*-{run_id}") if p.is_dir() and not p.is_symlink())
+
+
+def offline_epochs(where: Path, run_id: str) -> int | None:
     """The last epoch the offline files of W&B run ``run_id`` hold (0: none), read by W&B's
     own reader (``wandb leet inspect``, which prints each record as protobuf text when its
     output is not a terminal); None when they cannot be read."""
@@ -56,8 +66,9 @@ def offline_epochs(wandb_dir: Path, run_id: str) -> int | None:
     from wandb.proto import wandb_internal_pb2
 
     last = 0
-    for log in sorted(wandb_dir.glob(f"*-{run_id}/run-{run_id}.wandb")):
-        if log.stat().st_size <= LOG_HEADER:
+    for folder in folders(where, run_id):
+        log = folder / f"run-{run_id}.wandb"
+        if not log.exists() or log.stat().st_size <= LOG_HEADER:
             continue  # nothing but the header reached the disk
         try:
             text = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", str(log)],
@@ -89,17 +100,24 @@ class WandbTracker(Tracker):
         super().__init__(suite)
         self.dirs: list[str] = []  # the offline folders written by this command
 
+    def done(self, run: RunInfo, state: dict) -> bool:
+        """Whether the run was finished in W&B (offline: and its folders are still there)."""
+        if not state.get("finished"):
+            return False
+        return mode() not in OFFLINE_MODES or bool(folders(wandb_dir(run), state["id"]))
+
     def open(self, run: RunInfo, state: dict, save: Callable[[], None]) -> Handle:
         import wandb
 
         offline = mode() in OFFLINE_MODES
-        wandb_dir = Path(os.environ.get("WANDB_DIR") or run.dir) / "wandb"
         if "id" not in state:
             state.update(id=new_id(), logged=0, finished=False, closed=True)
+        elif offline and not folders(wandb_dir(run), state["id"]):
+            state.update(logged=0, finished=False, closed=True)  # its files were deleted
         elif offline and not state.get("closed", True):
             # the last invocation was killed: W&B writes its offline file in 32 KiB blocks,
             # so the epochs it was given since the last full block are not in the file
-            held = offline_epochs(wandb_dir, state["id"])
+            held = offline_epochs(wandb_dir(run), state["id"])
             if held is not None:
                 state["logged"] = held
         state["closed"] = False
@@ -139,7 +157,7 @@ class WandbTracker(Tracker):
             step = int(history[-1]["epoch"]) if history else 0
             wb.log({key: wandb.Image(Image.open(io.BytesIO(png)), caption=caption)
                     for key, (png, caption) in figures.items()}, step=step)
-        wb.summary.update({**final_metrics(history, status), "status": status})
+        wb.summary.update({**final_metrics(history), "status": status})
         wb.finish(exit_code=0)
         handle.state.update(finished=True, closed=True)
 
@@ -147,7 +165,7 @@ class WandbTracker(Tracker):
         if error:
             handle.obj.summary.update({"status": "failed", "error": error})
         handle.obj.finish(exit_code=1)
-        handle.state["closed"] = True  # finish() wrote the whole file
+        handle.state["closed"] = True  # finish() has W&B write the rest of the file
 
     def close(self) -> list[str]:
         if not self.dirs:
