@@ -3,7 +3,6 @@ mismatch, augmentation. Small subsets of the real MNIST, one or two epochs."""
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -292,29 +291,6 @@ def test_a_run_directory_is_trained_by_one_process_at_a_time(small, tmp_path):
     (out / ".lock").write_text("999999999")  # its process is gone: a stale lock
     assert train(config(epochs=1), out, data=small).status == "ok"
     assert not (out / ".lock").exists()
-
-
-def test_tensorboard_writes_scalars_and_mistakes(small, tmp_path):
-    require_tool(importlib.util.find_spec("tensorboard") is not None,
-                 "tensorboard (pip install 'normlab[tensorboard]')")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    train(config(epochs=2), tmp_path / "tb", data=small, tensorboard=True)
-    events = EventAccumulator(str(tmp_path / "tb/tensorboard"))
-    events.Reload()
-    tags = events.Tags()
-    assert {"loss/train", "loss/test", "accuracy/train", "accuracy/test"} <= set(tags["scalars"])
-    assert [e.step for e in events.Scalars("accuracy/test")] == [1, 2]
-    assert "misclassified" in tags["images"]
-
-
-def test_tensorboard_missing_says_how_to_install(small, tmp_path, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with pytest.raises(ValueError, match=r"pip install 'normlab\[tensorboard\]'"):
-        train(config(epochs=1), tmp_path / "tb", data=small, tensorboard=True)
-    assert not (tmp_path / "tb").exists()  # refused before anything is written
 
 
 def test_resuming_with_another_thread_count_warns(small, tmp_path):

@@ -122,7 +122,6 @@ def train(
     *,
     device: str = "auto",
     threads: int | None = None,
-    tensorboard: bool = False,
     data: tuple[TensorData, TensorData] | None = None,
     listener: Listener = ignore,
     name: str | None = None,
@@ -139,8 +138,6 @@ def train(
         raise ValueError(f"until must be an epoch number >= 1, got {until}")
     run = RunDir(out)
     name = name or str(run.path)
-    if tensorboard:
-        _summary_writer_class()  # fail before anything is written when it is missing
     if threads:
         torch.set_num_threads(threads)
     keep_freed_memory()
@@ -149,7 +146,7 @@ def train(
             and config.accel == "on"):
         kernels.library()  # built now: a run that cannot have it fails before it starts
     with run.lock():
-        result = _train_locked(config, run, dev, tensorboard, data, listener, name, until)
+        result = _train_locked(config, run, dev, data, listener, name, until)
     if result.paused:
         return result
     listener(RunFinished(name, result.status, tuple(result.history), result.message,
@@ -177,8 +174,7 @@ def _check_config(run: RunDir, config: RunConfig, meta: dict, listener: Listener
                                       f"uninterrupted run's (pass --{key} {stored[key]} for that)"))
 
 
-def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
-                  until) -> RunResult:
+def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunResult:
     meta = {"normlab": __version__, "torch": torch.__version__, "device": str(dev),
             "threads": torch.get_num_threads(), "malloc": allocator()}
     _check_config(run, config, meta, listener, name)
@@ -188,7 +184,6 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
         return RunResult(run.path, history, status, history[-1].get("message", ""), skipped=True)
 
     train_data, test_data = data or load_split_tensors(config, dev)
-    writer = _summary_writer_class()(str(run.file("tensorboard"))) if tensorboard else None
     p = config.protocol
     steps_per_epoch = -(-len(train_data) // p.batch_size)
     torch.manual_seed(config.seed)
@@ -244,22 +239,15 @@ def _train_locked(config, run: RunDir, dev, tensorboard, data, listener, name,
         _save_checkpoint(run, model, opt, per_epoch, per_step, history, dev)
         run.append_metrics(record)
         listener(EpochFinished(name, record, p.epochs))
-        if writer is not None:
-            _log_scalars(writer, record)
         if message:
             break
 
     if not message and len(history) < p.epochs:  # stopped at ``until``
-        if writer is not None:
-            writer.close()
         return RunResult(run.path, history, status, message, paused=True)
     if final is None:  # every epoch was done before a kill that came before predictions.pt
         final = evaluate(model, test_data, p.eval_batch_size, predictions=True,
                          precision=config.precision)["predictions"]
     run.save_predictions(final)
-    if writer is not None:
-        _log_mistakes(writer, test_data, final, len(history))
-        writer.close()
     return RunResult(run.path, history, status, message)
 
 
@@ -289,27 +277,3 @@ def _save_checkpoint(run: RunDir, model, opt, per_epoch, per_step, history, dev)
         if sched is not None:
             state[key] = sched.state_dict()
     run.save_checkpoint(state)
-
-
-def _summary_writer_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise ValueError(
-            "--tensorboard needs the tensorboard package: pip install 'normlab[tensorboard]'"
-        ) from err
-    return SummaryWriter
-
-
-def _log_scalars(writer, record: dict) -> None:
-    for split in ("train", "test"):
-        writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], record["epoch"])
-        writer.add_scalar(f"accuracy/{split}", record[f"{split}_acc"], record["epoch"])
-    writer.add_scalar("lr", record["lr"], record["epoch"])
-
-
-def _log_mistakes(writer, test: TensorData, predictions: dict, step: int) -> None:
-    wrong = (predictions["pred"] != predictions["target"]).nonzero().flatten()[:64]
-    if len(wrong):
-        images = test.images[wrong.to(test.images.device)].unsqueeze(1).cpu()
-        writer.add_images("misclassified", images, step, dataformats="NCHW")
