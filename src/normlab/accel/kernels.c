@@ -178,6 +178,54 @@ static inline f8v drop8(f8v v, const uint8_t *bits, int64_t e) {
     return (f8v)((i8v)v & ~(i8v)((lane & (int32_t)m) != 0));
 }
 
+/* Without AVX-512, GCC keeps 16-float and 8-double vectors in memory (the sums' double
+ * accumulators went through the stack on every step, and the ReLU's 16-lane compare was
+ * done one float at a time). So AVX2 builds (x86-64-v3) take 8 floats at a time in the
+ * elementwise passes and keep the sums as 4-double vectors: the same operations on the
+ * same values in each lane, in the same order, so the same results bit for bit. Other
+ * builds compile exactly the 16-lane code below (IF_NARROW drops the AVX2 blocks). */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define IF_NARROW(...) __VA_ARGS__
+#else  /* AVX-512 has the wide vectors; for SSE2 alone the 16-lane code measured faster */
+#define IF_NARROW(...)
+#endif
+typedef double d4v __attribute__((vector_size(32)));  /* 4 doubles */
+typedef uint32_t u8v __attribute__((vector_size(32)));  /* 8 uint32 */
+static inline d4v wide_lo(f8v v) {
+#ifdef __AVX__
+    return (d4v)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v));
+#else
+    return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), d4v);
+#endif
+}
+static inline d4v wide_hi(f8v v) {
+#ifdef __AVX__
+    return (d4v)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1));
+#else
+    return __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), d4v);
+#endif
+}
+/* relu_grad and all_grad for 8 lanes. */
+static inline f8v relu_grad8(f8v x, f8v r) { return (f8v)((i8v)r & (i8v)(x > (f8v){0})); }
+static inline f8v all_grad8(f8v x, f8v r) { (void)x; return r; }
+static inline void store8_f32(float *p, f8v v) { memcpy(p, &v, sizeof v); }
+/* store_bf16 for 8 lanes: the same rounding (no value here exceeds 0xffff before the
+ * narrowing, and u & 0x7fffffff is never negative, so the signed compare is the same). */
+static inline void store8_bf16_rne(uint16_t *p, f8v v) {
+    u8v u = (u8v)v;
+    u8v rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    u8v nan = (u8v)((i8v)(u & 0x7fffffffu) > 0x7f800000);
+    u8v out = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+#ifdef __AVX2__
+    __m128i h = _mm_packus_epi32(_mm256_castsi256_si128((__m256i)out),
+                                 _mm256_extracti128_si256((__m256i)out, 1));
+    _mm_storeu_si128((__m128i *)p, h);
+#else
+    h8v h = __builtin_convertvector(out, h8v);
+    memcpy(p, &h, sizeof h);
+#endif
+}
+
 /* Per-channel totals from per-lane sums (lane j holds channel j % C). */
 static void fold(const double *lane_a, const double *lane_b, int64_t L, int64_t C,
                  double *a, double *b) {
@@ -191,12 +239,29 @@ static void fold(const double *lane_a, const double *lane_b, int64_t L, int64_t 
 /* n is a multiple of C but not always of L: the last block is partial. It is handled by
  * copying it into a zero-padded buffer; for sums this adds zeros (exactly), and for the
  * elementwise passes only the real values are copied back. */
-#define DEFINE(SUF, T, LOAD, STORE, RELU, GRAD, LOAD8, RELU8)                             \
+#define DEFINE(SUF, T, LOAD, STORE, RELU, GRAD, LOAD8, RELU8, STORE8, GRAD8)                             \
 /* Lane sums of v and v*v, v = relu(x) or x. */                                            \
 static void stats_##SUF(const T *x, int64_t n, int64_t L, double *s, double *q) {          \
     T pad[LMAX] = {0};                                                                     \
     int64_t full = n / L * L;                                                              \
     memcpy(pad, x + full, (size_t)(n - full) * sizeof(T));                                 \
+    IF_NARROW({                                                                            \
+        for (int64_t j = 0; j < L; j += 16) {                                              \
+            d4v s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};\
+            for (int64_t i = 0; i <= full; i += L) {                                       \
+                const T *p = i < full ? x + i + j : pad + j;                               \
+                f8v u = RELU8(LOAD8(p)), v = RELU8(LOAD8(p + 8));                          \
+                d4v a = wide_lo(u), b = wide_hi(u), c = wide_lo(v), e = wide_hi(v);        \
+                s0 += a; s1 += b; s2 += c; s3 += e;                                        \
+                q0 += a * a; q1 += b * b; q2 += c * c; q3 += e * e;                        \
+            }                                                                              \
+            memcpy(s + j, &s0, 32); memcpy(s + j + 4, &s1, 32);                            \
+            memcpy(s + j + 8, &s2, 32); memcpy(s + j + 12, &s3, 32);                       \
+            memcpy(q + j, &q0, 32); memcpy(q + j + 4, &q1, 32);                            \
+            memcpy(q + j + 8, &q2, 32); memcpy(q + j + 12, &q3, 32);                       \
+        }                                                                                  \
+        return;                                                                            \
+    })                                                                                     \
     for (int64_t j = 0; j < L; j += 16) {                                                  \
         d8v s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                        \
         for (int64_t i = 0; i <= full; i += L) {                                           \
@@ -214,6 +279,16 @@ static void affine_##SUF(const T *x, T *y, int64_t n, int64_t L, const float *a,
     T pad[LMAX] = {0}, out[LMAX];                                                          \
     int64_t full = n / L * L;                                                              \
     memcpy(pad, x + full, (size_t)(n - full) * sizeof(T));                                 \
+    IF_NARROW({                                                                            \
+        for (int64_t j = 0; j < L; j += 8) {                                               \
+            f8v av = load8_f32(a + j), bv = load8_f32(b + j);                              \
+            for (int64_t i = 0; i < full; i += L)                                          \
+                STORE8(y + i + j, RELU8(LOAD8(x + i + j)) * av + bv);                      \
+            STORE8(out + j, RELU8(LOAD8(pad + j)) * av + bv);                              \
+        }                                                                                  \
+        memcpy(y + full, out, (size_t)(n - full) * sizeof(T));                             \
+        return;                                                                            \
+    })                                                                                     \
     for (int64_t j = 0; j < L; j += 16) {                                                  \
         f16v av = load_f32(a + j), bv = load_f32(b + j);                                   \
         for (int64_t i = 0; i < full; i += L)                                              \
@@ -229,6 +304,27 @@ static void grad_stats_##SUF(const T *x, const T *g, int64_t n, int64_t L, doubl
     int64_t full = n / L * L;                                                              \
     memcpy(xpad, x + full, (size_t)(n - full) * sizeof(T));                                \
     memcpy(gpad, g + full, (size_t)(n - full) * sizeof(T));                                \
+    IF_NARROW({                                                                            \
+        for (int64_t j = 0; j < L; j += 16) {                                              \
+            d4v s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0};\
+            for (int64_t i = 0; i <= full; i += L) {                                       \
+                const T *gp = i < full ? g + i + j : gpad + j;                             \
+                const T *xp = i < full ? x + i + j : xpad + j;                             \
+                f8v u = drop8(LOAD8(gp), bits, e0 + i + j);                                \
+                f8v v = drop8(LOAD8(gp + 8), bits, e0 + i + j + 8);                        \
+                f8v xu = RELU8(LOAD8(xp)), xv = RELU8(LOAD8(xp + 8));                      \
+                d4v a = wide_lo(u), b = wide_hi(u), c = wide_lo(v), e = wide_hi(v);        \
+                s0 += a; s1 += b; s2 += c; s3 += e;                                        \
+                d0 += a * wide_lo(xu); d1 += b * wide_hi(xu);                              \
+                d2 += c * wide_lo(xv); d3 += e * wide_hi(xv);                              \
+            }                                                                              \
+            memcpy(s + j, &s0, 32); memcpy(s + j + 4, &s1, 32);                            \
+            memcpy(s + j + 8, &s2, 32); memcpy(s + j + 12, &s3, 32);                       \
+            memcpy(d + j, &d0, 32); memcpy(d + j + 4, &d1, 32);                            \
+            memcpy(d + j + 8, &d2, 32); memcpy(d + j + 12, &d3, 32);                       \
+        }                                                                                  \
+        return;                                                                            \
+    })                                                                                     \
     for (int64_t j = 0; j < L; j += 16) {                                                  \
         d8v s0 = {0}, s1 = {0}, d0 = {0}, d1 = {0};                                        \
         for (int64_t i = 0; i <= full; i += L) {                                           \
@@ -252,6 +348,21 @@ static void grad_input_##SUF(const T *x, const T *g, T *dx, int64_t n, int64_t L
     int64_t full = n / L * L;                                                              \
     memcpy(xpad, x + full, (size_t)(n - full) * sizeof(T));                                \
     memcpy(gpad, g + full, (size_t)(n - full) * sizeof(T));                                \
+    IF_NARROW({                                                                            \
+        for (int64_t j = 0; j < L; j += 8) {                                               \
+            f8v a = load8_f32(k1 + j), b = load8_f32(k2 + j), c = load8_f32(k3 + j);       \
+            for (int64_t i = 0; i < full; i += L) {                                        \
+                f8v v = LOAD8(x + i + j);                                                  \
+                f8v dy = drop8(LOAD8(g + i + j), bits, e0 + i + j);                        \
+                STORE8(dx + i + j, GRAD8(v, dy * a + (v * b + c)));                        \
+            }                                                                              \
+            f8v v = LOAD8(xpad + j);                                                       \
+            f8v dy = drop8(LOAD8(gpad + j), bits, e0 + full + j);                          \
+            STORE8(out + j, GRAD8(v, dy * a + (v * b + c)));                               \
+        }                                                                                  \
+        memcpy(dx + full, out, (size_t)(n - full) * sizeof(T));                            \
+        return;                                                                            \
+    })                                                                                     \
     for (int64_t j = 0; j < L; j += 16) {                                                  \
         f16v a = load_f32(k1 + j), b = load_f32(k2 + j), c = load_f32(k3 + j);             \
         for (int64_t i = 0; i < full; i += L) {                                            \
@@ -425,10 +536,14 @@ int nl_gn_backward_##SUF(const T *x, const T *g, T *dx, int64_t N, int64_t HW, i
     return 0;                                                                              \
 }
 
-DEFINE(f32, float, load_f32, store_f32, keep, all_grad, load8_f32, keep8)
-DEFINE(bf16, uint16_t, load_bf16, store_bf16, keep, all_grad, load8_bf16, keep8)
-DEFINE(f32_relu, float, load_f32, store_f32, relu, relu_grad, load8_f32, relu8)
-DEFINE(bf16_relu, uint16_t, load_bf16, store_bf16, relu, relu_grad, load8_bf16, relu8)
+DEFINE(f32, float, load_f32, store_f32, keep, all_grad, load8_f32, keep8, store8_f32,
+       all_grad8)
+DEFINE(bf16, uint16_t, load_bf16, store_bf16, keep, all_grad, load8_bf16, keep8,
+       store8_bf16_rne, all_grad8)
+DEFINE(f32_relu, float, load_f32, store_f32, relu, relu_grad, load8_f32, relu8,
+       store8_f32, relu_grad8)
+DEFINE(bf16_relu, uint16_t, load_bf16, store_bf16, relu, relu_grad, load8_bf16, relu8,
+       store8_bf16_rne, relu_grad8)
 DEFINE_GN(f32, float)
 DEFINE_GN(bf16, uint16_t)
 DEFINE_GN(f32_relu, float)
@@ -441,7 +556,6 @@ DEFINE_GN(bf16_relu, uint16_t)
  * free, 8 channels at a time: the window's first value stands for torch's -inf start (a
  * -inf or NaN first value ends the same). */
 typedef uint8_t b8v __attribute__((vector_size(8)));
-static inline void store8_f32(float *p, f8v v) { memcpy(p, &v, sizeof v); }
 static inline void store8_bf16(uint16_t *p, f8v v) {  /* exact for values read from bf16 */
     h8v h = __builtin_convertvector((i8v)v >> 16, h8v);
     memcpy(p, &h, sizeof h);
