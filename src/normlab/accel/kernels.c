@@ -557,8 +557,25 @@ DEFINE_GN(bf16_relu, uint16_t)
  * -inf or NaN first value ends the same). */
 typedef uint8_t b8v __attribute__((vector_size(8)));
 static inline void store8_bf16(uint16_t *p, f8v v) {  /* exact for values read from bf16 */
+#if defined(__AVX2__) && !defined(__AVX512F__)  /* GCC narrows the generic one lane by lane */
+    __m256i h = _mm256_srai_epi32((__m256i)v, 16);  /* in int16 range: packs keeps it */
+    _mm_storeu_si128((__m128i *)p, _mm_packs_epi32(_mm256_castsi256_si128(h),
+                                                   _mm256_extracti128_si256(h, 1)));
+#else
     h8v h = __builtin_convertvector((i8v)v >> 16, h8v);
     memcpy(p, &h, sizeof h);
+#endif
+}
+/* The picks (0..3) as 8 bytes. */
+static inline void store8_picks(uint8_t *p, i8v k) {
+#if defined(__AVX2__) && !defined(__AVX512F__)  /* as store8_bf16 */
+    __m128i w = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)k),
+                                _mm256_extracti128_si256((__m256i)k, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(w, w));
+#else
+    b8v kb = __builtin_convertvector(k, b8v);
+    memcpy(p, &kb, sizeof kb);
+#endif
 }
 static inline void pick8(f8v *best, i8v *k, f8v v, int q) {
     i8v take = (v > *best) | (v != v);
@@ -581,8 +598,7 @@ void nl_maxpool2_forward_##SUF(const T *x, T *y, uint8_t *arg, int64_t N, int64_
                     pick8(&best, &k, LOAD8(b + c), 2);                                     \
                     pick8(&best, &k, LOAD8(b + C + c), 3);                                 \
                     STORE8(y + o + c, best);                                               \
-                    b8v kb = __builtin_convertvector(k, b8v);                              \
-                    memcpy(arg + o + c, &kb, sizeof kb);                                   \
+                    store8_picks(arg + o + c, k);                                          \
                 }                                                                          \
                 for (; c < C; c++) {                                                       \
                     float v[4] = {TOF(a[c]), TOF(a[C + c]), TOF(b[c]), TOF(b[C + c])};     \
