@@ -27,8 +27,16 @@ or AVX512-BF16, else fp32), or the one ``--precision`` names; the seed's side is
 fp32. Absolute times vary by 30% between runs on shared machines; the ratios are what the
 script is for.
 
+``--isa avx2|avx512|native`` runs both sides as a host of that kind would (``isa.py``): the
+script runs itself again with ATen's and oneDNN's dispatch capped (and normlab's kernels
+built for that ``-march``), every measuring process inherits it, and each side prints the
+dispatch it actually got. normlab then runs in that host kind's default precision (fp32 on
+AVX2 and AVX-512, which have no native bf16) unless ``--precision`` says otherwise; the
+seed's side runs as its user would, fp32 on whatever torch dispatches to.
+
     python benchmarks/bench_vs_seed.py                 # 3 rounds of 300 steps, ~10 min
     python benchmarks/bench_vs_seed.py --quick         # 2 rounds of 100 steps, ~3 min
+    python benchmarks/bench_vs_seed.py --quick --isa avx2   # as on an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -48,8 +56,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import isa
 import reference_seed as seed
 
+from normlab import accel
 from normlab.data import load_dataset
 from normlab.experiments import ProcessExecutor, load_suite, plan
 from normlab.memory import allocator, keep_freed_memory, workers_preloaded
@@ -73,9 +83,9 @@ def allocator_in_use() -> str:
     return allocator()
 
 
-def normlab_epoch(config: RunConfig, steps: int, threads: int) -> tuple[float, float]:
-    """(ms per training step, seconds of the test pass) of normlab's engine, set up as
-    ``normlab.training.train`` sets up every process that trains."""
+def normlab_epoch(config: RunConfig, steps: int, threads: int) -> tuple[float, float, str]:
+    """(ms per training step, seconds of the test pass, the dispatch it got) of normlab's
+    engine, set up as ``normlab.training.train`` sets up every process that trains."""
     keep_freed_memory()
     torch.set_num_threads(threads)
     ds = load_dataset(config.dataset)
@@ -85,6 +95,7 @@ def normlab_epoch(config: RunConfig, steps: int, threads: int) -> tuple[float, f
     torch.manual_seed(config.seed)
     model = config.make_model().to(
         memory_format=memory_format(torch.device("cpu"), threads, config.model))
+    step = accel.prepare(model, config.model, config.precision, enabled=config.accel == "on")
     opt, _, _ = make_optimizer(model, config, steps)
     p = config.protocol
     warm = TensorData(train.images[:WARMUP_STEPS * 64], train.labels[:WARMUP_STEPS * 64],
@@ -92,16 +103,22 @@ def normlab_epoch(config: RunConfig, steps: int, threads: int) -> tuple[float, f
     for data in (warm, train):
         tr = train_one_epoch(model, data, opt, seed=config.seed, epoch=1,
                              batch_size=p.batch_size, rotation=p.rotation,
-                             precision=config.precision, augment=config.augment)
+                             precision=config.precision, augment=config.augment, step=step)
     te = evaluate(model, test, p.eval_batch_size, precision=config.precision)
-    return 1000 * tr["train_seconds"] / steps, te["test_seconds"]
+    paths = step.paths()
+    convs = ", ".join(f"{k}: {v}" for k, v in paths.get("onednn_convs", {}).items())
+    took = (f"; step {paths['step']}, norms {paths['norms']}"
+            + (f", convolutions on kept oneDNN primitives {convs}" if convs else ""))
+    return (1000 * tr["train_seconds"] / steps, te["test_seconds"],
+            isa.dispatch(kernels=True) + took)
 
 
-def seed_epoch(steps: int, threads: int) -> tuple[float, float]:
-    """:func:`seed_steps` after a warm-up of the same pipeline, in this process."""
+def seed_epoch(steps: int, threads: int) -> tuple[float, float, str]:
+    """:func:`seed_steps` after a warm-up of the same pipeline, in this process, and the
+    dispatch it got."""
     ds = load_dataset("mnist")
     seed_steps(ds, WARMUP_STEPS, threads)
-    return seed_steps(ds, steps, threads)
+    return (*seed_steps(ds, steps, threads), isa.dispatch())
 
 
 def seed_steps(ds, steps: int, threads: int) -> tuple[float, float]:
@@ -161,13 +178,17 @@ def main() -> None:
                         help="epochs of --steps steps per variant in the suite (default 2)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                        help="normlab's precision (default: normlab's, bf16 on CPUs with "
-                             "AMX or AVX512-BF16, else fp32)")
+                        help="normlab's precision (default: normlab's for the host kind, bf16 "
+                             "on CPUs with AMX or AVX512-BF16, else fp32)")
+    parser.add_argument("--isa", default=None, choices=tuple(isa.ISAS),
+                        help="run both sides with the dispatch a host of this kind gets "
+                             "(isa.py; default: the environment as it is)")
     args = parser.parse_args()
+    isa.reexec(args.isa)  # before anything is measured: every process inherits it
     if args.quick:
         args.rounds, args.steps = 2, 100
     load_dataset("mnist")  # fetched and cached before anything is timed
-    config = RunConfig.from_options(precision=args.precision)
+    config = RunConfig.from_options(precision=args.precision or isa.precision(args.isa))
     args.precision = config.precision
     with workers_preloaded():
         malloc = in_fresh_process(allocator_in_use)
@@ -175,16 +196,22 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}; normlab: dropout "
           f"{config.model.dropout_draw}, kernels {config.model.kernels}, {args.precision}, "
           f"malloc {malloc}; {args.rounds} "
-          f"rounds of {args.steps} steps", flush=True)
+          f"rounds of {args.steps} steps"
+          + (f"; forced dispatch {args.isa}: {isa.ISAS[args.isa] or 'none'}" if args.isa else ""),
+          flush=True)
     epoch_ratios, suite_ratios = [], []
     for r in range(1, args.rounds + 1):
-        times = {}
+        times, got = {}, {}
         for threads in (1, 2):
-            times[("seed", threads)] = epoch_seconds(
-                *in_fresh_process(seed_epoch, args.steps, threads))
+            *measured, got["seed"] = in_fresh_process(seed_epoch, args.steps, threads)
+            times[("seed", threads)] = epoch_seconds(*measured)
             with workers_preloaded():  # as the normlab command and its workers start
-                times[("normlab", threads)] = epoch_seconds(
-                    *in_fresh_process(normlab_epoch, config, args.steps, threads))
+                *measured, got["normlab"] = in_fresh_process(normlab_epoch, config,
+                                                             args.steps, threads)
+            times[("normlab", threads)] = epoch_seconds(*measured)
+        if r == 1:
+            for side in ("seed", "normlab"):
+                print(f"dispatch {side}: {got[side]}", flush=True)
         best = {side: min((times[(side, t)], t) for t in (1, 2)) for side in ("seed", "normlab")}
         epoch_ratios.append(best["seed"][0] / best["normlab"][0])
         t_seed = best["seed"][1]

@@ -1,4 +1,5 @@
-"""Profile one training step of normlab's engine with torch.profiler.
+"""Profile one training step through autograd with torch.profiler (the step by hand that
+``normlab train`` takes is profiled by ``profile_engine.py``).
 
 The step is the body of ``train_one_epoch``'s loop (``to_input`` with rotation, forward,
 NLL, backward, SGD step, the on-device loss/accuracy sums), on real MNIST, seed protocol:
@@ -24,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from normlab.accel import accelerated_net
 from normlab.data import load_dataset
-from normlab.models import ModelConfig, Net
+from normlab.models import ModelConfig
 from normlab.training.augment import to_input
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -77,7 +79,8 @@ def main() -> None:
                         default="aten",
                         help="nn.Dropout (the seed's), SparseDropout, the norm fused with "
                         "its dropout (normlab.accel.normdrop), or that with the ReLU folded "
-                        "in too and normlab's C kernels (normlab's default network)")
+                        "in too and normlab's C kernels (the network normlab.accel trains, "
+                        "here through autograd)")
     parser.add_argument("--norm", default="bn", choices=["bn", "gn", "ln"])
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--top", type=int, default=18)
@@ -86,8 +89,8 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         torch.manual_seed(1)
-        if args.dropout_impl == "kernels":
-            model = Net.from_config(ModelConfig(norms=(args.norm,), dropout=args.dropout,
+        if args.dropout_impl == "kernels":  # the fused modules normlab.accel swaps in
+            model = accelerated_net(ModelConfig(norms=(args.norm,), dropout=args.dropout,
                                                 kernels="normlab"))
         else:
             model = seed_net(args.dropout, args.norm)  # nn.Dropout, torch's ReLU and norms

@@ -1,0 +1,158 @@
+"""How long ``make run`` (the s6 suite, 5 seeds: 25 runs x 20 epochs) takes on a host of a
+given kind, from a short sitting of the real suite on this one.
+
+It trains the s6 variants (BN, GN, LN, BN + L1, BN + L1 at the seed's lambda) on the full
+training set for ``--epochs`` epochs each (default 2), through normlab's default executor
+for a 2-core machine (two runs at once, one thread each, runs split at epoch boundaries),
+under the forced dispatch of ``--isa`` (``isa.py``) and that host kind's default precision.
+Each epoch's seconds (its training and its test pass, as metrics.jsonl records them) then
+give the estimate the suite's own progress line makes: the epochs left, over the runs at
+once, at the mean seconds of one run's epoch -- for 500 epochs two at a time, 250 times the
+mean epoch. It prints the variants' epoch seconds, the wall time of the sitting and the
+estimate; the load average before and after (a sitting on a shared machine runs slow), and
+the same estimate from the workers' CPU time (start-up included), which another process
+on the machine does not inflate.
+
+    python benchmarks/suite_estimate.py --isa avx2          # as on a 2-core AVX2 host
+    python benchmarks/suite_estimate.py --isa native --epochs 1
+    python benchmarks/suite_estimate.py --isa avx2 --levers cpuinfo,eval   # with levers
+
+``--levers`` installs prototypes of levers in every worker before it trains (``cpuinfo``:
+``kernels._cpu_id`` read once per process; ``eval``: the test pass's forward in chunks of
+250 images), so a sitting with them can be set against one without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import isa
+
+MAKE_RUN_EPOCHS = 5 * 5 * 20  # variants x seeds x epochs
+EVAL_CHUNK = 250  # images per forward in the test pass with the "eval" lever
+LEVERS = ("cpuinfo", "eval")
+
+
+class Chunked:
+    """A model whose calls go through in chunks of ``size`` inputs, concatenated (the
+    "eval" lever: the test pass's batches of 1,000 in forwards of 250; eval_chunks.py
+    checks that the logits are bitwise the same)."""
+
+    def __init__(self, model, size: int) -> None:
+        self.model, self.size = model, size
+
+    def __call__(self, x):
+        import torch
+
+        if len(x) <= self.size:
+            return self.model(x)
+        return torch.cat([self.model(part) for part in x.split(self.size)])
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def apply_levers(levers: tuple[str, ...]) -> None:
+    """Install the levers in this process (a worker, before it trains)."""
+    if "cpuinfo" in levers:  # /proc/cpuinfo read once, not per kernels.library() call
+        import functools
+
+        from normlab.accel import kernels
+
+        kernels._cpu_id = functools.cache(kernels._cpu_id)
+    if "eval" in levers:
+        import normlab.training.run as run
+
+        evaluate = run.evaluate
+        run.evaluate = lambda model, *a, **k: evaluate(Chunked(model, EVAL_CHUNK), *a, **k)
+
+
+def train_job_with_levers(levers, job, device, threads, until=None):
+    """``executors.train_job`` in a worker with ``levers`` installed first."""
+    from normlab.experiments import executors
+
+    apply_levers(levers)
+    plain = getattr(executors, "_plain_train_job", executors.train_job)  # a worker: unpatched
+    return plain(job, device, threads, until)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--isa", default=None, choices=tuple(isa.ISAS))
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per variant (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"))
+    parser.add_argument("--levers", default="",
+                        help=f"comma-separated levers installed in every worker: "
+                             f"{', '.join(LEVERS)} (default: none)")
+    args = parser.parse_args()
+    isa.reexec(args.isa)
+    import functools
+
+    from normlab.experiments import ProcessExecutor, executors, load_suite, plan
+    from normlab.training.events import ignore
+
+    levers = tuple(x for x in args.levers.split(",") if x)
+    if set(levers) - set(LEVERS):
+        raise SystemExit(f"unknown lever in {args.levers!r}; choose from {', '.join(LEVERS)}")
+    if levers:  # the executor submits executors.train_job: the same with levers installed
+        executors._plain_train_job = executors.train_job
+        executors.train_job = functools.partial(train_job_with_levers, levers)
+
+    precision = args.precision or isa.precision(args.isa)
+    suite = load_suite("s6").map_configs(lambda c: dataclasses.replace(
+        c, precision=precision or c.precision,
+        protocol=dataclasses.replace(c.protocol, epochs=args.epochs)))
+    load = os.getloadavg()[0]
+    print(f"s6, {args.epochs} epoch(s) per variant, {args.jobs} runs at once, 1 thread each; "
+          f"levers {', '.join(levers) or 'none'}; "
+          f"{isa.dispatch(kernels=True)}; precision {precision or 'default'}; load {load:.2f}",
+          flush=True)
+    with tempfile.TemporaryDirectory() as out:
+        jobs = [r.job for r in plan(suite, out, [1])]
+        start = time.perf_counter()
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        outcomes = ProcessExecutor(args.jobs, threads=1).execute(jobs, ignore)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers, joined
+        cpu_seconds = (after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime)
+        if any(o.status != "ok" for o in outcomes.values()):
+            raise SystemExit(f"a run failed: {outcomes}")
+        seconds, fastest = [], []
+        for job in jobs:
+            lines = (Path(job.dir) / "metrics.jsonl").read_text().splitlines()
+            records = [json.loads(line) for line in lines]
+            epoch = [r["seconds"] for r in records]
+            seconds += epoch
+            fastest.append(min(epoch))
+            print(f"  {job.rel:<28} " + ", ".join(
+                f"{r['train_seconds']:.1f} + {r['test_seconds']:.1f} s" for r in records),
+                flush=True)
+    per_epoch = MAKE_RUN_EPOCHS / args.jobs / 60  # minutes of make run per second of epoch
+    mean, median = statistics.mean(seconds), statistics.median(seconds)
+    quick = statistics.mean(fastest)
+    print(f"wall {wall:.0f} s for {len(seconds)} epochs; epoch (train + test) mean {mean:.1f} "
+          f"s, median {median:.1f} s, each variant's fastest {quick:.1f} s on average -> make "
+          f"run (5 seeds, {MAKE_RUN_EPOCHS} epochs, {args.jobs} at once) about "
+          f"{mean * per_epoch:.0f} min at the mean (the suite's own estimate), "
+          f"{median * per_epoch:.0f} min at the median, {quick * per_epoch:.0f} min at the "
+          f"fastest (an undisturbed machine); a 45-minute make run needs "
+          f"{45 / per_epoch:.1f} s per epoch; load {os.getloadavg()[0]:.2f}", flush=True)
+    on_cpu = cpu_seconds / len(seconds)
+    print(f"the workers' CPU time: {cpu_seconds:.0f} s, {on_cpu:.1f} s per epoch with their "
+          f"start-up (one thread each: what an epoch takes when no other process wants the "
+          f"cores) -> make run about {on_cpu * per_epoch:.0f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
