@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from kernels_ab import NET, compile_revision, use
+
 from normlab.accel import kernels
 from normlab.models.dropout import bernoulli_positions
 
@@ -40,15 +40,15 @@ def cases(dtype):
             kernels.bn_forward(x, w, b, m, v, 0.1, 1e-5, 1 / 0.99, True, d)
 
     def bn_bwd():
-        for (x, w, _, _, _, d, g), s in zip(layers, saved):
+        for (x, w, _, _, _, d, g), s in zip(layers, saved, strict=True):
             kernels.bn_backward(x, w, s, d, g, 1 / 0.99, True)
 
     def gn_fwd():
-        for x, w, b, m, v, d, _ in layers:
+        for x, w, b, _m, _v, d, _ in layers:
             kernels.gn_forward(x, 2, w, b, 1e-5, 1 / 0.99, True, d)
 
     def gn_bwd():
-        for (x, w, _, _, _, d, g), s in zip(layers, gsaved):
+        for (x, w, _, _, _, d, g), s in zip(layers, gsaved, strict=True):
             kernels.gn_backward(x, 2, w, s, d, g, 1 / 0.99, True)
 
     def bn_eval():
@@ -85,7 +85,7 @@ def main():
         builds = {n: compile_revision(rev, Path(tmp), args.march, n)
                   for n, rev in (("A", args.a), ("B", args.b))}
         for dtype in (torch.float32, torch.bfloat16):
-            for r in range(args.rounds):
+            for _ in range(args.rounds):
                 for n, lib in builds.items():
                     use(lib)
                     for name, fn in cases(dtype).items():

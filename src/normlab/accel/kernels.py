@@ -100,6 +100,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "normlab" / "kernels"
 
 
+@functools.cache  # read once: march() asks on every library() call, once per step
 def _cpu_id() -> str:
     """What ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
     try:
