@@ -37,29 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import isa
+from eval_chunks import Chunked
 
 MAKE_RUN_EPOCHS = 5 * 5 * 20  # variants x seeds x epochs
 EVAL_CHUNK = 250  # images per forward in the test pass with the "eval" lever
 LEVERS = ("cpuinfo", "eval")
-
-
-class Chunked:
-    """A model whose calls go through in chunks of ``size`` inputs, concatenated (the
-    "eval" lever: the test pass's batches of 1,000 in forwards of 250; eval_chunks.py
-    checks that the logits are bitwise the same)."""
-
-    def __init__(self, model, size: int) -> None:
-        self.model, self.size = model, size
-
-    def __call__(self, x):
-        import torch
-
-        if len(x) <= self.size:
-            return self.model(x)
-        return torch.cat([self.model(part) for part in x.split(self.size)])
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
 
 
 def apply_levers(levers: tuple[str, ...]) -> None:

@@ -30,7 +30,6 @@ and prints it as a Markdown table (``--out FILE`` writes it too).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -97,15 +96,7 @@ def x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
+cpu_flags = kernels.cpu_flags  # this CPU's flags (the Zen 3 test replaces it)
 
 
 def has(needs: set[str]) -> bool:

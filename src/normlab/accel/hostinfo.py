@@ -19,17 +19,18 @@ FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NORMLAB_MARCH", "CC")
 
 def cpu() -> tuple[str, list[str]]:
     """The CPU's model name and which of :data:`FEATURES` it has (Linux's /proc/cpuinfo)."""
-    name, flags = platform.processor() or platform.machine(), set()
+    from normlab.accel.kernels import cpu_flags
+
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine()):
+            if key.strip() == "model name":
                 name = value.strip()
-            if key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
+                break
     except OSError:
         pass
-    return name, [f for f in FEATURES if f in flags]
+    return name, [f for f in FEATURES if f in cpu_flags()]
 
 
 def _step_paths(precision: str) -> str:

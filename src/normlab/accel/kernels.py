@@ -66,8 +66,8 @@ def march() -> str:
     value = os.environ.get("NORMLAB_MARCH", "native")
     if value not in MARCHES:
         raise KernelUnavailable(f"NORMLAB_MARCH={value!r}: choose one of {', '.join(MARCHES)}")
-    flags = set(_cpu_id().partition(":")[2].split())
-    missing = sorted(NEEDS.get(value, set()) - flags) if platform.machine() == "x86_64" else []
+    needs = NEEDS.get(value, set()) if platform.machine() == "x86_64" else set()
+    missing = sorted(needs - cpu_flags())
     if missing:
         raise KernelUnavailable(f"NORMLAB_MARCH={value}: this CPU lacks {' '.join(missing)}; "
                                 "choose a level it has (x86-64-v3, x86-64) or native")
@@ -100,7 +100,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "normlab" / "kernels"
 
 
-@functools.cache  # read once: march() asks on every library() call, once per step
+@functools.cache
 def _cpu_id() -> str:
     """What ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
     try:
@@ -110,6 +110,13 @@ def _cpu_id() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@functools.cache  # read once: march() asks on every library() call, once per step
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux lists them (``avx2``, ``avx512f``, ...; none
+    elsewhere)."""
+    return frozenset(_cpu_id().partition(":")[2].split())
 
 
 def build(cc: str | None = None, source: Path = SOURCE, arch: str | None = None) -> Path:

@@ -142,8 +142,7 @@ def train(
         torch.set_num_threads(threads)
     keep_freed_memory()
     dev = resolve_device(device)
-    if ("normlab" in (config.model.kernels, config.augment) and dev.type == "cpu"
-            and config.accel == "on"):
+    if "normlab" in (config.model.kernels, config.augment) and dev.type == "cpu":
         kernels.library()  # built now: a run that cannot have it fails before it starts
     with run.lock():
         result = _train_locked(config, run, dev, data, listener, name, until)
