@@ -17,6 +17,7 @@ $(BIN)/normlab: pyproject.toml requirements-cpu.txt
 
 $(BIN)/pytest: $(BIN)/normlab requirements-test.txt
 	$(BIN)/python -m pip install -q -r requirements-test.txt
+	$(BIN)/python -m pip install -q --no-deps timm==1.0.29
 	touch $@
 
 venv: $(BIN)/normlab
