@@ -74,6 +74,10 @@ class RunConfig:
     # autograd with torch's norms and augmentation (kernels, eval_kernels and augment
     # become "aten"). A stored config without the field (0.8 and before) reads as "on".
     accel: str = "on"
+    # after each epoch's test pass, a second one with the batch-statistics norms' running
+    # statistics recalibrated on training batches (PreciseBN: normlab.studies.precise);
+    # metrics.jsonl gets test_acc_precise and test_loss_precise, the other metrics unchanged
+    precise_bn: bool = False
 
     def __post_init__(self) -> None:
         from normlab.accel import ACCEL
@@ -104,6 +108,7 @@ class RunConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"precision must be one of {', '.join(PRECISIONS)}, "
                                            f"got {self.precision!r}")
+        coerce("precise_bn", self.precise_bn, bool)
         if coerce("seed", self.seed, int) < 0:
             raise ConfigError("seed", f"seed must be a non-negative integer, got {self.seed}")
         if coerce("subset", self.subset, int, optional=True) is not None and self.subset < 1:
@@ -122,6 +127,8 @@ class RunConfig:
         data["model"] = self.model.to_dict()
         if self.accel == "on":  # written only when off: the format 0.8 and before wrote
             del data["accel"]
+        if not self.precise_bn:  # written only when on: the format 0.9 and before wrote
+            del data["precise_bn"]
         return data
 
     @classmethod
@@ -149,8 +156,9 @@ class RunConfig:
         """A config from ``normlab train``'s options, flat, as the command line and
         ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
         ``dropout_draw``, ``kernels``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``,
-        ``seed``, ``subset``, ``precision``, ``augment``, ``accel``) and any field of the named
-        ``protocol`` (``epochs``, ``lr``, ...). An option given as None keeps its default."""
+        ``seed``, ``subset``, ``precision``, ``augment``, ``accel``, ``precise_bn``) and any
+        field of the named ``protocol`` (``epochs``, ``lr``, ...). An option given as None
+        keeps its default."""
         run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)
                                    if f.name not in ("model", "protocol"))]
         proto_keys = [f.name for f in protocol_fields()]
@@ -168,8 +176,9 @@ def from_stored(data: dict[str, Any]) -> RunConfig:
     ``kernels`` existed (normlab 0.3 and before), the norms were torch's: it reads as
     ``kernels="aten"``; without a precision (normlab 0.1) as fp32; without ``augment``
     (normlab 0.4 and before) as ``augment="aten"``; and without ``eval_kernels`` (normlab
-    0.5 and before: the test pass used torch's norms) as ``eval_kernels="aten"``. So a run
-    resumes and reports exactly as it was trained, on any machine."""
+    0.5 and before: the test pass used torch's norms) as ``eval_kernels="aten"``; without
+    ``precise_bn`` (0.9 and before) as off. So a run resumes and reports exactly as it was
+    trained, on any machine."""
     data = {"precision": "fp32", "augment": "aten", **data}
     model = data.get("model")
     if isinstance(model, dict):

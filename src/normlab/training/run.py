@@ -18,6 +18,7 @@ import torch
 from normlab import __version__, accel
 from normlab.accel import kernels
 from normlab.memory import allocator, keep_freed_memory
+from normlab.studies.precise import precise_evaluate
 from normlab.training.config import RunConfig, continue_hint
 from normlab.training.engine import (
     TensorData,
@@ -229,6 +230,10 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
         record = {"epoch": epoch, "lr": lr, **tr, **te}
         record["seconds"] = tr["train_seconds"] + te["test_seconds"]
         record["images_per_second"] = len(train_data) / tr["train_seconds"]
+        if config.precise_bn:  # a second test pass, recalibrated, on a copy of the model
+            record.update(precise_evaluate(
+                model, train_data, test_data, batch_size=p.batch_size, seed=config.seed,
+                eval_batch_size=p.eval_batch_size, precision=config.precision))
         message = divergence(record, epoch * steps_per_epoch)
         status = "diverged" if message else "ok"
         record["status"] = status

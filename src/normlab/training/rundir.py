@@ -31,7 +31,8 @@ CONFIG, METRICS, CHECKPOINT, PREDICTIONS, LOCK, FAILURE = (
 # its last attempt failed (an error, not a divergence: rerunning retries it).
 NEW, PARTIAL, FINISHED, DIVERGED, FAILED = "new", "partial", "finished", "diverged", "failed"
 # Fields of a metrics record that measure time, not the run: they differ between reruns.
-TIMING_FIELDS = ("train_seconds", "test_seconds", "seconds", "images_per_second")
+TIMING_FIELDS = ("train_seconds", "test_seconds", "seconds", "images_per_second",
+                 "precise_seconds")
 # Final test accuracy (%) below which a 10-class run "sits at chance" (1.5 x the 10% of
 # guessing): training stops there, and the report flags it.
 CHANCE_ACC = 15.0
