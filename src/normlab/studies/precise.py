@@ -42,6 +42,11 @@ The choices, and why:
   recalibration all the same.
 - **On a copy** of the model (5,760 parameters: copying costs nothing measurable): the
   trained model, its buffers and the optimizer are never touched.
+
+Cost: 12,800 training images forward and the test pass again, about 1.2 s per epoch of
+the full MNIST protocol (bf16, one thread of a loaded 2-core host) against about 9 s of
+training and 0.4 s of test: some 13% more per epoch. A model without such norms is
+evaluated again as it is (the same numbers).
 """
 
 from __future__ import annotations
