@@ -8,7 +8,7 @@ import torch
 
 from normlab.accel import accelerate, accelerated_net
 from normlab.cli import main
-from normlab.models import NORMS, ModelConfig, Net, count_parameters, make_norm
+from normlab.models import ModelConfig, Net, count_parameters, make_norm
 
 
 def seed_examples():
@@ -91,7 +91,7 @@ def test_layer_order_matches_seed():
         assert torch.equal(net(x), seed(x))
 
 
-@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn", "in", "none"])  # the seed's: 5,760 each
 def test_norm_choice_forward_is_finite(norm):
     model = Net(norm=norm, groups=2)
     expected = 5632 if norm == "none" else 5760

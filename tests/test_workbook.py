@@ -17,7 +17,7 @@ from openpyxl.utils import range_boundaries
 
 from conftest import require_tool
 from normlab.cli import main
-from normlab.models.norms import NORMALIZING, make_norm
+from normlab.models.norms import make_norm
 from normlab.workbook import (
     Grid,
     SheetConfig,
@@ -25,6 +25,7 @@ from normlab.workbook import (
     reduction_groups,
     torch_outputs,
     workbook_layout,
+    workbook_norms,
     write_workbook,
 )
 
@@ -40,7 +41,7 @@ def expected_outputs(
 ) -> dict[str, torch.Tensor]:
     """The project's own norm layers (make_norm), in training mode and float64."""
     out = {}
-    for key in NORMALIZING:
+    for key in workbook_norms():
         layer = make_norm(key, x.shape[1], groups).double().train()
         layer.eps = eps
         with torch.no_grad():
@@ -94,7 +95,7 @@ def test_reduction_groups_partition_every_position(config):
     everything = set(itertools.product(*map(range, config.shape)))
     n, c, h, w = config.shape
     sizes = {"bn": n * h * w, "ln": c * h * w, "gn": c // config.groups * h * w, "in": h * w}
-    for key in NORMALIZING:
+    for key in workbook_norms():
         groups = reduction_groups(key, config)
         members = [m for g in groups for m in g.members]
         assert len(members) == len(set(members)) == len(everything), key
@@ -108,7 +109,7 @@ def test_torch_outputs_match_the_projects_norm_layers():
     x = input_tensor(config)
     want = expected_outputs(x, config.gamma, config.beta, config.eps, config.groups)
     got = torch_outputs(config)
-    for key in NORMALIZING:
+    for key in workbook_norms():
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-12, msg=key)
 
 
@@ -117,7 +118,7 @@ def test_formula_cells_are_formulas_over_exactly_their_group(tmp_path):
     wb = load_workbook(write_workbook(tmp_path / "f.xlsx", 2, 6, 3, 2, 3))
     layout = workbook_layout(config)
     inputs = layout.x
-    for key in NORMALIZING:
+    for key in workbook_norms():
         norm = layout.norms[key]
         ws = wb[norm.sheet]
         for i in itertools.product(*map(range, config.shape)):
@@ -135,7 +136,7 @@ def test_formula_cells_are_formulas_over_exactly_their_group(tmp_path):
             assert cells_of(formula_args(mean, "AVERAGE")) == want, (key, k)
             assert cells_of(formula_args(var, "VARP")) == want, (key, k)
     check = wb["Check"]
-    for key in NORMALIZING:
+    for key in workbook_norms():
         assert check[layout.max_diff[key]].value.startswith("=MAX(")
         for i in itertools.product(*map(range, config.shape)):
             pasted = check[layout.check_values[key].cell(*i)].value
@@ -293,7 +294,7 @@ def test_recalculated_outputs_and_statistics_match_pytorch(recalculated, name):
     case = recalculated[name]
     layout = workbook_layout(case.config)
     want = expected_outputs(case.x, case.gamma, case.beta, case.eps, case.config.groups)
-    for key in NORMALIZING:
+    for key in workbook_norms():
         norm = layout.norms[key]
         ws = case.wb[norm.sheet]
         torch.testing.assert_close(read_grid(ws, norm.x), case.x, rtol=0, atol=0)
@@ -314,7 +315,7 @@ def test_check_sheet_finds_no_difference(recalculated, name):
     case = recalculated[name]
     layout = workbook_layout(case.config)
     check = case.wb["Check"]
-    for key in NORMALIZING:
+    for key in workbook_norms():
         diffs = read_grid(check, layout.check_diffs[key])
         assert diffs.abs().max() < TOL, key
         worst = check[layout.max_diff[key]].value
@@ -327,5 +328,5 @@ def test_check_sheet_goes_stale_after_edits(recalculated):
     case = recalculated["edited"]
     layout = workbook_layout(case.config)
     check = case.wb["Check"]
-    for key in NORMALIZING:
+    for key in workbook_norms():
         assert check[layout.max_diff[key]].value > 0.1, key

@@ -105,6 +105,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="every run in fp32 or with bf16 autocast; default: the suite "
                              "file's, else bf16 where the CPU has AMX or AVX512-BF16 (an "
                              "epoch ~1.3x faster, the same accuracy), else fp32")
+    parser.add_argument("--precise-bn", action="store_true",
+                        help="every run also evaluates each epoch with PreciseBN statistics "
+                             "(test_acc_precise, test_loss_precise; the ordinary metrics "
+                             "unchanged)")
     ex = parser.add_argument_group("executor")
     ex.add_argument("--executor", choices=("local", "ray"), default=None,
                     help="local: this process, or --jobs N worker processes (the default); "
@@ -179,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_config(augment=args.augment)
     if args.accel:
         suite = suite.with_config(accel=args.accel)
+    if args.precise_bn:
+        suite = suite.with_config(precise_bn=True)
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list
     out = args.out or default_out(suite)
     executor = make_executor(args)

@@ -191,14 +191,21 @@ def check_out(suite: Suite, out: str | Path, seeds: list[int] | None = None) -> 
 def _options(variant: Variant, suite: Suite) -> str:
     """The variant's model, regularizer and protocol options that differ from the defaults
     (the protocol's: from the suite's)."""
+    from normlab.models import norm_spec
+
     c, default = variant.config, RunConfig()
     parts = [f"norm={c.norm}"]
+    if c.model.norm_options:
+        parts.append(f"norm_options={{{c.model.norm_options.text()}}}")
     values = {**{k: (getattr(c.model, k), getattr(default.model, k))
-                 for k in ("groups", "dropout", "dropout_draw", "kernels", "eval_kernels")},
+                 for k in ("groups", "dropout", "dropout_draw", "kernels", "eval_kernels",
+                           "weight_std")},
               **{k: (getattr(c, k), getattr(default, k))
-                 for k in ("l1", "l1_scope", "weight_decay", "precision", "augment")}}
+                 for k in ("l1", "l1_scope", "weight_decay", "precision", "augment",
+                           "precise_bn") if hasattr(c, k)}}
+    grouped = any(norm_spec(n).grouped for n in c.model.norms)
     for key, (value, base) in values.items():
-        if (key == "groups" and "gn" in c.model.norms) or value != base:
+        if (key == "groups" and grouped) or value != base:
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
     parts += [f"{k}={getattr(c.protocol, k)}" for k in c.protocol.__dataclass_fields__
               if getattr(c.protocol, k) != getattr(suite.protocol, k)]

@@ -11,6 +11,7 @@ A suite is a TOML file::
                                      # with AMX or AVX512-BF16, else fp32)
     augment = "aten"                 # optional: what rotates the training images (normlab's
                                      # C kernel where a compiler is found, else torch's ops)
+    precise_bn = true                # optional: also evaluate with PreciseBN statistics
 
     [protocol]
     name = "seed"                    # a named protocol (normlab.training.PROTOCOLS)
@@ -20,12 +21,18 @@ A suite is a TOML file::
     [[variant]]
     name = "bn"                      # a slug: the run directory is OUT/<name>/seed<k>
     label = "BN"                     # optional; "{l1}" etc. are filled from the options
-    norm = "bn"                      # model options: norm, groups, dropout, dropout_draw
+    norm = "bn"                      # model options: norm, groups, dropout, dropout_draw,
+                                     # norm_options, weight_std (and kernels, eval_kernels)
+    norm_options = { momentum = 0.01 }   # optional: keyword options of every norm layer
+    weight_std = false               # optional: weight standardization (StdConv2d)
     l1 = 1e-4                        # regularizers: l1, l1_scope, weight_decay
     protocol = { batch_size = 8, lr = 0.0125 }   # optional: this variant's protocol fields
 
-Everything is checked when the file is loaded, before anything trains: an unknown key or a
-bad value is reported with the file, the line and the valid choices.
+A norm is a registered name (``normlab.models.norm_names()``) or your own by import path,
+``norm = "mypkg.norms:MyNorm"`` (imported in every process that trains it: put it on
+PYTHONPATH). Everything is checked when the file is loaded, before anything trains: an
+unknown key or a bad value (an option the norm does not take) is reported with the file,
+the line and the valid choices.
 """
 
 from __future__ import annotations
@@ -39,15 +46,15 @@ from typing import Any
 
 from normlab.fields import ConfigError, check_keys
 from normlab.files import TomlLines, parse_toml
-from normlab.models import NORM_LABELS, ModelConfig
+from normlab.models import ModelConfig, norm_spec
 from normlab.models.net import MODEL_KEYS
 from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precision
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "augment",
-            "protocol", "variant")
+            "precise_bn", "protocol", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
-VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "protocol")
+VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "protocol")
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -167,8 +174,9 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
               "precision": data.get("precision") or default_precision(), "protocol": protocol}
-    if "augment" in data:
-        shared["augment"] = data["augment"]
+    for key in ("augment", "precise_bn"):
+        if key in data:
+            shared[key] = data[key]
     try:  # the suite-wide options, checked once before the variants
         RunConfig.from_dict(shared)
     except ConfigError as err:
@@ -290,7 +298,13 @@ def _label_values(config: RunConfig) -> dict[str, str]:
         "dropout": f"{config.model.dropout:g}",
         "l1": f"{config.l1:g}", "l1_scope": config.l1_scope,
         "weight_decay": f"{config.weight_decay:g}",
+        "norm_options": config.model.norm_options.text(),
+        **{k: f"{v:g}" if isinstance(v, float) else str(v)
+           for k, v in config.model.norm_options.items() if k not in _LABEL_KEYS},
     }
+
+
+_LABEL_KEYS = ("norm", "groups", "dropout", "l1", "l1_scope", "weight_decay", "norm_options")
 
 
 def _fill_label(label: str, config: RunConfig, fail) -> str:
@@ -304,12 +318,28 @@ def _fill_label(label: str, config: RunConfig, fail) -> str:
         raise  # unreachable: fail raises
 
 
+def norm_label(model: ModelConfig) -> str:
+    """The model's norm(s) by their specs' labels, e.g. ``GN (2 groups)``, ``BN
+    (momentum=0.01)``, ``GN (2 groups) + WS`` (weight standardization)."""
+    parts = []
+    for name in model.norms:
+        spec = norm_spec(name)
+        part = spec.label
+        if spec.grouped:
+            part += f" ({model.groups} group{'s' if model.groups != 1 else ''})"
+        parts.append(part)
+    label = " + ".join(parts)
+    if model.norm_options:
+        label += f" ({model.norm_options.text()})"
+    if model.weight_std:
+        label += " + WS"
+    return label
+
+
 def default_label(config: RunConfig) -> str:
     """A human name from the options, e.g. ``GN (2 groups) + L1 (λ=0.0001)``."""
     model = config.model
-    label = " + ".join(NORM_LABELS[n] for n in model.norms)
-    if "gn" in model.norms:
-        label = label.replace("GN", f"GN ({model.groups} group{'s' if model.groups != 1 else ''})")
+    label = norm_label(model)
     if config.l1:
         scope = ", conv weights" if config.l1_scope == "conv" else ""
         label += f" + L1 (λ={config.l1:g}{scope})"

@@ -1,25 +1,27 @@
-"""Models: the seed's CNN and the registry of normalization layers."""
+"""Models: the seed's CNN and the registry of normalization layers (one NormSpec per norm)."""
 
 from normlab.models.net import LAYOUT, ModelConfig, Net, build_config, count_parameters
 from normlab.models.norms import (
-    NORM_LABELS,
-    NORM_TITLES,
-    NORMALIZING,
-    NORMS,
+    NormSpec,
     check_norm,
     make_norm,
+    norm_names,
+    norm_spec,
+    norm_specs,
+    register_norm,
 )
 
 __all__ = [
     "LAYOUT",
-    "NORMALIZING",
-    "NORMS",
-    "NORM_LABELS",
-    "NORM_TITLES",
     "ModelConfig",
     "Net",
+    "NormSpec",
     "build_config",
     "check_norm",
     "count_parameters",
     "make_norm",
+    "norm_names",
+    "norm_spec",
+    "norm_specs",
+    "register_norm",
 ]

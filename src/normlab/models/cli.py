@@ -4,25 +4,85 @@ Examples:
   normlab summary                      # the seed's default: BatchNorm, dropout 0.01
   normlab summary --norm gn --groups 2
   normlab summary --norm ln --dropout 0
+  normlab summary --norm gn --weight-std
+  normlab summary --norm bn --norm-option momentum=0.01 --norm-option affine=false
+  normlab summary --norm mypkg.norms:MyNorm       # your own norm, by import path
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
+from normlab.fields import ConfigError
 from normlab.models.net import DROPOUT_DRAWS, KERNELS, ModelConfig, Net
-from normlab.models.norms import NORMS
+from normlab.models.norms import norm_names, norm_spec
+
+
+def norm_argument(text: str) -> str:
+    """``--norm``'s value: a registered norm or an import path that resolves."""
+    try:
+        for name in text.split("+"):
+            norm_spec(name)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+    return text
+
+
+def option_value(text: str) -> Any:
+    """A ``--norm-option`` value, JSON-ish: ``0.01``, ``true``/``false`` (any case),
+    ``null``/``none``, ``[1, 2]``, ``"quoted"``; anything else is a string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def norm_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. momentum=0.01), got {text!r}")
+    return key, option_value(value)
+
+
+def norm_options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--norm-option`` pairs as a dict (None when none was given)."""
+    pairs = getattr(args, "norm_options", None)
+    return dict(pairs) if pairs else None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--norm", default="bn", choices=list(NORMS),
-        help="normalization after every conv block (default: %(default)s)",
+        "--norm", default="bn", type=norm_argument, metavar="NORM",
+        help=f"normalization after every conv block: {', '.join(norm_names())}, or your own "
+             "norm by import path package.module:Attr (a factory called as Attr(channels, "
+             "**options), e.g. an nn.Module class; importable wherever it trains) "
+             "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--norm-option", dest="norm_options", action="append", type=norm_option,
+        default=None, metavar="KEY=VALUE",
+        help="a keyword option of every norm layer, passed to it unchanged (repeatable): "
+             "--norm-option momentum=0.01 --norm-option eps=1e-3 --norm-option affine=false; "
+             "values are JSON-ish (numbers, true/false, null, [lists]; else a string)",
+    )
+    group.add_argument(
+        "--weight-std", action="store_true", default=None,
+        help="weight standardization: every convolution standardizes its weights before "
+             "use (StdConv2d; Qiao et al. 2019), e.g. with --norm gn",
     )
     group.add_argument(
         "--groups", type=int, default=2,
-        help="GroupNorm groups; must divide 8, 16, 12 and 14 (default: %(default)s)",
+        help="groups of GroupNorm (and of the other grouped norms, EvoNorm-S0); must divide "
+             "8, 16, 12 and 14 (default: %(default)s)",
     )
     group.add_argument(
         "--dropout", type=float, default=0.01,
@@ -54,7 +114,9 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig.from_dict({"norm": args.norm, "groups": args.groups,
                                   "dropout": args.dropout, "dropout_draw": args.dropout_draw,
                                   "kernels": args.kernels,
-                                  "eval_kernels": args.eval_kernels})
+                                  "eval_kernels": args.eval_kernels,
+                                  "norm_options": norm_options_from_args(args) or {},
+                                  "weight_std": bool(args.weight_std)})
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

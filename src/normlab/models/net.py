@@ -12,7 +12,14 @@ from torch import nn
 
 from normlab.fields import ConfigError, check_keys, coerce
 from normlab.models.dropout import SparseDropout
-from normlab.models.norms import check_norm, make_norm
+from normlab.models.norms import (
+    NormOptions,
+    built_in,
+    check_norm,
+    check_norm_options,
+    make_norm,
+    norm_spec,
+)
 
 # (name, in, out, kernel, padding, is_conv_block). A conv block is Conv -> ReLU -> norm ->
 # Dropout; a transition (1x1) is a bare convolution. The max-pool sits after convblock3.
@@ -45,8 +52,17 @@ class ModelConfig:
     """The model as one value: which norm(s), GroupNorm's group count, and dropout.
 
     ``norms`` is a tuple because the seed's flags may stack several norms in one block;
-    config.json writes it as one string (``"bn"``, or ``"bn+ln"`` when stacked). Built with
-    bad values it raises :class:`~normlab.fields.ConfigError` naming the field.
+    config.json writes it as one string (``"bn"``, or ``"bn+ln"`` when stacked). A norm is a
+    registered name (:mod:`normlab.models.norms`) or an import path ``"package.module:Attr"``,
+    which config.json records as it is. Built with bad values it raises
+    :class:`~normlab.fields.ConfigError` naming the field.
+
+    ``norm_options`` are keyword options passed to every norm layer's factory unchanged
+    (``{"momentum": 0.01, "eps": 1e-3}``; JSON values), checked by building one layer when
+    the config is made. ``weight_std`` makes every convolution a
+    :class:`~normlab.models.zoo.StdConv2d` (weight standardization, Qiao et al. 2019). Each
+    is written to config.json only when set, so folders written before they existed
+    (normlab 0.9) read back equal.
 
     ``dropout_draw`` says how dropout masks are drawn, both in the same distribution (each
     unit dropped independently with probability p, survivors scaled by 1/(1-p)):
@@ -79,6 +95,8 @@ class ModelConfig:
     dropout_draw: str = "positions"
     kernels: str = field(default_factory=default_kernels)
     eval_kernels: str = field(default_factory=default_kernels)
+    norm_options: NormOptions = field(default_factory=NormOptions)
+    weight_std: bool = False
 
     def __post_init__(self) -> None:
         norms = self.norms.split("+") if isinstance(self.norms, str) else tuple(self.norms)
@@ -86,6 +104,11 @@ class ModelConfig:
         groups = coerce("groups", self.groups, int)
         if groups < 1:
             raise ConfigError("groups", f"groups must be a positive integer, got {groups!r}")
+        if not isinstance(self.weight_std, bool):
+            raise ConfigError("weight_std", f"weight_std must be true or false, "
+                                            f"got {self.weight_std!r}")
+        options = NormOptions(self.norm_options)
+        object.__setattr__(self, "norm_options", options)
         dropout = coerce("dropout", self.dropout, float)
         if not 0 <= dropout < 1:
             raise ConfigError(
@@ -102,25 +125,35 @@ class ModelConfig:
                                        f"got {getattr(self, key)!r}")
         if self.kernels == "aten":
             object.__setattr__(self, "eval_kernels", "aten")
-        if "gn" in self.norms:
-            for name, _, out, _, _, is_block in LAYOUT:
-                if is_block and out % groups:
-                    widths = ", ".join(str(o) for _, _, o, _, _, b in LAYOUT if b)
-                    raise ConfigError(
-                        "groups",
-                        f"GroupNorm with {groups} groups does not divide {name}'s {out} "
-                        f"channels; choose a group count that divides every block width "
-                        f"({widths}), e.g. 1 or 2",
-                    )
+        for norm in self.norms:
+            spec = norm_spec(norm)
+            if spec.grouped:
+                for name, _, out, _, _, is_block in LAYOUT:
+                    if is_block and out % groups:
+                        widths = ", ".join(str(o) for _, _, o, _, _, b in LAYOUT if b)
+                        raise ConfigError(
+                            "groups",
+                            f"{spec.title} with {groups} groups does not divide {name}'s "
+                            f"{out} channels; choose a group count that divides every block "
+                            f"width ({widths}), e.g. 1 or 2",
+                        )
+            if options or not built_in(norm):
+                # one layer built once: an option the factory does not take fails here
+                check_norm_options(norm, options, LAYOUT[0][2], groups)
 
     @property
     def norm(self) -> str:
         return "+".join(self.norms)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm, "groups": self.groups, "dropout": self.dropout,
+        data = {"norm": self.norm, "groups": self.groups, "dropout": self.dropout,
                 "dropout_draw": self.dropout_draw, "kernels": self.kernels,
                 "eval_kernels": self.eval_kernels}
+        if self.norm_options:  # written only when set: the format 0.9 wrote otherwise
+            data["norm_options"] = self.norm_options.to_json()
+        if self.weight_std:
+            data["weight_std"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -129,10 +162,13 @@ class ModelConfig:
                    dropout=data.get("dropout", 0.01),
                    dropout_draw=data.get("dropout_draw", "positions"),
                    kernels=data.get("kernels") or default_kernels(),
-                   eval_kernels=data.get("eval_kernels") or default_kernels())
+                   eval_kernels=data.get("eval_kernels") or default_kernels(),
+                   norm_options=data.get("norm_options") or {},
+                   weight_std=data.get("weight_std", False))
 
 
-MODEL_KEYS = ("norm", "groups", "dropout", "dropout_draw", "kernels", "eval_kernels")
+MODEL_KEYS = ("norm", "groups", "dropout", "dropout_draw", "kernels", "eval_kernels",
+              "norm_options", "weight_std")
 DROPOUT_DRAWS = ("positions", "bernoulli")
 KERNELS = ("normlab", "aten")
 
@@ -170,6 +206,8 @@ def build_config(
     layer_norm: bool | None = None,
     group_norm: bool | None = None,
     group_norm_groups: int | None = None,
+    norm_options: dict[str, Any] | None = None,
+    weight_std: bool = False,
 ) -> ModelConfig:
     """Resolve either face of the API (``norm=`` or the seed flags) into a ModelConfig."""
     if norm is not None:
@@ -198,7 +236,8 @@ def build_config(
         )
     n_groups = groups if groups is not None else group_norm_groups
     return ModelConfig(norms=norms, groups=2 if n_groups is None else n_groups,
-                       dropout=dropout_value)
+                       dropout=dropout_value, norm_options=norm_options or {},
+                       weight_std=weight_std)
 
 
 class Net(nn.Module):
@@ -206,7 +245,11 @@ class Net(nn.Module):
 
     Seed API: ``Net(dropout_value=0.01, batch_norm=True, layer_norm=False, group_norm=False,
     group_norm_groups=2)``. Cleaner API: ``Net(norm="gn", groups=2, dropout_value=0.0)`` with
-    ``norm`` one of ``bn``, ``gn``, ``ln``, ``in``, ``none``. Returns log-probabilities (N, 10).
+    ``norm`` a registered norm (``bn``, ``gn``, ``ln``, ``in``, ``none``, ``brn``, ``gbn``,
+    ``frn``, ``evo-s0``, ``evo-b0``, ``rms``: :func:`~normlab.models.norms.norm_names`) or an
+    import path ``"package.module:Attr"``; ``norm_options={"momentum": 0.01}`` passed to every
+    norm layer; ``weight_std=True`` standardizes every convolution's weights
+    (``Net(norm="gn", weight_std=True)``). Returns log-probabilities (N, 10).
     """
 
     def __init__(
@@ -219,10 +262,13 @@ class Net(nn.Module):
         *,
         norm: str | None = None,
         groups: int | None = None,
+        norm_options: dict[str, Any] | None = None,
+        weight_std: bool = False,
     ) -> None:
         super().__init__()
         self._build(build_config(
-            norm, groups, dropout_value, batch_norm, layer_norm, group_norm, group_norm_groups
+            norm, groups, dropout_value, batch_norm, layer_norm, group_norm, group_norm_groups,
+            norm_options, weight_std,
         ))
 
     @classmethod
@@ -235,11 +281,15 @@ class Net(nn.Module):
 
     def _build(self, cfg: ModelConfig) -> None:
         self.config = cfg
+        conv = nn.Conv2d
+        if cfg.weight_std:
+            from normlab.models.zoo import StdConv2d as conv
         for name, c_in, c_out, kernel, padding, is_block in LAYOUT:
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, padding=padding, bias=False)]
+            layers: list[nn.Module] = [conv(c_in, c_out, kernel, padding=padding, bias=False)]
             if is_block:  # Conv -> ReLU -> norm(s) -> Dropout, as the seed's blocks
                 layers.append(nn.ReLU())
-                layers += [make_norm(n, c_out, cfg.groups) for n in cfg.norms if n != "none"]
+                layers += [make_norm(n, c_out, cfg.groups, **cfg.norm_options)
+                           for n in cfg.norms if n != "none"]
                 if cfg.dropout > 0:
                     layers.append(make_dropout(cfg))
             setattr(self, name, nn.Sequential(*layers))

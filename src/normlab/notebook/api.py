@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +123,16 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
           track: str | list[str] | None = None, **options: Any) -> Run:
     """Train one run into ``out`` and return it as a :class:`Run`.
 
-    The ``options`` are ``normlab train``'s: ``norm`` (bn, gn, ln, in, none), ``groups``,
-    ``dropout``, ``dropout_draw``, ``kernels``, ``eval_kernels``, ``l1``, ``l1_scope``,
-    ``weight_decay``, ``seed``, ``subset``, ``dataset``, ``precision``, ``augment``, and any
-    field of the named ``protocol`` (``epochs=5``, ``lr=0.05``, ...); unset ones keep the
-    defaults (the seed's BN model and protocol). Or pass a whole ``config``.
+    The ``options`` are ``normlab train``'s: ``norm`` (a registered norm: bn, gn, ln, in,
+    none, brn, gbn, frn, evo-s0, evo-b0, rms or one of yours from
+    :func:`normlab.models.register_norm`; or an import path ``"package.module:Attr"``),
+    ``norm_options`` (a dict passed to every norm layer, e.g. ``{"momentum": 0.01}``),
+    ``weight_std``, ``groups``, ``dropout``, ``dropout_draw``, ``kernels``, ``eval_kernels``,
+    ``l1``, ``l1_scope``, ``weight_decay``, ``seed``, ``subset``, ``dataset``, ``precision``,
+    ``augment``, ``precise_bn``, and any field of the named ``protocol`` (``epochs=5``,
+    ``lr=0.05``, ...); unset ones keep the defaults (the seed's BN model and protocol). Or
+    pass a whole ``config``. A norm registered in this session trains here (not in
+    :func:`run_suite`'s worker processes with ``jobs`` > 1: name it by import path there).
     ``out`` defaults to runs/train/<norm>-seed<k>-<a hash of the config>, so running the
     same cell again resumes (or finds finished) the same run, and another config gets its
     own folder. Interrupting the kernel keeps every completed epoch. ``track``: as for
@@ -143,7 +149,8 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
                          f"got config and {', '.join(given) or 'protocol=' + protocol}")
     if out is None:
         digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-        out = Path("runs") / "train" / f"{config.norm}-seed{config.seed}-{digest.hexdigest()[:8]}"
+        norm = re.sub(r"[^A-Za-z0-9_.+-]+", "_", config.norm)  # an import path's ':'
+        out = Path("runs") / "train" / f"{norm}-seed{config.seed}-{digest.hexdigest()[:8]}"
     from normlab.experiments.suite import default_label
 
     name = str(out)

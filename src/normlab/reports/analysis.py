@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from itertools import combinations
 
-from normlab.models import ModelConfig
+from normlab.models import ModelConfig, norm_spec
 from normlab.reports.collect import (
     FAILED,
     FINISHED,
@@ -183,12 +183,13 @@ def _l1_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Block]
 
 def _seed_model(v: VariantResults, want: RunConfig) -> bool:
     """Whether ``v`` is the seed study's ``want`` (its protocol, data, dropout), any seed;
-    GroupNorm's group count matters only for GN, and how the same model is computed (the
-    dropout draw, the kernels, the precision, what rotates the images) not at all."""
+    the group count matters only for a grouped norm (GN), and how the same model is computed
+    (the dropout draw, the kernels, the precision, what rotates the images) not at all."""
     if v.config is None:
         return False
     model = v.config.model
-    groups = model.groups if "gn" in model.norms else want.model.groups
+    grouped = any(norm_spec(n).grouped for n in model.norms)
+    groups = model.groups if grouped else want.model.groups
     same_model = dataclasses.replace(model, groups=groups, dropout_draw=want.model.dropout_draw,
                                      kernels=want.model.kernels,
                                      eval_kernels=want.model.eval_kernels)

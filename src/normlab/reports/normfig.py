@@ -5,7 +5,8 @@ block with one shaded set: the values that share one mean and variance. Here the
 drawn from a description but measured: build ``make_norm(name, C, groups)`` in train mode,
 perturb one input element, and record which outputs change. A normalised output depends on
 the other inputs only through its group's mean and variance, so the changed outputs are
-exactly the perturbed element's normalisation group.
+exactly the perturbed element's normalisation group. The figure draws the norms with a
+workbook formula (one mean and variance per set) and names the registered norms it leaves out.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from normlab.models import NORM_TITLES, make_norm
+from normlab.models import make_norm, norm_spec
 from normlab.reports.figures import save
 
 PROBE_SHAPE = (5, 6, 2, 3)  # N, C, H, W: H x W flattens to a 6-deep axis, C = 6 splits in 2 groups
 PROBE_GROUPS = 2
-PROBED = ("bn", "ln", "in", "gn")  # the paper's order
+PROBED = ("bn", "ln", "in", "gn")  # the paper's order (the norms with a workbook formula)
 
 
 def probe_norm(name: str, shape: tuple[int, int, int, int] = PROBE_SHAPE,
@@ -75,6 +76,12 @@ def norm_groups_figure(path: Path) -> Path:
         mask = probe_norm(name).reshape(n, c, h * w).numpy()
         ax = fig.add_subplot(1, len(PROBED), i + 1, projection="3d")
         _draw_block(ax, mask, colour)
-        ax.set_title(f"{NORM_TITLES[name]} ({name})\n{int(mask.sum())} values per set",
+        ax.set_title(f"{norm_spec(name).title} ({name})\n{int(mask.sum())} values per set",
                      fontsize=10.5, y=0.98)
+    from normlab.workbook.partition import left_out
+
+    others = [n for n in left_out() if n not in PROBED]
+    if others:
+        fig.supxlabel(f"Not drawn: {', '.join(others)} (no workbook formula: their output "
+                      "is not (x − mean) / √(variance + ε) over one set of values)", fontsize=9)
     return save(fig, path)

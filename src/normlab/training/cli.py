@@ -9,6 +9,10 @@ Examples:
   normlab train --norm gn --groups 2 --l1 1e-4 --epochs 20 --seed 1 --out runs/gn2
   normlab train --subset 2000 --epochs 1 --out /tmp/quick
   normlab train --protocol fast --lr 0.1 --out runs/fast
+  normlab train --norm brn --norm-option r_max=2 --subset 2000 --epochs 1 --out /tmp/brn
+  normlab train --norm gn --weight-std --out runs/gn-ws
+  normlab train --norm mypkg.norms:MyNorm --norm-option eps=1e-3 --out runs/mine
+  normlab train --norm bn --norm-option momentum=0.01 --precise-bn --out runs/bn-m001
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from normlab.accel import ACCEL
 from normlab.fields import check_keys
 from normlab.files import parse_toml
-from normlab.models.cli import add_model_arguments
+from normlab.models.cli import add_model_arguments, norm_options_from_args
 from normlab.models.net import KERNELS, MODEL_KEYS
 from normlab.training.config import L1_SCOPES, PRECISIONS, RunConfig
 from normlab.training.protocols import PROTOCOLS, protocol_fields
@@ -83,6 +87,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "lists them); off: the plain model through autograd with torch's "
                              "norms and augmentation (default: on)")
     add_model_arguments(parser)
+    parser.add_argument("--precise-bn", action="store_true", default=None,
+                        help="also evaluate every epoch with the batch-statistics norms' "
+                             "running statistics recalibrated on training batches "
+                             "(PreciseBN): metrics.jsonl gets test_acc_precise and "
+                             "test_loss_precise; the ordinary metrics are unchanged")
     reg = parser.add_argument_group("regularizers")
     reg.add_argument("--l1", type=float, default=0.0,
                      help="L1 lambda: loss + lambda * sum|w|, added once per step")
@@ -112,9 +121,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, f"p_{f.name}") is not None:
             options[f.name] = getattr(args, f"p_{f.name}")
     run_options = ("dataset", *MODEL_KEYS, "l1", "l1_scope", "weight_decay", "seed", "subset",
-                   "precision", "augment", "accel")
-    return RunConfig.from_options(args.protocol, **options,
-                                  **{key: getattr(args, key) for key in run_options})
+                   "precision", "augment", "accel", "precise_bn")
+    given = {key: getattr(args, key, None) for key in run_options}
+    given["norm_options"] = norm_options_from_args(args)  # --norm-option pairs as a dict
+    return RunConfig.from_options(args.protocol, **options, **given)
 
 
 def run(args: argparse.Namespace) -> int:

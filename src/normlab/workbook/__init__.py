@@ -1,5 +1,6 @@
-"""The normalization workbook: BatchNorm, LayerNorm, GroupNorm and InstanceNorm as live
-spreadsheet formulas over one small seeded tensor, checked against PyTorch."""
+"""The normalization workbook: BatchNorm, LayerNorm, GroupNorm and InstanceNorm (the norms
+with a formula in the registry) as live spreadsheet formulas over one small seeded tensor,
+checked against PyTorch; it names the norms it leaves out."""
 
 from normlab.workbook.build import (
     Grid,
@@ -9,9 +10,11 @@ from normlab.workbook.build import (
     SheetConfig,
     build_workbook,
     input_tensor,
+    left_out,
     reduction_groups,
     torch_outputs,
     workbook_layout,
+    workbook_norms,
     write_workbook,
 )
 
@@ -23,8 +26,10 @@ __all__ = [
     "SheetConfig",
     "build_workbook",
     "input_tensor",
+    "left_out",
     "reduction_groups",
     "torch_outputs",
     "workbook_layout",
+    "workbook_norms",
     "write_workbook",
 ]

@@ -1,4 +1,5 @@
-"""Build the normalization workbook: BN, LN, GN and IN as live spreadsheet formulas.
+"""Build the normalization workbook: BN, LN, GN and IN (every registered norm with a formula,
+:func:`~normlab.workbook.partition.workbook_norms`) as live spreadsheet formulas.
 
 Every (N, C, H, W) tensor in the workbook is drawn the same way: one block of H rows per
 image, and inside it one block of W columns per channel (N=3, C=4, H=W=2 shown):
@@ -11,7 +12,7 @@ image, and inside it one block of W columns per channel (N=3, C=4, H=W=2 shown):
 A norm is nothing but a partition of those N*C*H*W cells into groups that share one mean and
 one variance. ``reduction_groups`` is the only place that knows each norm's partition;
 ``workbook_layout`` decides where everything goes; ``_write_norm_sheet`` writes any partition.
-So the four norm sheets come from one writer, and adding a norm means adding one key function.
+So the four norm sheets come from one writer, and a norm's partition is its NormSpec's formula.
 
 This module puts the workbook together (:func:`build_workbook`, :func:`write_workbook`) from:
 
@@ -34,7 +35,6 @@ from pathlib import Path
 from openpyxl import Workbook
 
 from normlab.files import atomic_write
-from normlab.models.norms import NORMALIZING
 from normlab.workbook.check import _write_check, torch_outputs
 from normlab.workbook.config import (
     INPUT_HIGH,
@@ -60,7 +60,15 @@ from normlab.workbook.layout import (
     NormLayout,
     workbook_layout,
 )
-from normlab.workbook.partition import NORM_TEXT, Group, NormText, reduction_groups
+from normlab.workbook.partition import (
+    NORM_TEXT,
+    Group,
+    NormText,
+    left_out,
+    left_out_note,
+    reduction_groups,
+    workbook_norms,
+)
 from normlab.workbook.sheets import _write_inputs, _write_norm_sheet
 
 # Everything public that lived here before the split, by the module it lives in now.
@@ -68,7 +76,8 @@ __all__ = ["build_workbook", "write_workbook"]
 __all__ += [  # config
     "INPUT_HIGH", "INPUT_LOW", "MAX_SIZE", "MAX_VALUES", "Index", "SheetConfig", "input_tensor",
 ]
-__all__ += ["NORM_TEXT", "Group", "NormText", "reduction_groups"]  # partition
+__all__ += ["NORM_TEXT", "Group", "NormText", "left_out", "left_out_note",  # partition
+            "reduction_groups", "workbook_norms"]
 __all__ += [  # layout
     "CHECK_SHEET", "COUNT_COL", "GRID_LEFT", "INPUTS_SHEET", "LABEL_COL", "MEAN_COL",
     "ROWLABEL_COL", "STD_COL", "VAR_COL", "Grid", "Layout", "NormLayout", "workbook_layout",
@@ -84,7 +93,7 @@ def build_workbook(config: SheetConfig) -> Workbook:
     inputs = wb.active
     inputs.title = INPUTS_SHEET
     _write_inputs(inputs, config, layout, x)
-    for key in NORMALIZING:
+    for key in workbook_norms():
         _write_norm_sheet(wb.create_sheet(layout.norms[key].sheet), key, config, layout)
     _write_check(wb.create_sheet(CHECK_SHEET), config, layout, x)
     wb.calculation.fullCalcOnLoad = True  # Excel: compute everything when the file is opened

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from openpyxl.worksheet.pagebreak import Break
 from openpyxl.worksheet.worksheet import Worksheet
 
-from normlab.models.norms import NORMALIZING
 from normlab.workbook.config import SheetConfig, input_tensor
 from normlab.workbook.layout import _CHECK_SUMMARY_HEADER, LABEL_COL, MEAN_COL, STD_COL, Layout
-from normlab.workbook.partition import NORM_TEXT
+from normlab.workbook.partition import NORM_TEXT, workbook_norms
 from normlab.workbook.styles import (
     _BOLD,
     _CENTER,
@@ -58,7 +57,8 @@ def _write_check(ws: Worksheet, config: SheetConfig, layout: Layout, x: torch.Te
     for col in range(LABEL_COL, STD_COL + 2):
         cell = ws.cell(row=header, column=col, value=names.get(col))
         cell.font, cell.fill = _BOLD, _HEADER_FILL
-    for i, key in enumerate(NORMALIZING):
+    shown = workbook_norms()
+    for i, key in enumerate(shown):
         row, title = header + 1 + i, layout.norms[key].sheet
         diffs = layout.check_diffs[key]
         ws.cell(row=row, column=LABEL_COL, value=title).font = _BOLD
@@ -69,11 +69,11 @@ def _write_check(ws: Worksheet, config: SheetConfig, layout: Layout, x: torch.Te
                 value=f'=IF({layout.max_diff[key]}<1E-9,"match","differs")').alignment = _CENTER
         ws.cell(row=row, column=STD_COL + 1, value=NORM_TEXT[key].torch_call)
 
-    for key in NORMALIZING:
+    for key in shown:
         title, y = layout.norms[key].sheet, layout.norms[key].y
         values, diffs = layout.check_values[key], layout.check_diffs[key]
         torch_y = outputs[key]
-        if key != NORMALIZING[0]:  # one norm per printed page
+        if key != shown[0]:  # one norm per printed page
             ws.row_breaks.append(Break(id=values.top - 3))
         _text(ws, values.top - 2, f"{title}: PyTorch's y = {NORM_TEXT[key].torch_call}", _BOLD)
         _grid(ws, values, lambda i, t=torch_y: float(t[i]))

@@ -45,5 +45,12 @@ def run(args: argparse.Namespace) -> int:
         args.out, batch=args.batch, channels=args.channels, height=args.height,
         width=args.width, groups=args.groups, eps=args.eps, seed=args.seed,
     )
-    print(f"wrote {path}: sheets Inputs, BatchNorm, LayerNorm, GroupNorm, InstanceNorm, Check")
+    from normlab.models.norms import norm_spec
+    from normlab.workbook.partition import left_out_note, workbook_norms
+
+    sheets = ", ".join(["Inputs", *(norm_spec(k).title for k in workbook_norms()), "Check"])
+    print(f"wrote {path}: sheets {sheets}")
+    note = left_out_note()
+    if note:
+        print(note)
     return 0

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from openpyxl.utils import get_column_letter
 
-from normlab.models.norms import NORM_TITLES, NORMALIZING
+from normlab.models.norms import norm_spec
 from normlab.workbook.config import Index, SheetConfig
-from normlab.workbook.partition import Group, reduction_groups
+from normlab.workbook.partition import Group, reduction_groups, workbook_norms
 
 INPUTS_SHEET = "Inputs"
 CHECK_SHEET = "Check"
@@ -113,21 +113,22 @@ def workbook_layout(config: SheetConfig) -> Layout:
     nh = config.batch * config.height
     channel_cols = [GRID_LEFT + c * config.width for c in range(config.channels)]
     norms = {}
-    for key in NORMALIZING:
+    shown = workbook_norms()
+    for key in shown:
         groups = tuple(reduction_groups(key, config))
         x = Grid(top=_TEXT_ROWS + 5, left=GRID_LEFT, shape=shape)  # label, header, then grid
         stats_top = x.bottom + 4  # blank, label, header
         y_top = stats_top + len(groups) + 3  # blank, label, header
         y = Grid(y_top, GRID_LEFT, shape)
-        norms[key] = NormLayout(NORM_TITLES[key], groups, x, stats_top, y)
+        norms[key] = NormLayout(norm_spec(key).title, groups, x, stats_top, y)
     check_values, check_diffs = {}, {}
-    row = _CHECK_SUMMARY_HEADER + len(NORMALIZING) + 2  # summary table, blank
-    for key in NORMALIZING:
+    row = _CHECK_SUMMARY_HEADER + len(shown) + 2  # summary table, blank
+    for key in shown:
         check_values[key] = Grid(row + 2, GRID_LEFT, shape)  # label, header, grid
         check_diffs[key] = Grid(row + nh + 5, GRID_LEFT, shape)  # blank, label, header, grid
         row += 2 * nh + 6
     max_diff = {
-        key: _addr(_CHECK_SUMMARY_HEADER + 1 + i, MEAN_COL) for i, key in enumerate(NORMALIZING)
+        key: _addr(_CHECK_SUMMARY_HEADER + 1 + i, MEAN_COL) for i, key in enumerate(shown)
     }
     return Layout(
         eps=_addr(_EPS_ROW, GRID_LEFT),

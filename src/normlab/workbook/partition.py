@@ -1,8 +1,12 @@
 """The norms as data: which positions each norm averages together, and how the sheets say so.
 
 A norm is nothing but a partition of the N*C*H*W cells into groups that share one mean and
-one variance. ``reduction_groups`` is the only place that knows each norm's partition, so
-adding a norm means adding one key function here (and its text in ``NORM_TEXT``).
+one variance. Its :class:`~normlab.models.norms.NormSpec`'s ``formula`` names the axes one
+mean and variance are taken over (``"N,H,W"``: per channel over the batch; ``"C/G,H,W"``:
+per image and group of channels), and ``reduction_groups`` turns that into the partition.
+The workbook shows every registered norm with a formula (:func:`workbook_norms`; each
+also has its text in ``NORM_TEXT`` and PyTorch's call in the Check sheet) and says which
+it leaves out (:func:`left_out`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from normlab.models.norms import norm_spec, norm_specs
 from normlab.workbook.config import Index, SheetConfig
+
+# Why a norm without a formula is not in the workbook (the Inputs sheet and the CLI say it).
+LEFT_OUT_WHY = ("their output is not (x − mean) / √(variance + ε) · γ + β over one partition "
+                "of x (running-statistics corrections, virtual batches, no mean subtracted, "
+                "or learned terms), so they have no formula here")
+
+
+def workbook_norms() -> tuple[str, ...]:
+    """The norms the workbook shows: every registered norm with a formula, in teaching
+    order (BN, LN, GN, IN)."""
+    return tuple(spec.name for spec in norm_specs() if spec.formula)
+
+
+def left_out() -> tuple[str, ...]:
+    """The registered norms the workbook leaves out (no formula; ``none`` normalizes
+    nothing and is not counted)."""
+    return tuple(spec.name for spec in norm_specs() if not spec.formula and spec.name != "none")
+
+
+def left_out_note() -> str:
+    names = left_out()
+    return (f"Not in this workbook: {', '.join(names)} ({LEFT_OUT_WHY})." if names else "")
 
 
 @dataclass(frozen=True)
@@ -25,21 +52,39 @@ def _span(lo: int, hi: int) -> str:
     return f"{lo}–{hi}" if hi > lo else f"{lo}"
 
 
-def _group_keys(config: SheetConfig) -> dict[str, Callable[[int, int], tuple[object, str]]]:
-    """norm -> function (n, c) -> (group key, label). Statistics never depend on (h, w)."""
+FORMULA_AXES = ("N", "C", "C/G", "H", "W")
+
+
+def _group_key(formula: str, config: SheetConfig) -> Callable[[int, int], tuple[object, str]]:
+    """(n, c) -> (group key, label) for a formula's axes. Statistics never depend on (h, w):
+    every formula averages over H and W."""
+    axes = tuple(a.strip() for a in formula.split(","))
+    if not set(axes) <= set(FORMULA_AXES) or not {"H", "W"} <= set(axes):
+        raise ValueError(f"formula {formula!r}: axes must be among {', '.join(FORMULA_AXES)} "
+                         "and include H and W")
     n_img, chans = config.batch, config.channels
     per = chans // config.groups
 
-    def gn(n: int, c: int) -> tuple[object, str]:
-        g = c // per
-        return (n, g), f"image {n} · group {g} (channels {_span(g * per, g * per + per - 1)})"
+    def key(n: int, c: int) -> tuple[object, str]:
+        parts, words = [], []
+        if "N" not in axes:
+            parts.append(n)
+            words.append(f"image {n}")
+        if "C/G" in axes:
+            g = c // per
+            parts.append(g)
+            words.append(f"group {g} (channels {_span(g * per, g * per + per - 1)})")
+        elif "C" not in axes:
+            parts.append(c)
+            words.append(f"channel {c}")
+        label = " · ".join(words)
+        if "N" in axes:
+            label += f" (images {_span(0, n_img - 1)})"
+        if "C" in axes:
+            label += f" (channels {_span(0, chans - 1)})"
+        return tuple(parts), label
 
-    return {
-        "bn": lambda n, c: (c, f"channel {c} (images {_span(0, n_img - 1)})"),
-        "ln": lambda n, c: (n, f"image {n} (channels {_span(0, chans - 1)})"),
-        "gn": gn,
-        "in": lambda n, c: ((n, c), f"image {n} · channel {c}"),
-    }
+    return key
 
 
 def reduction_groups(norm: str, config: SheetConfig) -> list[Group]:
@@ -48,10 +93,11 @@ def reduction_groups(norm: str, config: SheetConfig) -> list[Group]:
     BN: per channel over the batch; LN: per image over all channels; GN: per image per group
     of channels; IN: per image per channel. Each group spans all (h, w) of its (n, c) pairs.
     """
-    keys = _group_keys(config)
-    if norm not in keys:
-        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(keys)}")
-    key_of = keys[norm]
+    formula = norm_spec(norm).formula if norm in workbook_norms() else None
+    if formula is None:
+        raise ValueError(f"norm {norm!r} has no workbook formula; the workbook's norms are "
+                         f"{', '.join(workbook_norms())}")
+    key_of = _group_key(formula, config)
     batch, chans, height, width = config.shape
     labels: dict[object, str] = {}
     members: dict[object, list[Index]] = {}

@@ -8,6 +8,7 @@ import torch
 from openpyxl.styles import PatternFill
 from openpyxl.worksheet.worksheet import Worksheet
 
+from normlab.models.norms import norm_spec
 from normlab.workbook.config import INPUT_HIGH, INPUT_LOW, Index, SheetConfig
 from normlab.workbook.layout import (
     _BETA_ROW,
@@ -27,7 +28,7 @@ from normlab.workbook.layout import (
     _addr,
     _rectangles,
 )
-from normlab.workbook.partition import NORM_TEXT
+from normlab.workbook.partition import NORM_TEXT, left_out_note, workbook_norms
 from normlab.workbook.styles import (
     _BOLD,
     _CENTER,
@@ -53,8 +54,12 @@ def _write_inputs(ws: Worksheet, config: SheetConfig, layout: Layout, x: torch.T
         f"torch.Generator().manual_seed({config.seed}): `normlab sheet --seed {config.seed}` "
         "gives them back.",
         "Each image is a block of rows; inside it, each channel is a block of columns. "
-        "Then see the BatchNorm, LayerNorm, GroupNorm, InstanceNorm and Check sheets.",
+        f"Then see the {', '.join(layout.norms[k].sheet for k in workbook_norms())} and "
+        "Check sheets.",
     ])
+    note = left_out_note()
+    if note:  # the row between the text and ε
+        _text(ws, _EPS_ROW - 1, note)
     _text(ws, _EPS_ROW, "ε (epsilon, added to the variance)", _BOLD)
     eps = ws[layout.eps]
     eps.value, eps.fill, eps.alignment = config.eps, _EDIT_FILL, _CENTER
@@ -89,7 +94,7 @@ def _write_norm_sheet(ws: Worksheet, key: str, config: SheetConfig, layout: Layo
     def fill_of(i: Index) -> PatternFill:
         return _group_fill(group_of[i])
 
-    title = norm.sheet + (f" with G = {config.groups} groups" if key == "gn" else "")
+    title = norm.sheet + (f" with G = {config.groups} groups" if norm_spec(key).grouped else "")
     _heading(ws, title, [
         text.averages,
         text.why,
