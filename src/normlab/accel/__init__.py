@@ -52,17 +52,42 @@ def autograd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision:
     return loss, out
 
 
+def left_to_autograd(config: ModelConfig) -> str | None:
+    """Why ``config``'s model trains through autograd whatever this host has (None: the
+    step by hand may take it): a norm whose :class:`~normlab.models.norms.NormSpec` says
+    ``accel=False`` (named), or weight standardization's convolutions."""
+    from normlab.models.norms import norm_spec
+
+    refused = [name for name in config.norms if not norm_spec(name).accel]
+    if refused == ["none"]:
+        return "norm 'none': the step by hand takes blocks with one norm (BN, LN, GN, IN) only"
+    if refused:
+        names = ", ".join(repr(n) for n in refused if n != "none")
+        return (f"norm {names} is left to autograd (its NormSpec has accel=False: the step "
+                f"by hand and the fused modules take BN, LN, GN and IN only)")
+    if config.weight_std:
+        return ("weight standardization (weight_std): the convolutions are StdConv2d, not "
+                "nn.Conv2d, and are left to autograd")
+    return None
+
+
 def accelerate(model: nn.Module, config: ModelConfig) -> dict[str, str]:
     """Swap ``model``'s modules, in place, for the fused ones ``config`` asks for (see the
-    module); returns what was done to each block (or why not), by stage name."""
+    module); returns what was done to each block (or why not), by stage name. The blocks
+    of a norm whose spec has ``accel=False`` are left as they are."""
     from normlab.accel.normdrop import fold_pool, fuse_block
+    from normlab.models.norms import norm_spec
 
     kernels_on = config.kernels == "normlab"
+    refused = [name for name in config.norms if not norm_spec(name).accel and name != "none"]
     done: dict[str, str] = {}
     for name in STAGES:
         stage = getattr(model, name, None)
         if isinstance(stage, nn.Sequential):
-            done[name] = fuse_block(stage, kernels_on, config.eval_kernels == "normlab")
+            if refused and len(stage) > 1:  # a conv block (a transition is one conv)
+                done[name] = f"as it is (norm {', '.join(map(repr, refused))}: accel=False)"
+            else:
+                done[name] = fuse_block(stage, kernels_on, config.eval_kernels == "normlab")
         elif name == "pool1" and kernels_on and stage is not None:
             done[name] = "normlab kernel" if fold_pool(model, name) else "torch's"
     return done
@@ -137,14 +162,19 @@ def prepare(model: nn.Module, config: ModelConfig | None, precision: str, *,
     ``enabled=False`` every step goes through autograd and nothing is swapped. With
     ``check`` the hand step is taken only after one step of it on a small random batch has
     equalled autograd's bit for bit on this model (the model, its gradients, running
-    statistics and the random generator's state are restored after)."""
+    statistics and the random generator's state are restored after). A norm whose spec
+    has ``accel=False``, and weight standardization's convolutions, train through autograd,
+    and the step's :meth:`~Step.paths` say so by name (``why_autograd``)."""
     if not enabled:
         return Step(model, precision, "off", why_autograd="acceleration off (--accel off)")
     from normlab.accel.handstep import HandStep
 
     blocks = accelerate(model, config) if config is not None else {}
-    hand = HandStep.build(model, precision)
-    why = None if hand is not None else HandStep.refusal(model, precision)
+    why = left_to_autograd(config) if config is not None else None
+    hand = None
+    if why is None:
+        hand = HandStep.build(model, precision)
+        why = None if hand is not None else HandStep.refusal(model, precision)
     if hand is not None and check:
         why = _disagreement(model, hand, precision)
         hand = None if why else hand

@@ -26,8 +26,10 @@ every block Conv -> :class:`~normlab.accel.normdrop.FoldedReLU` -> a BatchNorm o
 (LN, IN) with the ReLU folded in and its dropout fused, the kernels' max pooling, in
 training mode, on the CPU, in channels-last, fp32 or bf16 autocast, with no hooks on the
 modules or parameters. :meth:`HandStep.build` returns None for anything else (stacked
-norms, ``dropout_draw="bernoulli"``, torch's norms, another device; :meth:`HandStep.refusal`
-says which), which then trains through autograd.
+norms, ``dropout_draw="bernoulli"``, torch's norms, the zoo's and a user's norms, weight
+standardization's convolutions, another device; :meth:`HandStep.refusal` says which), which
+then trains through autograd. (:func:`normlab.accel.prepare` asks for no step by hand for a
+norm whose :class:`~normlab.models.norms.NormSpec` says ``accel=False``.)
 """
 
 from __future__ import annotations
@@ -163,6 +165,11 @@ class HandStep:
                     return "the average pooling is not the seed's"
                 plan.append(("gap", None))
                 continue
+            conv = stage[0] if len(stage) else None
+            if isinstance(conv, nn.Conv2d) and type(conv) is not nn.Conv2d:
+                return (f"{name}'s convolution is {type(conv).__name__}, not nn.Conv2d "
+                        f"(weight standardization and other convolutions train through "
+                        f"autograd)")
             kinds = [_layer(m) for m in stage]
             if None in kinds or kinds[:1] != ["conv"] or kinds.count("conv") != 1:
                 odd = next((m for m, k in zip(stage, kinds, strict=True) if k is None), stage)
