@@ -57,6 +57,49 @@ class Executor(abc.ABC):
         """Train ``jobs``; return {job.rel: Outcome}, emitting events as it goes."""
 
 
+def session_norms(jobs: list[Job]) -> list[str]:
+    """The jobs' norms registered with ``register_norm`` in this process, which no other
+    process can build (a norm named by import path can be)."""
+    from normlab.models.norms import built_in, is_path
+
+    return sorted({n for job in jobs for n in job.config.model.norms
+                   if not built_in(n) and not is_path(n)})
+
+
+def check_portable(jobs: list[Job], where: str) -> None:
+    """Raise a ValueError before anything trains when a job's norm lives in this session
+    only (:func:`session_norms`): ``where`` (worker processes, Ray workers) cannot build it."""
+    names = session_norms(jobs)
+    if names:
+        raise ValueError(
+            f"norm {', '.join(map(repr, names))} was registered in this session "
+            f"(register_norm), which {where} do not see; name it by import path instead, "
+            f"norm = \"package.module:Attr\" (importable there: PYTHONPATH or an installed "
+            f"package), or train in this process (jobs=1)")
+
+
+def import_roots(jobs: list[Job]) -> list[str]:
+    """The folders from which the jobs' norms named by import path are imported here (the
+    folder holding each one's top-level module or package), in first-seen order."""
+    import importlib
+    from pathlib import Path
+
+    from normlab.models.norms import is_path
+
+    roots: list[str] = []
+    for job in jobs:
+        for name in job.config.model.norms:
+            if not is_path(name):
+                continue
+            top = importlib.import_module(name.split(":")[0].split(".")[0])
+            where = list(getattr(top, "__path__", []) or [])
+            path = Path(where[0]) if where else Path(top.__file__ or "")
+            root = str(path.parent.resolve())
+            if root not in roots:
+                roots.append(root)
+    return roots
+
+
 def fail(job: Job, err: BaseException | str) -> Outcome:
     """A failed run's outcome, recorded in its directory for the report."""
     message = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
@@ -234,6 +277,8 @@ class ProcessExecutor(Executor):
         self.jobs = jobs
 
     def execute(self, jobs: list[Job], listener: Listener) -> dict[str, Outcome]:
+        # Spawned workers get this process's sys.path: a norm's import path resolves there.
+        check_portable(jobs, "worker processes")
         with workers_preloaded():  # workers start with tcmalloc when it is installed
             return self._execute(jobs, listener)
 

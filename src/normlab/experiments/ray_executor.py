@@ -27,6 +27,12 @@ raised by training is not retried (it would recur): the run is recorded as faile
 (``failure.txt``, the report shows it) and every other run still completes. Rerunning the
 suite retries failed runs.
 
+A norm named by import path (``norm = "mypkg.norms:MyNorm"``) is imported by each task
+where it runs: the tasks get PYTHONPATH with the folders this process imports those modules
+from (:func:`runtime_env`), which, like the output folder, must be at the same path on every
+node. A norm registered in this session only (``register_norm``) is refused before anything
+starts: Ray's workers cannot build it.
+
 A local instance (no ``address``) listens on 127.0.0.1 only: it is started with
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (without which Ray on Linux binds the machine's
 network address even when told ``--node-ip-address 127.0.0.1``) and node address
@@ -42,7 +48,15 @@ import logging
 import os
 from dataclasses import dataclass
 
-from normlab.experiments.executors import Executor, MetricsWatcher, Outcome, fail, train_job
+from normlab.experiments.executors import (
+    Executor,
+    MetricsWatcher,
+    Outcome,
+    check_portable,
+    fail,
+    import_roots,
+    train_job,
+)
 from normlab.experiments.plan import Job
 from normlab.training.events import Listener, Notice
 from normlab.training.rundir import LOCK, RunDir
@@ -92,6 +106,19 @@ def _lock_state(job: Job) -> tuple | None:
     except OSError:
         return None
     return state if state[1] else None  # created but its pid not written yet
+
+
+def runtime_env(jobs: list[Job]) -> dict | None:
+    """The Ray runtime environment the jobs' tasks need: for norms named by import path
+    (``"mypkg.norms:MyNorm"``), PYTHONPATH with the folders they are imported from here
+    (then this process's PYTHONPATH), so every worker imports the same module. Like the
+    output folder, those folders must be at the same path on every node. None when no job
+    names a norm by path (the tasks run in Ray's default environment, as before)."""
+    roots = import_roots(jobs)
+    if not roots:
+        return None
+    given = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(dict.fromkeys([*roots, *given]))}}
 
 
 class RayExecutor(Executor):
@@ -153,6 +180,7 @@ class RayExecutor(Executor):
     def execute(self, jobs: list[Job], listener: Listener) -> dict[str, Outcome]:
         if not jobs:
             return {}
+        check_portable(jobs, "Ray workers")
         ray, started = self.connect()
         try:
             return self._run(ray, jobs, listener)
@@ -163,6 +191,9 @@ class RayExecutor(Executor):
     def _run(self, ray, jobs: list[Job], listener: Listener) -> dict[str, Outcome]:
         task = ray.remote(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
                           max_retries=self.max_retries, retry_exceptions=False)(train_job)
+        env = runtime_env(jobs)
+        if env:
+            task = task.options(runtime_env=env)
         watcher = MetricsWatcher(listener)
         # Ray gives a task the GPUs it asked for; one that asked for none trains on the CPU
         device = "cpu" if self.device == "auto" and not self.gpus_per_run else self.device
