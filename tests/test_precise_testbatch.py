@@ -27,13 +27,6 @@ from normlab.training.events import EpochFinished
 from normlab.training.rundir import TIMING_FIELDS
 
 N = 2000
-try:  # the norm registry (issue 21, landing beside this file): the zoo's norms by name
-    from normlab.models.norms import norm_spec  # noqa: F401
-
-    REGISTRY = True
-except ImportError:
-    REGISTRY = False
-needs_registry = pytest.mark.skipif(not REGISTRY, reason="the norm registry has not landed")
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +232,6 @@ def test_batch_statistics_norms_move_and_the_others_do_not(suite_dir, small):
         assert abs(rows[r.variant].by_seed[r.seed]["running"] - r.final["test_acc"]) <= 0.1
 
 
-@needs_registry
 @pytest.mark.parametrize("norm", ["brn", "gbn", "evo-b0", "in", "frn", "rms", "evo-s0",
                                   "none"])
 def test_the_zoo_with_precise_bn_and_the_test_batch_modes(small, tmp_path, norm):
@@ -364,7 +356,6 @@ def rows_of(accuracies):
     return rows
 
 
-@needs_registry
 def test_the_verdict_is_generated_from_the_numbers():
     flat = {1: (98.0,) * 5, 2: (97.0,) * 5, 3: (98.5,) * 5}
     moving = {1: (98.0, 98.1, 95.0, 80.0, 30.0), 2: (97.5, 97.4, 94.0, 79.0, 35.0),

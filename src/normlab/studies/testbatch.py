@@ -191,14 +191,11 @@ def mode_accuracies(model: nn.Module, test, precision: str = "fp32") -> dict[str
 
 
 def uses_batch_statistics(config) -> bool:
-    """Whether the run's norms normalise with batch statistics in training: the norm
-    registry's ``batch_stats`` where it has one, else whether the model has norms with
-    running statistics."""
-    try:
-        from normlab.models.norms import norm_spec
-    except ImportError:
-        return bool(stat_modules(config.make_model()))
-    return any(norm_spec(n).batch_stats for n in config.model.norms if n != "none")
+    """Whether the run's norms normalise with batch statistics in training (the norm
+    registry's ``batch_stats``)."""
+    from normlab.models.norms import norm_spec
+
+    return any(norm_spec(n).batch_stats for n in config.model.norms)
 
 
 def _cache_key(config, epoch: int, size: int | None) -> dict:
@@ -241,8 +238,9 @@ def run_accuracies(run, config, test, *, epoch: int, device: torch.device | str 
     model.load_state_dict(ckpt["model"])
     acc = mode_accuracies(model, test, config.precision)
     seconds = time.perf_counter() - start
-    write_json(run.file(CACHE), {"key": _cache_key(config, epoch, size), "accuracy": acc,
-                                 "seconds": seconds})
+    with contextlib.suppress(OSError):  # a run folder this user cannot write: not kept
+        write_json(run.file(CACHE), {"key": _cache_key(config, epoch, size), "accuracy": acc,
+                                     "seconds": seconds})
     return {"accuracy": acc, "seconds": seconds}
 
 
