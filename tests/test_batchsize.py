@@ -193,12 +193,16 @@ def test_other_suites_are_not_batch_size_studies(tmp_path):
 def test_the_bundled_studies(name):
     suite = load_suite(name)
     assert suite.dataset == ("mnist" if name == "batch-sizes" else "fashion-mnist")
-    got = {(v.config.norm, v.config.protocol.batch_size): v.config for v in suite.variants}
-    assert set(got) == {(n, b) for n in ("bn", "gn", "ln", "in") for b in (2, 4, 8, 16, 32, 64)}
+    got = {(v.config.norm + ("+ws" if v.config.model.weight_std else ""),
+            v.config.protocol.batch_size): v.config for v in suite.variants}
+    norms = ("bn", "brn", "gn", "gn+ws", "ln", "in", "frn")
+    assert set(got) == {(n, b) for n in norms for b in (2, 4, 8, 16, 32, 64)}
+    assert len(suite.variants) == len(got)
     for (norm, batch), cfg in got.items():
         assert cfg.protocol.lr == pytest.approx(0.1 * batch / 64)  # the linear rule
         assert cfg.protocol.epochs == suite.protocol.epochs
-        assert cfg.model.groups == 2 or norm != "gn"
+        assert cfg.model.groups == 2 or not norm.startswith("gn")
+        assert not cfg.model.norm_options  # every norm with its defaults
     assert [v.config.protocol.batch_size for v in suite.variants] == sorted(
         v.config.protocol.batch_size for v in suite.variants)  # longest runs first
     other = load_suite("batch-sizes-fashion" if name == "batch-sizes" else "batch-sizes")

@@ -19,7 +19,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
-from normlab.reports.figures import save
+from normlab.reports.figures import norm_colours, norm_key, norm_rank, save
 from normlab.reports.page import Image
 from normlab.reports.stats import mean, sample_std
 
@@ -29,9 +29,7 @@ FIGURE = "batch_size_error.png"
 # validation error % at 32, 16, 8, 4, 2 images per GPU.
 PAPER_BATCHES = (32, 16, 8, 4, 2)
 PAPER = {"BN": (23.6, 23.7, 24.8, 27.3, 34.7), "GN": (24.1, 24.2, 24.0, 24.2, 24.1)}
-NORM_ORDER = ("bn", "gn", "ln", "in")
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
-COLOURS = {"bn": "#1f77b4", "gn": "#d62728", "ln": "#2ca02c", "in": "#9467bd"}  # BN blue, GN red
 
 
 @dataclass
@@ -66,7 +64,7 @@ class Line:
     """Variants that differ only in batch size (and learning rate): one norm's curve."""
 
     label: str
-    norm: str
+    norm: str  # the norm key (figures.norm_key): "gn", "gn+ws", ...
     points: list[Point]  # by batch size, ascending
 
     def by_batch(self) -> dict[int, Point]:
@@ -132,11 +130,10 @@ def find_study(suite: SuiteResults) -> Study | None:
             points.append(Point(b, v.config.protocol.lr, v,
                                 [100.0 - r.final["test_acc"] for r in done],
                                 len(v.runs) - len(done)))
-        lines.append(Line(_line_label(members[0]), members[0].config.norm, points))
+        lines.append(Line(_line_label(members[0]), norm_key(members[0].config.model), points))
     if not lines:
         return None
-    rank = {n: i for i, n in enumerate(NORM_ORDER)}
-    lines.sort(key=lambda line: rank.get(line.norm.split("+")[0], len(rank)))
+    lines.sort(key=lambda line: norm_rank(line.norm))  # stable: a norm's lines keep their order
     batches = sorted({p.batch for line in lines for p in line.points})
     seeds = max((len(p.errors) for line in lines for p in line.points), default=0)
     return Study(lines, batches, _lr_rule(lines), seeds)
@@ -150,12 +147,12 @@ def batch_size_figure(study: Study, dataset: str) -> Figure:
     Figure 1; per norm the mean over seeds, with a min–max band over seeds."""
     fig = Figure(figsize=(8.5, 5.2), layout="constrained")
     ax = fig.subplots()
-    extra = iter(("#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"))
+    colours = norm_colours(list(dict.fromkeys(line.norm for line in study.lines)))
     for line in study.lines:
         pts = line.measured
         if not pts:
             continue
-        colour = COLOURS.get(line.norm) if line.norm in COLOURS else next(extra, "0.3")
+        colour = colours[line.norm]
         x = np.array([p.batch for p in pts], dtype=float)
         m = np.array([p.mean for p in pts])
         lo = np.array([min(p.errors) for p in pts])
@@ -277,6 +274,42 @@ def _headline(study: Study, trends: dict[str, Trend]) -> str:
     return head + (f" ({'; '.join(gaps)} points.)" if gaps else "")
 
 
+def _names(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _evaluation_text(study: Study) -> str:
+    """Which of the study's norms evaluate with running statistics, which per image."""
+    from normlab.models.norms import norm_spec
+
+    batch, image = [], []
+    for line in study.lines:
+        norms = line.norm.removesuffix("+ws").split("+")
+        label = " + ".join(norm_spec(n).label for n in norms) + (
+            " + WS" if line.norm.endswith("+ws") else "")
+        group = batch if any(norm_spec(n).batch_stats for n in norms) else image
+        if label not in group:
+            group.append(label)
+    text = "**Evaluation mode.** Every test accuracy here is measured with the model in eval mode"
+    if batch:
+        one = len(batch) == 1
+        text += (f": {_names(batch)} normalise{'s' if one else ''} test images with "
+                 f"{'its' if one else 'their'} **running statistics** (the averages of the "
+                 "batch statistics seen in training), not with the test batch's own. "
+                 f"{'It trains' if one else 'They train'} on each batch's own statistics"
+                 + (" (Batch Renormalization corrects them toward the running ones by its r "
+                    "and d, within r_max and d_max)" if any(
+                        "brn" in line.norm.split("+") for line in study.lines) else "")
+                 + ", which small batches estimate poorly; Wu & He attribute BN's small-batch "
+                   "error to that inaccurate estimate.")
+    else:
+        text += "."
+    if image:
+        text += (f" {_names(image)} normalise{'s' if len(image) == 1 else ''} each image by "
+                 "itself, the same computation in training and in evaluation.")
+    return text
+
+
 def batch_size_blocks(study: Study) -> list[Block]:
     """The table and the analysis of a study (the report's section, under TITLE)."""
     trends = {line.label: t for line in study.lines if (t := trend(line)) is not None}
@@ -307,13 +340,7 @@ def batch_size_blocks(study: Study) -> list[Block]:
         Para("Intervals: Welch's 95% interval of the difference in mean error between the "
              "smallest and the largest batch (runs of different batch sizes see different "
              "batches, so they are not paired)."),
-        Para("**Evaluation mode.** Every test accuracy here is measured with the model in eval "
-             "mode: BN normalises test images with its **running statistics** (the averages "
-             "of the batch statistics it saw in training, momentum 0.1), not with the test "
-             "batch's own. BN trains on each batch's own statistics, which small batches "
-             "estimate poorly; Wu & He attribute BN's small-batch error to that inaccurate "
-             "estimate of the batch statistics. GN, LN and IN normalise each image by "
-             "itself, the same computation in training and in evaluation."),
+        Para(_evaluation_text(study)),
         Heading("For reference: Wu & He 2018", 3),
         Para("Group Normalization (ECCV 2018), ResNet-50 on ImageNet, validation error % by "
              "images per GPU. BN rises by "

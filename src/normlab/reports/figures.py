@@ -37,6 +37,43 @@ LABELS = {
 
 PLAIN = FuncFormatter(lambda y, _: f"{y:g}")
 
+# The norms in the order the study figures and tables list them (batch-statistics norms
+# first, then per-image norms, then none), and one colour each, shared by every study
+# figure. A model with weight standardization is keyed "<norm>+ws".
+NORM_ORDER = ("bn", "brn", "gbn", "evo-b0", "gn", "gn+ws", "ln", "in", "frn", "evo-s0", "rms",
+              "none")
+NORM_COLOURS = {
+    "bn": "#1f77b4", "brn": "#17becf", "gbn": "#6baed6", "evo-b0": "#393b79",
+    "gn": "#d62728", "gn+ws": "#ff9896", "ln": "#2ca02c", "in": "#9467bd",
+    "frn": "#ff7f0e", "evo-s0": "#8c564b", "rms": "#e377c2", "none": "#7f7f7f",
+}
+EXTRA_COLOURS = ("#bcbd22", "#9edae5", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94")
+
+
+def norm_key(model) -> str:
+    """A model's norm for ordering and colours: ``"gn"``, ``"gn+ws"`` with weight
+    standardization, ``"bn+ln"`` when stacked."""
+    return model.norm + ("+ws" if getattr(model, "weight_std", False) else "")
+
+
+def norm_rank(key: str) -> int:
+    """Position of a norm key in :data:`NORM_ORDER` (unknown norms after the known ones)."""
+    return NORM_ORDER.index(key) if key in NORM_ORDER else len(NORM_ORDER)
+
+
+def norm_colours(keys: list[str]) -> dict[str, str]:
+    """A colour per norm key: the fixed one where it has one, else the next spare colour."""
+    spare = iter(EXTRA_COLOURS)
+    return {k: NORM_COLOURS[k] if k in NORM_COLOURS else next(spare, "0.3") for k in keys}
+
+
+def model_label(model) -> str:
+    """A model's norm in a few characters, as suites label it: ``BN``, ``GN (2 groups) +
+    WS``, ``BN (momentum=0.01)`` (``normlab.experiments.suite.norm_label``)."""
+    from normlab.experiments.suite import norm_label
+
+    return norm_label(model)
+
 
 def _minor_log_labels(decades: float) -> FuncFormatter:
     """Label a log axis's minor ticks: all of them within one decade, the 2s, 3s and 5s
