@@ -29,6 +29,15 @@ N_TEST = 40
 FINAL = {("bn", 1): 99.1, ("bn", 2): 99.3, ("bn_l1", 1): 99.0, ("bn_l1", 2): 99.0}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_test_batch_section():
+    """These run folders are synthetic, without checkpoints: the test-batch section, which
+    computes from checkpoints, is left out (tests/test_precise_testbatch.py tests it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report_build, "_test_batch_parts", lambda suite, figs: None)
+        yield
+
+
 def synthetic_images(dataset: str) -> tuple[np.ndarray, tuple[str, ...]]:
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, size=(N_TEST, 28, 28), dtype=np.uint8), tuple("0123456789")

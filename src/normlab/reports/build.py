@@ -15,9 +15,8 @@ import numpy as np
 
 from normlab import __version__
 from normlab.files import write_text
+from normlab.reports import batchsize
 from normlab.reports.analysis import COMMON_RANDOM_NUMBERS, analysis_blocks
-from normlab.reports.batchsize import TITLE as BATCH_SIZE_TITLE
-from normlab.reports.batchsize import batch_size_parts
 from normlab.reports.collect import (
     FAILED,
     MISSING,
@@ -25,7 +24,7 @@ from normlab.reports.collect import (
     SuiteResults,
     load_results,
 )
-from normlab.reports.doc import Heading, Para, to_markdown
+from normlab.reports.doc import Block, Heading, Para, to_markdown
 from normlab.reports.figures import (
     curve_sets,
     first_predictions,
@@ -39,9 +38,37 @@ from normlab.reports.normfig import norm_groups_figure
 from normlab.reports.page import Image, Section, blocks_html, figure_html, page_html
 from normlab.reports.stats import summarise
 from normlab.reports.tables import results_csv, summary_csv, summary_table
+from normlab.studies import ghost, lrrange, running, testbatch
 
 ImageLoader = Callable[[str], tuple[np.ndarray, tuple[str, ...]]]
 WORKBOOK = "normalizations.xlsx"
+Parts = tuple[list[Block], list[Image]]
+
+
+def _test_batch_parts(suite: SuiteResults, figs: Path) -> Parts | None:
+    """The test-batch section (a name of its own: tests of other sections replace it, as it
+    computes from the runs' checkpoints)."""
+    return testbatch.test_batch_parts(suite, figs)
+
+
+def study_parts(suite: SuiteResults, figs: Path) -> list[tuple[str, str, Parts]]:
+    """The report's study sections that apply to ``suite``, as (anchor, title, (blocks,
+    figures)): the batch-size, learning-rate range, ghost-batch and running-statistics
+    studies when the suite is one, and the test-batch dependence of any suite with a
+    finished run. Each study module decides from the suite's configs and runs."""
+    studies = [
+        ("batch-size", batchsize.TITLE, batchsize.batch_size_parts),
+        ("lr-range", lrrange.TITLE, lrrange.lr_range_parts),
+        ("ghost-batch", ghost.TITLE, ghost.ghost_batch_parts),
+        ("running-stats", running.TITLE, running.running_stats_parts),
+        ("test-batch", testbatch.TITLE, _test_batch_parts),
+    ]
+    found = []
+    for anchor, title, parts in studies:
+        got = parts(suite, figs)
+        if got is not None:
+            found.append((anchor, title, got))
+    return found
 
 
 def load_test_images(dataset: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -171,9 +198,9 @@ def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path
     write_text(root / "summary.csv", summary_csv(summaries))
     blocks = analysis_blocks(suite, summaries)
     figs = root / "figures"
-    study = batch_size_parts(suite, figs)  # None unless variants differ in batch size
+    studies = study_parts(suite, figs)
     write_text(root / "analysis.md", to_markdown(
-        blocks + ([Heading(BATCH_SIZE_TITLE), *study[0]] if study else [])))
+        blocks + [b for _, title, (parts, _) in studies for b in (Heading(title), *parts)]))
     colours = palette(suite.variants)
     notes = _status_notes(suite)
     curves = _curve_images(suite, figs, colours)
@@ -200,8 +227,8 @@ def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path
                  "whose test accuracy reaches X, averaged over the seeds that reached it. "
                  "s / epoch: the median over epochs of training plus test time. "
                  + COMMON_RANDOM_NUMBERS)])),
-        *([Section("batch-size", BATCH_SIZE_TITLE, "".join(map(figure_html, study[1]))
-                   + blocks_html(study[0]))] if study else []),
+        *(Section(anchor, title, "".join(map(figure_html, images)) + blocks_html(parts))
+          for anchor, title, (parts, images) in studies),
         Section("curves", "Training curves", parts=[figure_html(i) for i in curves]),
         Section("analysis", "Analysis",
                 blocks_html(analysis_blocks(suite, summaries, standalone=False))),
