@@ -379,3 +379,22 @@ def test_the_verdict_is_generated_from_the_numbers():
     assert "BRN: Batch Renormalization's training forward" in zoo
     assert "GBN: Ghost BatchNorm's training forward splits every batch into virtual " \
            "batches of 4 images" in zoo
+
+
+def test_a_run_without_its_checkpoint_is_left_out(small, tmp_path):
+    """A finished run whose checkpoint is gone (deleted, or a folder copied without it) is
+    named as left out; the section is built from the others, or not at all."""
+    root = tmp_path / "suite"
+    for seed in (1, 2):
+        train(config(norm="bn", seed=seed, epochs=1), root / "bn" / f"seed{seed}", data=small)
+    RunDir(root / "bn/seed2").file("checkpoint.pt").unlink()
+    rows = tb.collect(load_results(root), test=small[1], progress=None)
+    assert list(rows[0].by_seed) == [1]
+    assert rows[0].left_out == ["seed 2 (no checkpoint of its last epoch)"]
+    blocks, _ = tb.test_batch_parts(load_results(root), tmp_path / "figs", test=small[1],
+                                    progress=None)
+    assert "Left out: bn: seed 2 (no checkpoint of its last epoch)." in to_markdown(blocks)
+    RunDir(root / "bn/seed1").file("checkpoint.pt").unlink()
+    RunDir(root / "bn/seed1").file(tb.CACHE).unlink()
+    assert tb.test_batch_parts(load_results(root), tmp_path / "f2", test=small[1],
+                               progress=None) is None

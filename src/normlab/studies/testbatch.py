@@ -217,6 +217,10 @@ def _cached(run, config, epoch: int, test=None) -> dict | None:
     return {"accuracy": stored["accuracy"], "seconds": stored["seconds"]}
 
 
+class NoCheckpoint(ValueError):
+    """A finished run without the checkpoint of its last epoch (nothing to evaluate)."""
+
+
 def run_accuracies(run, config, test, *, epoch: int, device: torch.device | str = "cpu",
                    size: int | None = None) -> dict:
     """A finished run's accuracies per mode computed from its checkpoint (``run``: its
@@ -231,8 +235,8 @@ def run_accuracies(run, config, test, *, epoch: int, device: torch.device | str 
     device = torch.device(device)
     ckpt = run.load_checkpoint(device)
     if ckpt is None or ckpt.get("epoch") != epoch:
-        raise ValueError(f"{run.path}: checkpoint of epoch "
-                         f"{None if ckpt is None else ckpt.get('epoch')}, metrics of {epoch}")
+        raise NoCheckpoint(f"{run.path}: checkpoint of epoch "
+                           f"{None if ckpt is None else ckpt.get('epoch')}, metrics of {epoch}")
     layout = memory_format(device, torch.get_num_threads(), config.model)  # as it trained
     model = config.make_model().to(device, memory_format=layout)
     model.load_state_dict(ckpt["model"])
@@ -311,8 +315,12 @@ def collect(suite: SuiteResults, *, test=None, device: str = "cpu",
             if got is None:
                 if progress is not None:
                     progress(f"test-batch study: {v.name}/seed{r.seed} ({done} of {len(todo)})")
-                got = run_accuracies(r.run, r.config, test_split(), epoch=epoch,
-                                     device=device, size=None if test is None else len(test))
+                try:
+                    got = run_accuracies(r.run, r.config, test_split(), epoch=epoch,
+                                         device=device, size=None if test is None else len(test))
+                except NoCheckpoint:  # deleted, or a folder copied without its checkpoints
+                    row.left_out.append(f"seed {r.seed} (no checkpoint of its last epoch)")
+                    continue
                 row.seconds.append(got["seconds"])
             else:
                 row.cached += 1
@@ -499,7 +507,7 @@ def test_batch_blocks(rows: list[Row]) -> list[Block]:
                        "evaluated in every mode, so the differences are paired)."))
     left = [f"{r.label}: {', '.join(r.left_out)}" for r in rows if r.left_out]
     if left:
-        blocks.append(Para("Left out (no finished checkpoint): " + "; ".join(left) + "."))
+        blocks.append(Para("Left out: " + "; ".join(left) + "."))
     seconds = [s for r in rows for s in r.seconds]
     cached = sum(r.cached for r in rows)
     runs = sum(len(r.by_seed) for r in rows)
