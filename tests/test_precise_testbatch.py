@@ -318,7 +318,7 @@ def test_the_cache_is_used_and_a_changed_run_is_computed_again(suite_dir, small)
     stored["accuracy"] = {m: 0.0 for m in tb.MODES}
     cache.write_text(json.dumps(stored))
     again = {r.variant.name: r for r in tb.collect(suite, test=small[1], progress=lines.append)}
-    assert lines == ["test-batch study: gn/seed1 (3 of 4)"]
+    assert lines == ["test-batch study: gn/seed1 (1 of 1 to compute)"]
     assert again["gn"].cached == 0 and again["gn"].by_seed[1]["running"] > 10
     other = TensorData(small[1].images[:1000], small[1].labels[:1000], small[1].mean,
                        small[1].std)
@@ -398,3 +398,22 @@ def test_a_run_without_its_checkpoint_is_left_out(small, tmp_path):
     RunDir(root / "bn/seed1").file(tb.CACHE).unlink()
     assert tb.test_batch_parts(load_results(root), tmp_path / "f2", test=small[1],
                                progress=None) is None
+
+
+def test_worker_processes_give_the_serial_numbers(suite_dir, mnist, tmp_path):
+    """With the dataset's own test split and several runs to compute, collect computes in
+    spawned worker processes: the same numbers as one process computing them in turn."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(suite_dir, root)
+    for cache in root.rglob(tb.CACHE):
+        cache.unlink()
+    lines = []
+    pooled = tb.collect(load_results(root), progress=lines.append, workers=2)
+    assert len(lines) == 4 and all("to compute)" in line for line in lines)
+    assert sum(r.cached for r in tb.collect(load_results(root), progress=None)) == 4
+    test = tb._test_split("mnist")
+    serial = tb.collect(load_results(root), test=test, progress=None)  # other key: computed
+    assert sum(r.cached for r in serial) == 0
+    assert [r.by_seed for r in pooled] == [r.by_seed for r in serial]

@@ -17,7 +17,10 @@ plain model: torch's norms) and its test accuracy computed in five modes:
 
 A norm without batch statistics (GN, LN, IN, FRN, RMSNorm, EvoNorm-S0, none) computes the
 same function in both modes: its accuracies must not move, and the section shows them
-beside the batch-statistics norms (BN, BRN, GBN, EvoNorm-B0) as the control.
+beside the batch-statistics norms (BN, BRN, GBN, EvoNorm-B0) as the control. For such a
+network (no module with running statistics) one training-mode pass gives each image's
+output whatever batch it sits in, so it is computed once for the four batch modes; the
+eval-mode pass is its own (dropout aside, the same function: measured, not assumed).
 
 (Ghost BN's training forward splits any batch into its virtual batches, so its mixed
 batches of 1000 are normalised a virtual batch at a time; the report says so.)
@@ -42,9 +45,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +69,7 @@ from normlab.studies.precise import _training_forward, stat_modules
 TITLE = "Test-batch dependence"
 FIGURE = "test_batch.png"
 CACHE = "testbatch.json"
-VERSION = 1  # of the method: a cache written by another version is computed again
+VERSION = 2  # of the method: a cache written by another version is computed again
 MIXED = (1000, 8, 2)  # mixed batch sizes, largest first
 CLASS_BATCH = 1000  # the most images in a single-class batch
 ORDER_SEED = 0  # the mixed batches' shuffled order (the same for every run)
@@ -181,6 +187,14 @@ def mode_accuracies(model: nn.Module, test, precision: str = "fp32") -> dict[str
 
     acc = {"running": evaluate(model, test, 1000, precision=precision)["test_acc"]}
     inputs = to_input(test.images, test.mean, test.std, memory_format=_layout(model))
+    if not stat_modules(model):
+        # nothing normalises with a batch's statistics: each image's training-mode output
+        # is its own whatever batch it sits in (the packing's premise), so one pass gives
+        # every mode's accuracy, the same images counted each time
+        same = batch_statistics_accuracy(model, inputs, test.labels,
+                                         mixed_batches(len(test), MIXED[0]), precision)
+        model.eval()
+        return {**acc, **{mode: same for mode in MODES if mode != "running"}}
     for size in MIXED:
         acc[f"mixed{size}"] = batch_statistics_accuracy(
             model, inputs, test.labels, mixed_batches(len(test), size), precision)
@@ -278,26 +292,14 @@ class Row:
 
 
 def collect(suite: SuiteResults, *, test=None, device: str = "cpu",
-            progress: Progress | None = _stderr) -> list[Row]:
+            progress: Progress | None = _stderr, workers: int | None = None) -> list[Row]:
     """Every variant's accuracies per mode over its finished (not diverged) runs, from the
     caches or computed (``test``: the test split to use, a TensorData; default: the
-    suite's dataset's, loaded only when some run is not cached)."""
-    rows = []
-    loaded = [test]
-
-    def test_split():
-        if loaded[0] is None:
-            from normlab.data import load_dataset
-            from normlab.training.engine import TensorData
-
-            ds = load_dataset(suite.dataset)
-            loaded[0] = TensorData(ds.test_images.to(device), ds.test_labels.to(device),
-                                   ds.mean, ds.std)
-        return loaded[0]
-
-    todo = [(v, r) for v in suite.variants if v.config is not None for r in v.finished
-            if r.metrics and r.config is not None and not r.diverged]
-    done = 0
+    suite's dataset's, loaded only when some run is not cached). With the dataset's own
+    test split on the CPU and :data:`POOL_FROM` or more runs to compute, they are computed
+    ``workers`` at a time (default: one per core) in spawned processes of one thread each,
+    as the suite trained them."""
+    rows, todo = [], []
     for v in suite.variants:
         if v.config is None:
             continue
@@ -305,28 +307,83 @@ def collect(suite: SuiteResults, *, test=None, device: str = "cpu",
         for r in v.runs:
             if r.state != FINISHED or not r.metrics or r.config is None:
                 row.left_out.append(f"seed {r.seed} ({r.state})")
-                continue
-            if r.diverged:
+            elif r.diverged:
                 row.left_out.append(f"seed {r.seed} (diverged)")
-                continue
-            done += 1
-            epoch = len(r.metrics)
-            got = _cached(r.run, r.config, epoch, test)
-            if got is None:
-                if progress is not None:
-                    progress(f"test-batch study: {v.name}/seed{r.seed} ({done} of {len(todo)})")
-                try:
-                    got = run_accuracies(r.run, r.config, test_split(), epoch=epoch,
-                                         device=device, size=None if test is None else len(test))
-                except NoCheckpoint:  # deleted, or a folder copied without its checkpoints
-                    row.left_out.append(f"seed {r.seed} (no checkpoint of its last epoch)")
-                    continue
-                row.seconds.append(got["seconds"])
             else:
-                row.cached += 1
-            row.by_seed[r.seed] = got["accuracy"]
+                got = _cached(r.run, r.config, len(r.metrics), test)
+                if got is None:
+                    todo.append((row, r))
+                else:
+                    row.cached += 1
+                    row.by_seed[r.seed] = got["accuracy"]
         rows.append(row)
+
+    def done(i: int, row: Row, r, got: dict | None) -> None:
+        if progress is not None:
+            progress(f"test-batch study: {row.variant.name}/seed{r.seed} "
+                     f"({i} of {len(todo)} to compute)")
+        if got is None:  # deleted, or a folder copied without its checkpoints
+            row.left_out.append(f"seed {r.seed} (no checkpoint of its last epoch)")
+        else:
+            row.seconds.append(got["seconds"])
+            row.by_seed[r.seed] = got["accuracy"]
+
+    workers = workers or os.cpu_count() or 1
+    if test is None and str(device) == "cpu" and workers > 1 and len(todo) >= POOL_FROM:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                 initializer=_one_thread) as pool:
+            futures = {pool.submit(_computed, str(r.run.path), r.config.to_dict(),
+                                   len(r.metrics), suite.dataset): (row, r)
+                       for row, r in todo}
+            for i, future in enumerate(as_completed(futures), 1):
+                done(i, *futures[future], future.result())
+    else:
+        split = None
+        for i, (row, r) in enumerate(todo, 1):
+            if split is None:
+                split = test if test is not None else _test_split(suite.dataset, device)
+            try:
+                got = run_accuracies(r.run, r.config, split, epoch=len(r.metrics),
+                                     device=device, size=None if test is None else len(test))
+            except NoCheckpoint:
+                got = None
+            done(i, row, r, got)
+    for row in rows:
+        row.by_seed = dict(sorted(row.by_seed.items()))
     return rows
+
+
+POOL_FROM = 4  # uncached runs from which collect computes in worker processes
+
+
+def _test_split(dataset: str, device="cpu"):
+    from normlab.data import load_dataset
+    from normlab.training.engine import TensorData
+
+    ds = load_dataset(dataset)
+    return TensorData(ds.test_images.to(device), ds.test_labels.to(device), ds.mean, ds.std)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+_SPLITS: dict = {}  # a worker process's test split, loaded once
+
+
+def _computed(path: str, config: dict, epoch: int, dataset: str) -> dict | None:
+    """In a worker process: :func:`run_accuracies` of the run at ``path`` (None when it
+    has no checkpoint of ``epoch``)."""
+    from normlab.training.config import from_stored
+    from normlab.training.rundir import RunDir
+
+    if dataset not in _SPLITS:
+        _SPLITS[dataset] = _test_split(dataset)
+    try:
+        return run_accuracies(RunDir(path), from_stored(config), _SPLITS[dataset], epoch=epoch)
+    except NoCheckpoint:
+        return None
 
 
 # ----------------------------------------------------------------------------- figure
