@@ -43,6 +43,7 @@ every sentence generated from the numbers.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -397,14 +398,18 @@ def test_batch_figure(rows: list[Row], dataset: str) -> Figure:
         ("norms without batch statistics", [r for r in rows
                                             if not r.batch_stats and r.by_seed]))
         if members]
-    tall = max(len(members) for _, members in groups)
+    tall = max(len(members) if len(members) <= len(COLOURS) else len(_norms(members))
+               for _, members in groups)  # legend rows
     fig = Figure(figsize=(5.2 * len(groups) + 1.0, 4.8 + 0.2 * math.ceil(tall / 2)),
                  layout="constrained")
     axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     x = np.arange(len(MODES))
-    colours = iter(COLOURS * 3)
     for ax, (title, members) in zip(axes, groups, strict=True):
-        for row in members:
+        many = len(members) > len(COLOURS)  # a large suite: a colour and a legend per norm
+        if many:
+            _norm_lines(ax, x, members)
+        colours = itertools.cycle(COLOURS)
+        for row in [] if many else members:
             colour = next(colours)
             means = [mean(row.values(m)) for m in MODES]
             ax.plot(x, means, color=colour, marker="o", markersize=5, linewidth=1.6,
@@ -425,6 +430,32 @@ def test_batch_figure(rows: list[Row], dataset: str) -> Figure:
     fig.suptitle(f"Test accuracy on {name} with running statistics and with the test "
                  "batch's own (line: mean over seeds; dots: seeds)", fontsize=11)
     return fig
+
+
+def _norm_key(row: Row) -> str:
+    """The variant's norm as a label ("BN", "GN + WS"), for figures of many variants."""
+    from normlab.models.norms import norm_spec
+
+    model = row.variant.config.model
+    label = " + ".join(norm_spec(n).label for n in model.norms)
+    return label + (" + WS" if model.weight_std else "")
+
+
+def _norms(members: list[Row]) -> dict[str, list[Row]]:
+    by_norm: dict[str, list[Row]] = {}
+    for row in members:
+        by_norm.setdefault(_norm_key(row), []).append(row)
+    return by_norm
+
+
+def _norm_lines(ax, x, members: list[Row]) -> None:
+    """One thin line per variant (its mean over seeds), coloured by its norm, one legend
+    entry per norm: a suite of dozens of variants (lr-range) stays readable."""
+    for colour, (norm, rows) in zip(itertools.cycle(COLOURS), _norms(members).items()):
+        for i, row in enumerate(rows):
+            ax.plot(x, [mean(row.values(m)) for m in MODES], color=colour, marker="o",
+                    markersize=3, linewidth=1.0, alpha=0.7,
+                    label=f"{norm} ({len(rows)} variants)" if i == 0 else None)
 
 
 # ----------------------------------------------------------------------------- words
