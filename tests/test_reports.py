@@ -388,3 +388,26 @@ def test_doc_renders_markdown_and_escaped_html():
     assert "<h2>A &amp; B</h2>" in page
     assert "<strong>bold</strong> &lt;x&gt; <code>code</code>" in page
     assert '<td class="num">1.00</td>' in page
+
+
+def test_a_large_suite_compares_neighbours_in_the_ranking(tmp_path):
+    """Over ALL_PAIRS_UP_TO variants the paired table holds n - 1 neighbours, not n(n-1)/2
+    pairs (96 lr-range variants would make 4,560)."""
+    from normlab.reports.analysis import ALL_PAIRS_UP_TO
+
+    n = ALL_PAIRS_UP_TO + 2
+    variants, runs = [], []
+    for i in range(n):
+        name = f"v{i}"
+        variants.append({"name": name, "label": f"V{i}", "config": run_config(l1=i * 1e-5)})
+        for seed in (1, 2):
+            runs.append({"variant": name, "seed": seed, "dir": f"{name}/seed{seed}"})
+            write_run(tmp_path / name / f"seed{seed}", run_config(l1=i * 1e-5), seed,
+                      [90.0, 95.0, 98.0 - i * 0.1 + seed * 0.01], finished=True)
+    (tmp_path / "suite.json").write_text(json.dumps({
+        "name": "large", "description": "", "source": "tests", "dataset": "mnist",
+        "seeds": [1, 2], "variants": variants, "runs": runs}))
+    text = analysis_md(tmp_path)
+    assert f"{n} ranked variants make {n * (n - 1) // 2} pairs" in text
+    rows = [line for line in text.splitlines() if re.match(r"\| V\d+ − V\d+ \|", line)]
+    assert [r.split(" | ")[0] for r in rows] == [f"| V{i} − V{i + 1}" for i in range(n - 1)]
