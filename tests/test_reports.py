@@ -411,3 +411,13 @@ def test_a_large_suite_compares_neighbours_in_the_ranking(tmp_path):
     assert f"{n} ranked variants make {n * (n - 1) // 2} pairs" in text
     rows = [line for line in text.splitlines() if re.match(r"\| V\d+ − V\d+ \|", line)]
     assert [r.split(" | ")[0] for r in rows] == [f"| V{i} − V{i + 1}" for i in range(n - 1)]
+
+
+def test_curves_of_more_variants_than_fit_a_legend_are_left_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_build, "CURVES_UP_TO", 1)
+    root = make_suite(tmp_path)
+    build_report(root, images=synthetic_images)
+    assert not (root / "figures" / "test_acc_all.png").exists()
+    page = (root / "report.html").read_text()
+    assert "2 variants: the curves of all of them in one figure are drawn only for suites " \
+           "of up to 1 variants" in page

@@ -86,18 +86,32 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+CURVES_UP_TO = 16  # variants in one curves figure; more make a legend taller than the plot
+
+
 def _curve_images(suite: SuiteResults, figs: Path, colours: dict) -> list[Image]:
     sets = curve_sets(suite.variants)
     plan = [("test_acc", s) for s in sets] + [("test_loss", s) for s in sets]
     plan += [("train_acc", sets[0]), ("train_loss", sets[0])]
     images = []
     for metric, (key, words, variants) in plan:
-        if not variants:
+        if not variants or len(variants) > CURVES_UP_TO:
             continue
         path = save(plot_curves(variants, metric, colours, words), figs / f"{metric}_{key}.png")
         what = metric.replace("_acc", " accuracy").replace("_loss", " loss").capitalize()
         images.append(Image(path, f"{what}, {words}", f"{what} per epoch, {words}."))
     return images
+
+
+def _curves_note(suite: SuiteResults, curves: list[Image]) -> list[Block]:
+    """Why a curves figure is missing: too many variants for one legend."""
+    shown = sum(1 for v in suite.variants if v.with_metrics)
+    if shown <= CURVES_UP_TO:
+        return []
+    return [Para(f"{shown} variants: the curves of all of them in one figure are drawn only "
+                 f"for suites of up to {CURVES_UP_TO} variants. results.csv holds every "
+                 "epoch of every run" + (", and the figures below the variant sets that fit."
+                                         if curves else "."))]
 
 
 class DatasetImages:
@@ -229,7 +243,8 @@ def build_report(root: str | Path, *, images: ImageLoader | None = None) -> Path
                  + COMMON_RANDOM_NUMBERS)])),
         *(Section(anchor, title, "".join(map(figure_html, images)) + blocks_html(parts))
           for anchor, title, (parts, images) in studies),
-        Section("curves", "Training curves", parts=[figure_html(i) for i in curves]),
+        Section("curves", "Training curves", blocks_html(_curves_note(suite, curves)),
+                [figure_html(i) for i in curves]),
         Section("analysis", "Analysis",
                 blocks_html(analysis_blocks(suite, summaries, standalone=False))),
         Section("mistakes", "Misclassified test images and confusion matrices", blocks_html([
