@@ -1,8 +1,12 @@
 """Run a suite (variants x seeds, from a TOML file) into OUT/<variant>/seed<k>, then its report.
 
 SUITE is a bundled suite's name (s6: the seed study under the seed protocol; s6-quick: the
-same variants on 2,000 images for 2 epochs; batch-sizes, batch-sizes-fashion: BN, GN, LN and
-IN at batch sizes 2 to 64 on MNIST and Fashion-MNIST) or the path of your own .toml file.
+same variants on 2,000 images for 2 epochs; batch-sizes, batch-sizes-fashion: BN, BRN, GN,
+GN + WS, LN, IN and FRN at batch sizes 2 to 64 on MNIST and Fashion-MNIST; lr-range: every
+norm at learning rates 0.001 to 3 (lr-range-quick: a test-sized one); ghost-batch: BN's
+statistics over virtual batches of 2 to 64 at an SGD batch of 64; running-stats: BN's running
+statistics against PreciseBN per epoch; l1-sweep: the L1 lambdas) or the path of your own
+.toml file.
 The file is checked completely before anything trains. Runs go all variants for seed 1, then
 seed 2, ... Finished runs are skipped and interrupted ones resume, so after Ctrl-C or a kill,
 rerun the same command to continue. OUT/suite.json lists the runs for the report.
