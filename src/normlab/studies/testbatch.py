@@ -511,6 +511,9 @@ def _headline(stats: list[Row], others: list[Row]) -> str:
     spread = max((abs(v - acc["running"]) for r in others for acc in r.by_seed.values()
                   for v in acc.values()), default=None)
     names = ", ".join(r.label for r in others)
+    if len(others) > len(COLOURS):  # dozens of variants: name their norms, not each
+        norms = list(dict.fromkeys(_norm_key(r) for r in others))
+        names = f"{len(others)} variants of {', '.join(norms)}"
     if others and spread == 0:
         control = (f"The norms without batch statistics ({names}) give exactly the same "
                    "accuracy in every mode, as they must.")
