@@ -164,7 +164,7 @@ def test_lr_range_says_no_and_partly_when_the_widths_say_so(tmp_path):
     text = to_markdown(lrrange.lr_range_parts(
         load_results(lr_suite(tmp_path / "a", same)), tmp_path / "f")[0])
     assert "**Partly**: 1 of 2 normalized variants have a wider usable range" in text
-    assert "not wider: GN (2 groups) same" in text
+    assert "not wider: GN (2 groups) not distinguishable (interval includes 0)" in text
     assert "**not distinguishable** from none's (interval includes 0)" in text
     narrow = {"gn": same["gn"], "none": GRID["none"]}
     text = to_markdown(lrrange.lr_range_parts(

@@ -370,7 +370,8 @@ def _headline(study: Study) -> str:
                  f"{none_rng.width} learning rate{'s' if none_rng.width != 1 else ''} "
                  f"({none_rng.text()}, best {none_rng.best:.2f}%)")
     wider = [label for label, v in verdicts.items() if v == "wider"]
-    other = [f"{label} {v}" for label, v in verdicts.items() if v != "wider"]
+    words = {"same": "not distinguishable (interval includes 0)", "narrower": "narrower"}
+    other = [f"{label} {words[v]}" for label, v in verdicts.items() if v != "wider"]
     n = len(normed)
     if len(wider) == n:
         who = f"{wider[0]} has" if n == 1 else f"each of the {n} normalized variants has"
