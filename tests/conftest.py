@@ -2,6 +2,7 @@
 cached under $NORMLAB_DATA (CI sets it to a fresh folder) or ~/.cache/normlab."""
 
 import os
+import secrets
 
 import pytest
 import torch
@@ -11,6 +12,12 @@ import torch
 torch.set_num_threads(1)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+# One Ray token for the whole test session: Ray keeps the token it first read in the
+# process, so a second local Ray started with another token fails to authenticate
+# ("InvalidAuthToken"; test_norm_registry's Ray test before test_ray's had done that).
+RAY_TOKEN = secrets.token_hex(32)
 
 
 def require_tool(available: bool, what: str) -> None:

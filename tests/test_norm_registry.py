@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import secrets
 import sys
 import textwrap
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from openpyxl import load_workbook
 from torch import nn
 
-from conftest import require_tool, suite_toml
+from conftest import RAY_TOKEN, require_tool, suite_toml
 from normlab import accel
 from normlab.cli import main
 from normlab.experiments import load_suite, run_suite
@@ -414,7 +413,7 @@ def ray_environment(monkeypatch):
     for key, value in LOOPBACK_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
 
 

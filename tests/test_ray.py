@@ -17,7 +17,6 @@ import importlib.util
 import io
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -32,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import normlab.reports
-from conftest import require_tool, suite_toml
+from conftest import RAY_TOKEN, require_tool, suite_toml
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, run_suite
 from normlab.experiments.ray_executor import LOOPBACK_ENV, RayExecutor
@@ -69,7 +68,7 @@ def ray_environment():
         for key, value in LOOPBACK_ENV.items():
             mp.setenv(key, value)
         mp.setenv("RAY_AUTH_MODE", "token")
-        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        mp.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         yield
 
