@@ -19,7 +19,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
-from normlab.reports.figures import norm_colours, norm_key, norm_rank, save
+from normlab.reports.figures import figure_section, norm_colours, norm_key, norm_rank
 from normlab.reports.page import Image
 from normlab.reports.stats import mean, sample_std
 
@@ -362,13 +362,10 @@ def batch_size_parts(suite: SuiteResults, figs_dir: str | Path
     study = find_study(suite)
     if study is None:
         return None
-    blocks = batch_size_blocks(study)
-    if not any(line.measured for line in study.lines):
-        return [Para("No finished run yet: the figure comes with the first results."),
-                *blocks], []
-    path = save(batch_size_figure(study, suite.dataset), Path(figs_dir) / FIGURE)
-    image = Image(path, "Test error against batch size, one line per norm",
-                  "Test error (%) against batch size (log₂ axis, the batch shrinking to the "
-                  "right as in Wu & He's Figure 1): per norm the mean over seeds, with a "
-                  "min–max band over seeds; " + study.lr_rule + ".")
-    return blocks, [image]
+    return figure_section(
+        batch_size_blocks(study), any(line.measured for line in study.lines),
+        lambda: batch_size_figure(study, suite.dataset), Path(figs_dir) / FIGURE,
+        "Test error against batch size, one line per norm",
+        "Test error (%) against batch size (log₂ axis, the batch shrinking to the right as in "
+        "Wu & He's Figure 1): per norm the mean over seeds, with a min–max band over seeds; "
+        + study.lr_rule + ".")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MultipleLocator, NullFormatter
 
 from normlab.reports.collect import RunResults, VariantResults
+from normlab.reports.doc import Block, Para
+from normlab.reports.page import Image
 from normlab.reports.stats import THRESHOLDS
 
 DPI = 110
@@ -239,6 +242,17 @@ def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, **PNG_OPTIONS)
     return path
+
+
+def figure_section(blocks: list[Block], measured: bool, draw: Callable[[], Figure],
+                   path: Path, title: str, caption: str,
+                   waiting: str = "No finished run yet: the figure comes with the first "
+                                  "results.") -> tuple[list[Block], list[Image]]:
+    """A study's report section: its blocks and the figure ``draw()`` gives, saved at
+    ``path``; before anything is ``measured``, the blocks under ``waiting`` and no figure."""
+    if not measured:
+        return [Para(waiting), *blocks], []
+    return blocks, [Image(save(draw(), path), title, caption)]
 
 
 def png_bytes(fig: Figure) -> bytes:

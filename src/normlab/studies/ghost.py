@@ -23,7 +23,7 @@ from matplotlib.ticker import FixedLocator, NullLocator
 
 from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
-from normlab.reports.figures import model_label, save
+from normlab.reports.figures import figure_section, model_label
 from normlab.reports.page import Image
 from normlab.reports.stats import Paired, mean, paired_difference, sample_std, t975
 
@@ -311,13 +311,10 @@ def ghost_batch_parts(suite: SuiteResults, figs_dir: str | Path
     lines = find_study(suite)
     if lines is None:
         return None
-    blocks = ghost_batch_blocks(lines)
-    if not any(line.measured for line in lines):
-        return [Para("No finished run yet: the figure comes with the first results."),
-                *blocks], []
-    path = save(ghost_batch_figure(lines), Path(figs_dir) / FIGURE)
-    image = Image(path, "Test accuracy and training loss against the virtual batch size",
-                  "Final test accuracy (left) and final training loss (right) against the "
-                  "virtual batch size over which BatchNorm computes its statistics, the SGD "
-                  "batch fixed; mean over seeds with the 95% t interval of the mean.")
-    return blocks, [image]
+    return figure_section(
+        ghost_batch_blocks(lines), any(line.measured for line in lines),
+        lambda: ghost_batch_figure(lines), Path(figs_dir) / FIGURE,
+        "Test accuracy and training loss against the virtual batch size",
+        "Final test accuracy (left) and final training loss (right) against the virtual batch "
+        "size over which BatchNorm computes its statistics, the SGD batch fixed; mean over "
+        "seeds with the 95% t interval of the mean.")

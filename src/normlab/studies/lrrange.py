@@ -24,7 +24,7 @@ from matplotlib.patches import Rectangle
 
 from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
-from normlab.reports.figures import model_label, norm_key, norm_rank, save
+from normlab.reports.figures import figure_section, model_label, norm_key, norm_rank
 from normlab.reports.page import Image
 from normlab.reports.stats import Paired, mean, paired_difference, sample_std
 from normlab.training.rundir import CHANCE_ACC
@@ -489,14 +489,11 @@ def lr_range_parts(suite: SuiteResults, figs_dir: str | Path
     study = find_study(suite)
     if study is None:
         return None
-    blocks = lr_range_blocks(study)
-    if not any(c.acc for row in study.rows for c in row.cells.values()):
-        return [Para("No finished run yet: the heat map comes with the first results."),
-                *blocks], []
-    path = save(lr_range_figure(study), Path(figs_dir) / FIGURE)
-    image = Image(path, "Heat map of final test accuracy by norm and learning rate",
-                  "Final test accuracy (%) by norm (rows) and learning rate (columns), mean "
-                  "over seeds: grey cells diverged (loss nan/inf) or stayed at chance on every "
-                  f"seed; the orange box is the usable range (within {MARGIN:g} points of the "
-                  f"row's best); {study.setting}.")
-    return blocks, [image]
+    return figure_section(
+        lr_range_blocks(study), any(c.acc for row in study.rows for c in row.cells.values()),
+        lambda: lr_range_figure(study), Path(figs_dir) / FIGURE,
+        "Heat map of final test accuracy by norm and learning rate",
+        "Final test accuracy (%) by norm (rows) and learning rate (columns), mean over seeds: "
+        "grey cells diverged (loss nan/inf) or stayed at chance on every seed; the orange box "
+        f"is the usable range (within {MARGIN:g} points of the row's best); {study.setting}.",
+        waiting="No finished run yet: the heat map comes with the first results.")

@@ -21,7 +21,7 @@ from matplotlib.ticker import MultipleLocator
 
 from normlab.reports.collect import RunResults, SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
-from normlab.reports.figures import model_label, save
+from normlab.reports.figures import figure_section, model_label
 from normlab.reports.page import Image
 from normlab.reports.stats import Paired, mean, paired_difference, sample_std, t975
 
@@ -280,13 +280,11 @@ def running_stats_parts(suite: SuiteResults, figs_dir: str | Path
     lines = find_study(suite)
     if lines is None:
         return None
-    blocks = running_stats_blocks(lines)
-    if not any(line.epochs for line in lines):
-        return [Para("No epoch finished yet: the figure comes with the first results."),
-                *blocks], []
-    path = save(running_stats_figure(lines), Path(figs_dir) / FIGURE)
-    image = Image(path, "Test accuracy per epoch with running statistics and with PreciseBN",
-                  "Per epoch: test accuracy with BatchNorm's running statistics (solid) and "
-                  "with statistics recalibrated on training batches (PreciseBN, dashed), mean "
-                  "over seeds; right: their paired difference with the 95% t interval.")
-    return blocks, [image]
+    return figure_section(
+        running_stats_blocks(lines), any(line.epochs for line in lines),
+        lambda: running_stats_figure(lines), Path(figs_dir) / FIGURE,
+        "Test accuracy per epoch with running statistics and with PreciseBN",
+        "Per epoch: test accuracy with BatchNorm's running statistics (solid) and with "
+        "statistics recalibrated on training batches (PreciseBN, dashed), mean over seeds; "
+        "right: their paired difference with the 95% t interval.",
+        waiting="No epoch finished yet: the figure comes with the first results.")
