@@ -62,7 +62,7 @@ from torch import nn
 
 from normlab.reports.collect import FINISHED, SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
-from normlab.reports.figures import save
+from normlab.reports.figures import model_label, norm_key, save
 from normlab.reports.page import Image
 from normlab.reports.stats import Paired, mean, paired_difference, sample_std, t975
 from normlab.studies.precise import _training_forward, stat_modules
@@ -432,20 +432,12 @@ def test_batch_figure(rows: list[Row], dataset: str) -> Figure:
     return fig
 
 
-def _norm_key(row: Row) -> str:
-    """The variant's norm as a label ("BN", "GN + WS"), for figures of many variants."""
-    from normlab.models.norms import norm_spec
-
-    model = row.variant.config.model
-    label = " + ".join(norm_spec(n).label for n in model.norms)
-    return label + (" + WS" if model.weight_std else "")
-
-
 def _norms(members: list[Row]) -> dict[str, list[Row]]:
-    by_norm: dict[str, list[Row]] = {}
+    """The rows by their norm, each group under its norm's label ("GN (2 groups) + WS")."""
+    by_key: dict[str, list[Row]] = {}
     for row in members:
-        by_norm.setdefault(_norm_key(row), []).append(row)
-    return by_norm
+        by_key.setdefault(norm_key(row.variant.config.model), []).append(row)
+    return {model_label(rows[0].variant.config.model): rows for rows in by_key.values()}
 
 
 def _norm_lines(ax, x, members: list[Row]) -> None:
@@ -512,7 +504,7 @@ def _headline(stats: list[Row], others: list[Row]) -> str:
                   for v in acc.values()), default=None)
     names = ", ".join(r.label for r in others)
     if len(others) > len(COLOURS):  # dozens of variants: name their norms, not each
-        norms = list(dict.fromkeys(_norm_key(r) for r in others))
+        norms = list(_norms(others))
         names = f"{len(others)} variants of {', '.join(norms)}"
     if others and spread == 0:
         control = (f"The norms without batch statistics ({names}) give exactly the same "
