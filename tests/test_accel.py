@@ -16,8 +16,9 @@ from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout
 from normlab.cli import main
 from normlab.models import ModelConfig, Net
 from normlab.models.net import STAGES
+from normlab.training.augment import to_input
 from normlab.training.config import RunConfig, from_stored
-from normlab.training.engine import TensorData
+from normlab.training.engine import TensorData, evaluate
 from normlab.training.run import train
 
 
@@ -167,6 +168,55 @@ def test_a_run_records_the_paths_it_took(tmp_path, tiny_data):
         kept = [int(v.split("/")[0]) for v in paths["onednn_convs"].values()]
         assert all(0 <= k <= 7 for k in kept)
     assert paths["blocks"]["convblock1"] in ("dropout fused, ReLU folded", "dropout fused")
+
+
+class _BatchCentred(nn.Module):
+    """Subtracts the batch's mean in eval mode too: an image's output depends on the
+    images beside it, so chunks of a batch cannot give the whole batch's numbers."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln", "in"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_test_pass_in_chunks_is_the_whole_batchs_bitwise(norm, precision, mnist):
+    """Taken or refused, Step.infer gives the model's output on the whole batch bit for
+    bit, and the record says which it did; evaluate's metrics through it are the plain
+    forward's."""
+    config = ModelConfig(norms=(norm,), kernels="normlab", dropout=0.05)
+    model = _model(config)
+    step = accel.prepare(model, config, precision)
+    x, y = _batch(n=64)
+    for _ in range(2):  # running statistics that are not the initial ones
+        step(x, y)
+    model.eval()
+    data = TensorData(mnist.test_images[:1200], mnist.test_labels[:1200], mnist.mean,
+                      mnist.std)
+    test = to_input(data.images[:600], data.mean, data.std, memory_format=torch.channels_last)
+    with torch.no_grad(), accel.autocast(test.device, precision):
+        want = model(test)
+        for _ in range(2):  # the checked call, then the decided one
+            assert torch.equal(step.infer(test), want)
+    record = step.paths()["test_forward"]["600x1x28x28"]
+    assert record in (f"chunks of {accel.EVAL_CHUNK}",
+                      f"whole (chunks of {accel.EVAL_CHUNK} differ)")
+    plain = evaluate(model, data, 600, precision=precision)
+    through = evaluate(model, data, 600, precision=precision, forward=step.infer)
+    assert (plain["test_loss"], plain["test_acc"]) == (through["test_loss"],
+                                                       through["test_acc"])
+
+
+def test_a_forward_whose_images_depend_on_each_other_goes_whole():
+    model = nn.Sequential(nn.Flatten(), _BatchCentred()).eval()
+    step = accel.Step(model, "fp32")
+    x = torch.randn(600, 1, 28, 28)
+    for _ in range(2):
+        assert torch.equal(step.infer(x), model(x))
+    assert step.eval_chunks == {x.shape: 0}
+    assert step.paths()["test_forward"] == {
+        "600x1x28x28": f"whole (chunks of {accel.EVAL_CHUNK} differ)"}
+    assert torch.equal(accel.Step(model, "fp32", "off").infer(x), model(x))
 
 
 def test_info_says_what_each_path_would_be(capsys):

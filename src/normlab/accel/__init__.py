@@ -15,6 +15,10 @@ and gets a :class:`Step` that:
   forward and backward without autograd, convolutions on oneDNN primitives kept across
   steps, :mod:`normlab.accel.onednn`), after one step of it has been checked against
   autograd bit for bit on this model; elsewhere through autograd;
+- runs the test pass's forward in chunks of :data:`EVAL_CHUNK` images where that was
+  checked to give the whole batch's logits bit for bit (:meth:`Step.infer`: a batch of
+  1,000 images overflows a CPU's caches; chunks of 250 take 0.56 of its time on a forced
+  AVX2 host);
 - records which paths it took (:meth:`Step.paths`, written into the run's config.json).
 
 ``RunConfig.accel = "off"`` (``--accel off``) leaves the model plain and trains it through
@@ -33,6 +37,7 @@ from torch import nn
 from normlab.models.net import STAGES, ModelConfig
 
 ACCEL = ("on", "off")
+EVAL_CHUNK = 250  # images per forward in a CPU test pass (benchmarks/eval_chunks.py)
 
 
 def autocast(device: torch.device, precision: str):
@@ -116,6 +121,7 @@ class Step:
     blocks: dict[str, str] = field(default_factory=dict)
     hand_steps: int = 0
     autograd_steps: int = 0
+    eval_chunks: dict = field(default_factory=dict)  # input shape -> chunk size, or 0: whole
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hand is not None and self.hand.applies(x):
@@ -123,6 +129,25 @@ class Step:
             return self.hand(x, y)
         self.autograd_steps += 1
         return autograd_step(self.model, x, y, self.precision)
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's forward for evaluation (the caller sets eval mode, no-grad and
+        autocast), in chunks of :data:`EVAL_CHUNK` images on a CPU. The first batch of
+        each shape goes through both ways, and chunks are used for that shape only if they
+        gave the whole batch's output bit for bit (each image's logits must not depend on
+        the images beside it: true of the seed's network in eval mode where every kernel
+        computes an image alike in any batch, checked rather than assumed)."""
+        if self.accel != "on" or x.device.type != "cpu" or len(x) <= EVAL_CHUNK:
+            return self.model(x)
+        chunk = self.eval_chunks.get(x.shape)
+        if chunk is None:
+            whole = self.model(x)
+            parts = torch.cat([self.model(part) for part in x.split(EVAL_CHUNK)])
+            self.eval_chunks[x.shape] = EVAL_CHUNK if torch.equal(whole, parts) else 0
+            return whole
+        if chunk == 0:
+            return self.model(x)
+        return torch.cat([self.model(part) for part in x.split(chunk)])
 
     def paths(self) -> dict:
         """The paths the steps so far took, for config.json: the step (hand or autograd,
@@ -150,6 +175,11 @@ class Step:
             paths["onednn_convs"] = {
                 "x".join(map(str, shape)): f"{sum(c is not None for c in layers)}/{len(layers)}"
                 for shape, layers in self.hand._layers.items() if layers}
+        if self.eval_chunks:
+            paths["test_forward"] = {
+                "x".join(map(str, shape)): (f"chunks of {chunk}" if chunk else
+                                            f"whole (chunks of {EVAL_CHUNK} differ)")
+                for shape, chunk in self.eval_chunks.items()}
         if self.blocks:
             paths["blocks"] = self.blocks
         return paths

@@ -197,10 +197,13 @@ def _summed(losses: torch.Tensor, n: int, batch_size: int) -> np.float32:
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: TensorData, batch_size: int = 1000, *, predictions: bool = False,
-    precision: str = "fp32",
+    precision: str = "fp32", forward=None,
 ) -> dict:
     """Test loss (mean NLL) and accuracy %; with ``predictions`` also per-image predicted
-    class, true class and confidence (the predicted class's probability)."""
+    class, true class and confidence (the predicted class's probability). ``forward``
+    computes the model's output for a batch (default: the model; a run passes its
+    accelerated step's :meth:`~normlab.accel.Step.infer`, the same numbers)."""
+    forward = model if forward is None else forward
     start = time.perf_counter()
     model.eval()
     device = data.images.device
@@ -213,7 +216,7 @@ def evaluate(
                      memory_format=layout)
         y = data.labels[begin : begin + batch_size]
         with autocast(device, precision):
-            out = model(x).float()
+            out = forward(x).float()
         loss_sum += F.nll_loss(out, y, reduction="sum").double()
         conf, pred = out.max(1)
         correct += (pred == y).sum()

@@ -221,11 +221,11 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
             on_step=_step_events(listener, name, epoch, len(train_data), p.batch_size),
             precision=config.precision, augment=config.augment, step=step,
         )
-        run.record_paths(step.paths())  # config.json says which paths the steps took
         if per_epoch is not None:
             per_epoch.step()
         te = evaluate(model, test_data, p.eval_batch_size, predictions=True,
-                      precision=config.precision)
+                      precision=config.precision, forward=step.infer)
+        run.record_paths(step.paths())  # config.json says which paths the steps took
         final = te.pop("predictions")  # kept from the last epoch trained
         record = {"epoch": epoch, "lr": lr, **tr, **te}
         record["seconds"] = tr["train_seconds"] + te["test_seconds"]
@@ -250,7 +250,7 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
         return RunResult(run.path, history, status, message, paused=True)
     if final is None:  # every epoch was done before a kill that came before predictions.pt
         final = evaluate(model, test_data, p.eval_batch_size, predictions=True,
-                         precision=config.precision)["predictions"]
+                         precision=config.precision, forward=step.infer)["predictions"]
     run.save_predictions(final)
     return RunResult(run.path, history, status, message)
 
