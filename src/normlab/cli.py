@@ -1,7 +1,10 @@
 """The ``normlab`` command: a thin dispatcher over the packages' own command modules.
 
 Each verb lives next to the code it drives (``normlab/<package>/cli.py``) and exposes
-``configure(parser)`` and ``run(args) -> int``; this file only wires them together.
+``configure(parser)`` and ``run(args) -> int``; this file only wires them together. The
+table below is the home of each verb's one-line help; a verb's module is imported, and its
+sub-parser configured, only when the command line names that verb (``normlab --help``
+imports none of them): a ``normlab train`` does not pay for the report builder's imports.
 """
 
 from __future__ import annotations
@@ -29,23 +32,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _LazyVerbs(argparse._SubParsersAction):
+    """The verbs' sub-parsers, each configured from its module when its verb is parsed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.unconfigured = set(COMMANDS)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        verb = values[0]
+        if verb in self.unconfigured:  # (an unknown verb never gets here: argparse's error)
+            self.unconfigured.discard(verb)
+            module_name, help_text = COMMANDS[verb]
+            module = importlib.import_module(module_name)
+            sub = self.choices[verb]
+            sub.description = (module.__doc__ or help_text).strip()
+            module.configure(sub)
+            sub.set_defaults(_run=module.run)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normlab",
         description="normlab: normalization and regularization experiments on small CNNs.",
     )
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
+    parser.register("action", "parsers", _LazyVerbs)
     verbs = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for verb, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub = verbs.add_parser(
-            verb,
-            help=help_text,
-            description=(module.__doc__ or help_text).strip(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.configure(sub)
-        sub.set_defaults(_run=module.run)
+    for verb, (_, help_text) in COMMANDS.items():
+        verbs.add_parser(verb, help=help_text,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     return parser
 
 

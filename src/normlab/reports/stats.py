@@ -1,13 +1,14 @@
 """Statistics of a suite: mean ± sample std over seeds, paired Student-t intervals (scipy),
-per-variant summaries."""
+per-variant summaries.
+
+scipy.stats (about half a second to import) is imported by the two functions that use it,
+on first call: a suite's runner and its worker processes use only :func:`fmt_mean_std`."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass, field
-
-import scipy.stats
 
 from normlab.reports.collect import RunResults, VariantResults
 
@@ -42,6 +43,8 @@ def t975(df: int) -> float:
     """The 97.5% quantile of Student's t with ``df`` degrees of freedom."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    import scipy.stats
+
     return float(scipy.stats.t.ppf(0.975, df))
 
 
@@ -81,6 +84,8 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> Paired | None
     if len(diffs) > 1:  # scipy's paired t-test: its 95% interval of the mean difference
         half = 0.0
         if sample_std(diffs):  # (identical differences have no spread: a zero-width interval)
+            import scipy.stats
+
             low, high = scipy.stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]
                                               ).confidence_interval(0.95)
             half = float(high - low) / 2
