@@ -15,11 +15,6 @@ on the machine does not inflate.
 
     python benchmarks/suite_estimate.py --isa avx2          # as on a 2-core AVX2 host
     python benchmarks/suite_estimate.py --isa native --epochs 1
-    python benchmarks/suite_estimate.py --isa avx2 --levers cpuinfo,eval   # with levers
-
-``--levers`` installs prototypes of levers in every worker before it trains (``cpuinfo``:
-``kernels._cpu_id`` read once per process; ``eval``: the test pass's forward in chunks of
-250 images), so a sitting with them can be set against one without.
 """
 
 from __future__ import annotations
@@ -37,35 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import isa
-from eval_chunks import Chunked
 
 MAKE_RUN_EPOCHS = 5 * 5 * 20  # variants x seeds x epochs
-EVAL_CHUNK = 250  # images per forward in the test pass with the "eval" lever
-LEVERS = ("cpuinfo", "eval")
-
-
-def apply_levers(levers: tuple[str, ...]) -> None:
-    """Install the levers in this process (a worker, before it trains)."""
-    if "cpuinfo" in levers:  # /proc/cpuinfo read once, not per kernels.library() call
-        import functools
-
-        from normlab.accel import kernels
-
-        kernels._cpu_id = functools.cache(kernels._cpu_id)
-    if "eval" in levers:
-        import normlab.training.run as run
-
-        evaluate = run.evaluate
-        run.evaluate = lambda model, *a, **k: evaluate(Chunked(model, EVAL_CHUNK), *a, **k)
-
-
-def train_job_with_levers(levers, job, device, threads, until=None):
-    """``executors.train_job`` in a worker with ``levers`` installed first."""
-    from normlab.experiments import executors
-
-    apply_levers(levers)
-    plain = getattr(executors, "_plain_train_job", executors.train_job)  # a worker: unpatched
-    return plain(job, device, threads, until)
 
 
 def main() -> None:
@@ -74,22 +42,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per variant (default 2)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16"))
-    parser.add_argument("--levers", default="",
-                        help=f"comma-separated levers installed in every worker: "
-                             f"{', '.join(LEVERS)} (default: none)")
     args = parser.parse_args()
     isa.reexec(args.isa)
-    import functools
-
-    from normlab.experiments import ProcessExecutor, executors, load_suite, plan
+    from normlab.experiments import ProcessExecutor, load_suite, plan
     from normlab.training.events import ignore
-
-    levers = tuple(x for x in args.levers.split(",") if x)
-    if set(levers) - set(LEVERS):
-        raise SystemExit(f"unknown lever in {args.levers!r}; choose from {', '.join(LEVERS)}")
-    if levers:  # the executor submits executors.train_job: the same with levers installed
-        executors._plain_train_job = executors.train_job
-        executors.train_job = functools.partial(train_job_with_levers, levers)
 
     precision = args.precision or isa.precision(args.isa)
     suite = load_suite("s6").map_configs(lambda c: dataclasses.replace(
@@ -97,7 +53,6 @@ def main() -> None:
         protocol=dataclasses.replace(c.protocol, epochs=args.epochs)))
     load = os.getloadavg()[0]
     print(f"s6, {args.epochs} epoch(s) per variant, {args.jobs} runs at once, 1 thread each; "
-          f"levers {', '.join(levers) or 'none'}; "
           f"{isa.dispatch(kernels=True)}; precision {precision or 'default'}; load {load:.2f}",
           flush=True)
     with tempfile.TemporaryDirectory() as out:
