@@ -225,6 +225,7 @@ def test_info_says_what_each_path_would_be(capsys):
     for key in ("cpu", "torch", "precision", "kernels", "oneDNN", "step fp32"):
         assert any(line.startswith(key) for line in out.splitlines()), key
     assert "step; norms:" in out
+    assert "test pass: chunks of 250" in out or "test pass: whole (chunks of 250 differ)" in out
 
 
 def test_accel_flags_reach_the_configs(tmp_path):

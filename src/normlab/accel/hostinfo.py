@@ -34,7 +34,7 @@ def cpu() -> tuple[str, list[str]]:
 
 
 def _step_paths(precision: str) -> str:
-    from normlab.accel import kernels, prepare
+    from normlab.accel import autocast, kernels, prepare
     from normlab.models import ModelConfig, Net
 
     torch.manual_seed(0)
@@ -43,10 +43,15 @@ def _step_paths(precision: str) -> str:
     step = prepare(model, config, precision)
     x = torch.randn(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     step(x, torch.randint(0, 10, (64,)))
+    model.eval()
+    test = torch.randn(1000, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(test.device, precision):
+        step.infer(test)  # a test pass's batch: in chunks if they give its numbers
     paths = step.paths()
     convs = next(iter(paths.get("onednn_convs", {}).values()), "0/7")
+    tested = next(iter(paths.get("test_forward", {}).values()), "whole")
     text = f"{paths['step']} step; norms: {paths['norms']}; convolutions on kept oneDNN " \
-           f"primitives: {convs}"
+           f"primitives: {convs}; test pass: {tested}"
     if paths.get("why_autograd"):
         text += f" (autograd: {paths['why_autograd']})"
     if step.hand is not None and kernels.compiler():
