@@ -20,6 +20,17 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 RAY_TOKEN = secrets.token_hex(32)
 
 
+def set_ray_environment(setenv) -> None:
+    """The environment every Ray the tests start runs in (``setenv``: a MonkeyPatch's):
+    loopback only, token authentication (Ray's default) with :data:`RAY_TOKEN`, without
+    reading or writing ~/.ray/auth_token, and no usage reporting."""
+    from normlab.experiments.ray_executor import LOOPBACK_ENV
+
+    for key, value in {**LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN,
+                       "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        setenv(key, value)
+
+
 def require_tool(available: bool, what: str) -> None:
     """Skip when a test's tool is missing, except under CI, where that is a failure:
     a skipped browser or spreadsheet test is a check that cannot fail."""

@@ -24,12 +24,11 @@ import torch
 from openpyxl import load_workbook
 from torch import nn
 
-from conftest import RAY_TOKEN, require_tool, suite_toml
+from conftest import require_tool, set_ray_environment, suite_toml
 from normlab import accel
 from normlab.cli import main
 from normlab.experiments import load_suite, run_suite
 from normlab.experiments.executors import ProcessExecutor
-from normlab.experiments.ray_executor import LOOPBACK_ENV
 from normlab.experiments.suite import default_label
 from normlab.fields import ConfigError
 from normlab.models import (
@@ -409,12 +408,8 @@ def test_a_norm_by_import_path_trains_in_a_jobs_2_suite(importable, tmp_path, mo
 
 @pytest.fixture
 def ray_environment(monkeypatch):
-    """Loopback only, a token of its own (as tests/test_ray.py), no usage reporting."""
-    for key, value in LOOPBACK_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    """The tests' Ray environment (conftest), as tests/test_ray.py's."""
+    set_ray_environment(monkeypatch.setenv)
 
 
 def test_a_norm_by_import_path_trains_on_ray(importable, tmp_path, ray_environment,

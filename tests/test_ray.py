@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import normlab.reports
-from conftest import RAY_TOKEN, require_tool, suite_toml
+from conftest import require_tool, set_ray_environment, suite_toml
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, run_suite
 from normlab.experiments.ray_executor import LOOPBACK_ENV, RayExecutor
@@ -62,14 +62,9 @@ def need_ray() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_environment():
-    """Loopback only, and one token for every Ray of this module (token authentication,
-    Ray's default, without reading or writing ~/.ray/auth_token)."""
+    """Every Ray of this module in the tests' Ray environment (conftest)."""
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in LOOPBACK_ENV.items():
-            mp.setenv(key, value)
-        mp.setenv("RAY_AUTH_MODE", "token")
-        mp.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        set_ray_environment(mp.setenv)
         yield
 
 
