@@ -17,9 +17,12 @@ Each host kind of :data:`HOSTS` runs the contract tests (:data:`TESTS`) in a sub
 under its settings, after a probe that says what the process actually got (ATen's
 capability, oneDNN's ISA from its verbose log, the kernels' branches, and the paths a
 step of the seed's network takes: :func:`normlab.accel.prepare`'s record). A setting the
-CPU cannot honour is capped at what it has, as torch and oneDNN cap theirs (a CPU feature
-is not a tool: nothing here skips or fails for one); ``-march`` has no such cap (code for
-a missing instruction set dies), so a level this CPU lacks is built as ``native``. And
+CPU cannot honour is capped at what it has (a CPU feature is not a tool: nothing here
+skips or fails for one). oneDNN caps ``ONEDNN_MAX_CPU_ISA`` itself; ATen does not (torch
+2.13 takes ``ATEN_CPU_CAPABILITY=avx512`` on an AVX2-only Zen 3 and dies of an illegal
+instruction in its first AVX-512 kernel), nor does ``-march`` (code for a missing
+instruction set dies), so a capability this CPU lacks is forced as the best it has, and a
+level it lacks is built as ``native``. And
 every build of kernels.c this CPU can run is compared with the others bit for bit
 (:func:`test_every_build_of_the_kernels_computes_the_same_numbers`).
 
@@ -110,11 +113,20 @@ def march_here(march: str | None) -> str | None:
     return march if march in (None, "native") or has(MARCH[march]) else "native"
 
 
+def aten_here(aten: str | None) -> str | None:
+    """``aten``, or the best capability below it that this CPU has (ATen does not cap it)."""
+    if aten is None:
+        return None
+    names = list(ATEN)
+    return next(name for name in reversed(names[:names.index(aten) + 1])
+                if has(ATEN[name][1]))
+
+
 def environment(host: Host, **extra: str) -> dict[str, str]:
     """This process's environment with ``host``'s dispatch in place of any forced one."""
     env = {k: v for k, v in os.environ.items() if k not in FORCING and k != "ONEDNN_VERBOSE"}
-    for key, value in zip(FORCING, (host.aten, host.onednn, march_here(host.march)),
-                          strict=True):
+    for key, value in zip(FORCING, (aten_here(host.aten), host.onednn,
+                                    march_here(host.march)), strict=True):
         if value is not None:
             env[key] = value
     return {**env, **extra}
@@ -240,13 +252,17 @@ ZEN3 = frozenset({"sse4_1", "sse4_2", "ssse3", "cx16", "lahf_lm", "popcnt", "avx
 
 
 def test_a_setting_the_cpu_cannot_honour_is_capped_and_one_it_can_is_checked(monkeypatch):
-    """On an AVX2 host the AVX-512 kinds get what it has (torch and oneDNN cap themselves,
-    the kernels are built native) and are not failed for it; a setting the host has but the
-    process did not get is reported."""
+    """On an AVX2 host the AVX-512 kinds get what it has (ATen forced to AVX2, oneDNN caps
+    itself, the kernels are built native) and are not failed for it; a setting the host has
+    but the process did not get is reported."""
     monkeypatch.setattr(sys.modules[__name__], "cpu_flags", lambda: ZEN3)
     avx512, avx2 = HOSTS[1], HOSTS[2]
     assert march_here("x86-64-v4") == "native" and march_here("x86-64-v3") == "x86-64-v3"
     assert environment(avx512)["NORMLAB_MARCH"] == "native"
+    assert environment(avx512)["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert environment(avx2)["ATEN_CPU_CAPABILITY"] == "avx2"
+    monkeypatch.setattr(sys.modules[__name__], "cpu_flags", lambda: frozenset({"sse4_1"}))
+    assert environment(avx512)["ATEN_CPU_CAPABILITY"] == "default"
     capped = {"aten": "AVX2", "onednn": True, "onednn_isa": "Intel AVX2", "march": "native"}
     assert dispatch_problems(avx512, capped) == []
     assert dispatch_problems(avx2, {**capped, "march": "x86-64-v3"}) == []
