@@ -237,7 +237,9 @@ def test_batch_statistics_norms_move_and_the_others_do_not(suite_dir, small):
 def test_the_zoo_with_precise_bn_and_the_test_batch_modes(small, tmp_path, norm):
     """One epoch of each other norm with precise_bn: the batch-statistics norms (BRN, GBN,
     EvoNorm-B0) get other numbers recalibrated and (but BRN) move with the test batch; the
-    others are the same in every mode, exactly."""
+    others are the same in every mode, exactly. (EvoNorm-B0 this early sits at 25-35%: its
+    accuracies may agree to the 0.2 points 500 images resolve, so its outputs are compared;
+    on an AVX2 Zen 3 all five modes gave 26.6%.)"""
     # the batch-statistics norms must learn something to show it (EvoNorm-B0 sits at
     # chance for 10 steps); the others are exactly the same in every mode from the start
     steps = 31 if norm in ("brn", "gbn", "evo-b0") else 10
@@ -254,6 +256,14 @@ def test_the_zoo_with_precise_bn_and_the_test_batch_modes(small, tmp_path, norm)
         # 1000 is far from r_max = 3, d_max = 5) the training forward is the eval forward
         assert r["test_loss_precise"] != r["test_loss"]
         assert acc["mixed1000"] == acc["running"], acc
+    elif norm == "evo-b0":
+        assert r["test_loss_precise"] != r["test_loss"]
+        model = cfg.make_model()
+        model.load_state_dict(RunDir(tmp_path / norm).load_checkpoint("cpu")["model"])
+        x = to_input(test.images, test.mean, test.std)
+        with torch.no_grad():
+            alone, among = model.train()(x[:8]), model(x)[:8]  # batch statistics of 8, 500
+        assert not torch.allclose(alone, among)
     elif batch_stats:
         assert r["test_loss_precise"] != r["test_loss"]
         assert len(set(acc.values())) > 1, acc
