@@ -177,18 +177,13 @@ def main() -> None:
     parser.add_argument("--suite-epochs", type=int, default=2,
                         help="epochs of --steps steps per variant in the suite (default 2)")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 100 steps")
-    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                        help="normlab's precision (default: normlab's for the host kind, bf16 "
-                             "on CPUs with AMX or AVX512-BF16, else fp32)")
-    parser.add_argument("--isa", default=None, choices=tuple(isa.ISAS),
-                        help="run both sides with the dispatch a host of this kind gets "
-                             "(isa.py; default: the environment as it is)")
+    isa.add_arguments(parser)  # --isa: both sides; --precision: normlab's side
     args = parser.parse_args()
-    isa.reexec(args.isa)  # before anything is measured: every process inherits it
+    precision = isa.apply(args)  # before anything is measured: every process inherits it
     if args.quick:
         args.rounds, args.steps = 2, 100
     load_dataset("mnist")  # fetched and cached before anything is timed
-    config = RunConfig.from_options(precision=args.precision or isa.precision(args.isa))
+    config = RunConfig.from_options(precision=precision)
     args.precision = config.precision
     with workers_preloaded():
         malloc = in_fresh_process(allocator_in_use)

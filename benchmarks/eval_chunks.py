@@ -45,22 +45,20 @@ class Chunked:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--isa", default=None, choices=tuple(isa.ISAS))
+    isa.add_arguments(parser)
     parser.add_argument("--norm", default="bn")
-    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"))
     parser.add_argument("--chunks", type=int, nargs="+", default=[500, 250, 125, 64])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=100)
     args = parser.parse_args()
-    isa.reexec(args.isa)
+    precision = isa.apply(args)
     import torch
     from profile_engine import prepared
 
     from normlab.data import load_dataset
     from normlab.training import RunConfig, TensorData, evaluate, train_one_epoch
 
-    config = RunConfig.from_options(norm=args.norm,
-                                    precision=args.precision or isa.precision(args.isa))
+    config = RunConfig.from_options(norm=args.norm, precision=precision)
     model, opt, data, kwargs = prepared(config, 1, args.train_steps)
     train_one_epoch(model, data, opt, epoch=1, **kwargs)
     ds = load_dataset(config.dataset)

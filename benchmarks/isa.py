@@ -15,6 +15,7 @@ reads the CPU's features, so a forced AVX2 or AVX-512 (without bf16) run must sa
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -53,6 +54,25 @@ def precision(isa: str | None) -> str | None:
     """normlab's default precision on a host of this kind: fp32 on AVX2 and AVX-512 (no
     native bf16); on ``native`` (or None) whatever normlab picks for this CPU."""
     return "fp32" if isa in ("avx2", "avx512") else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--isa`` and ``--precision``, as every script that runs as another host kind takes
+    them; :func:`apply` acts on them."""
+    parser.add_argument("--isa", default=None, choices=tuple(ISAS),
+                        help="run as a host of this kind would (isa.py; default: the "
+                             "environment as it is)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
+                        help="default: the host kind's (fp32 under --isa avx2 or avx512, "
+                             "else normlab's for this CPU: bf16 with AMX or AVX512-BF16)")
+
+
+def apply(args: argparse.Namespace) -> str | None:
+    """Run this script again under ``args.isa`` (:func:`reexec`), then the precision to
+    train in: ``--precision``, else the host kind's (:func:`precision`; None: normlab's
+    default for this CPU)."""
+    reexec(args.isa)
+    return args.precision or precision(args.isa)
 
 
 @contextlib.contextmanager

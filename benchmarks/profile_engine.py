@@ -208,10 +208,8 @@ def _leaf(frames: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--isa", default=None, choices=tuple(isa.ISAS))
+    isa.add_arguments(parser)
     parser.add_argument("--norm", default="bn")
-    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"),
-                        help="default: the host kind's (fp32 for avx2/avx512)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=200, help="steps per epoch")
     parser.add_argument("--seconds", type=float, default=15, help="profiled seconds")
@@ -223,9 +221,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None,
                         help="copy the profiler's raw output here (perf.data or stacks)")
     args = parser.parse_args()
-    isa.reexec(args.isa)
-    config, epoch = setup(args.norm, args.precision or isa.precision(args.isa), args.threads,
-                          args.steps, args.hook)
+    config, epoch = setup(args.norm, isa.apply(args), args.threads, args.steps, args.hook)
     got = isa.dispatch(kernels=True)
     epoch()  # warm-up: kernels built, primitives created and checked
     quiet = [epoch() for _ in range(2)]

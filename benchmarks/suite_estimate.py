@@ -38,16 +38,14 @@ MAKE_RUN_EPOCHS = 5 * 5 * 20  # variants x seeds x epochs
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--isa", default=None, choices=tuple(isa.ISAS))
+    isa.add_arguments(parser)
     parser.add_argument("--epochs", type=int, default=2, help="epochs per variant (default 2)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
-    parser.add_argument("--precision", default=None, choices=("fp32", "bf16"))
     args = parser.parse_args()
-    isa.reexec(args.isa)
+    precision = isa.apply(args)
     from normlab.experiments import ProcessExecutor, load_suite, plan
     from normlab.training.events import ignore
 
-    precision = args.precision or isa.precision(args.isa)
     suite = load_suite("s6").map_configs(lambda c: dataclasses.replace(
         c, precision=precision or c.precision,
         protocol=dataclasses.replace(c.protocol, epochs=args.epochs)))

@@ -13,14 +13,14 @@ from matplotlib.image import imread
 
 from normlab.experiments import load_suite
 from normlab.reports import load_results
-from normlab.reports.batchsize import (
+from normlab.reports.doc import Para, Table, to_html, to_markdown
+from normlab.studies.batchsize import (
     FIGURE,
     batch_size_figure,
     batch_size_parts,
     find_study,
     trend,
 )
-from normlab.reports.doc import Para, Table, to_html, to_markdown
 from normlab.training.config import RunConfig
 
 BATCHES = (2, 8, 64)

@@ -15,7 +15,6 @@ import numpy as np
 
 from normlab import __version__
 from normlab.files import write_text
-from normlab.reports import batchsize
 from normlab.reports.analysis import COMMON_RANDOM_NUMBERS, analysis_blocks
 from normlab.reports.collect import (
     FAILED,
@@ -38,7 +37,7 @@ from normlab.reports.normfig import norm_groups_figure
 from normlab.reports.page import Image, Section, blocks_html, figure_html, page_html
 from normlab.reports.stats import summarise
 from normlab.reports.tables import results_csv, summary_csv, summary_table
-from normlab.studies import ghost, lrrange, running, testbatch
+from normlab.studies import batchsize, ghost, lrrange, running, testbatch
 
 ImageLoader = Callable[[str], tuple[np.ndarray, tuple[str, ...]]]
 WORKBOOK = "normalizations.xlsx"

@@ -2,6 +2,8 @@
 suite) with a figure, a table and a verdict generated from the numbers, with intervals
 over seeds.
 
+- :mod:`normlab.studies.batchsize`: test error against batch size per norm, after Wu &
+  He (2018) (the ``batch-sizes`` suites: every norm x a range of batch sizes).
 - :mod:`normlab.studies.lrrange`: normalization widens the range of learning rates that
   train (the ``lr-range`` suite: every norm x a log grid of learning rates).
 - :mod:`normlab.studies.ghost`: BN's statistics over virtual batches at a fixed SGD batch
