@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,24 @@ def test_the_models_package_is_plain_pytorch():
     assert kinds <= {"torch.nn.modules.conv", "torch.nn.modules.activation",
                      "torch.nn.modules.batchnorm", "torch.nn.modules.pooling",
                      "torch.nn.modules.container", "normlab.models.dropout", "normlab.models.net"}
+
+
+def test_the_acceleration_reads_the_models_and_not_the_training():
+    """normlab.accel and normlab.training no longer import each other: the training calls
+    the acceleration (and reads its precision default), never the other way round, not even
+    inside a function (0.10's hostinfo read training.config's default_precision)."""
+    import ast
+
+    folder = Path(accel.__file__).parent
+    imported = {
+        (path.name, node.module if isinstance(node, ast.ImportFrom) else alias.name)
+        for path in folder.glob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert not {(f, m) for f, m in imported if m and m.startswith("normlab.training")}
+    assert ("__init__.py", "normlab.models.config") in imported
 
 
 def test_the_forward_walks_the_stages():

@@ -202,10 +202,10 @@ def test_options_as_the_command_line_and_the_notebook_give_them():
 def test_the_default_precision_is_the_machines_and_stored_ones_are_kept(monkeypatch):
     """bf16 autocast by default only where the CPU computes bf16 natively; a stored config
     keeps the precision it was trained in (one without any, normlab 0.1's, is fp32)."""
-    from normlab.training import config as config_module
+    import normlab.accel
 
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(config_module, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(normlab.accel, "native_bf16", lambda native=native: native)
         assert RunConfig().precision == expected
         assert RunConfig.from_options().precision == expected
         stored = RunConfig(precision="bf16" if expected == "fp32" else "fp32").to_dict()

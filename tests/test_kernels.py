@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import require_tool
 from normlab.accel import accelerated_net, kernels
 from normlab.models import ModelConfig
+from normlab.models.config import default_kernels
 from normlab.models.dropout import bernoulli_positions, drop_positions
-from normlab.models.net import default_kernels
 from normlab.training.augment import to_input
 
 CL = torch.channels_last

@@ -2,7 +2,8 @@
 
 It reads the CPU's features, finds the C compiler and torch's oneDNN, builds normlab's
 kernels, and trains one step of the seed's network in each precision through
-``normlab.accel.prepare``, printing the paths it took. Set ATEN_CPU_CAPABILITY,
+``normlab.accel.prepare``, printing the paths it took, and lists the networks (``--net``)
+with the step each gets. Set ATEN_CPU_CAPABILITY,
 ONEDNN_MAX_CPU_ISA or NORMLAB_MARCH to see what another CPU would get.
 
 Examples:

@@ -64,8 +64,7 @@ def _step_paths(precision: str) -> str:
 
 def describe() -> list[tuple[str, str]]:
     """(path, what it is here and why) lines."""
-    from normlab.accel import kernels, onednn
-    from normlab.training.config import default_precision
+    from normlab.accel import default_precision, kernels, onednn
 
     name, features = cpu()
     have = " ".join(features) or "none of " + ", ".join(FEATURES)
@@ -106,4 +105,14 @@ def describe() -> list[tuple[str, str]]:
             lines.append((f"step {p}", _step_paths(p)))
         except Exception as err:  # report, don't fail: this is a diagnosis
             lines.append((f"step {p}", f"failed: {type(err).__name__}: {err}"))
+    lines.append(("nets", nets()))
     return lines
+
+
+def nets() -> str:
+    """The networks and the step each gets (the hand step knows the seed's only)."""
+    from normlab.models import net_specs
+
+    others = [f"{spec.name} ({spec.title})" for spec in net_specs() if spec.name != "seed"]
+    return (f"seed (the seed's CNN): the step above; {', '.join(others)}, and yours by "
+            "import path: autograd, torch's norms")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 
 from normlab.accel import ACCEL
-from normlab.models.net import DROPOUT_DRAWS, KERNELS
+from normlab.models.config import DROPOUT_DRAWS, KERNELS
 from normlab.training.cli import add_run_arguments
 from normlab.training.config import PRECISIONS
 

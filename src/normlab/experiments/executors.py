@@ -60,7 +60,8 @@ class Executor(abc.ABC):
 def session_norms(jobs: list[Job]) -> list[str]:
     """The jobs' norms registered with ``register_norm`` in this process, which no other
     process can build (a norm named by import path can be)."""
-    from normlab.models.norms import built_in, is_path
+    from normlab.models.imports import is_path
+    from normlab.models.norms import built_in
 
     return sorted({n for job in jobs for n in job.config.model.norms
                    if not built_in(n) and not is_path(n)})
@@ -78,25 +79,34 @@ def check_portable(jobs: list[Job], where: str) -> None:
             f"package), or train in this process (jobs=1)")
 
 
+def import_paths(jobs: list[Job]) -> list[str]:
+    """The import paths (``"package.module:Attr"``) the jobs' norms and networks are
+    named by, in first-seen order."""
+    from normlab.models.imports import is_path
+
+    paths: list[str] = []
+    for job in jobs:
+        for name in (*job.config.model.norms, job.config.model.net):
+            if is_path(name) and name not in paths:
+                paths.append(name)
+    return paths
+
+
 def import_roots(jobs: list[Job]) -> list[str]:
-    """The folders from which the jobs' norms named by import path are imported here (the
-    folder holding each one's top-level module or package), in first-seen order."""
+    """The folders from which the jobs' norms and networks named by import path are
+    imported here (the folder holding each one's top-level module or package), in
+    first-seen order."""
     import importlib
     from pathlib import Path
 
-    from normlab.models.norms import is_path
-
     roots: list[str] = []
-    for job in jobs:
-        for name in job.config.model.norms:
-            if not is_path(name):
-                continue
-            top = importlib.import_module(name.split(":")[0].split(".")[0])
-            where = list(getattr(top, "__path__", []) or [])
-            path = Path(where[0]) if where else Path(top.__file__ or "")
-            root = str(path.parent.resolve())
-            if root not in roots:
-                roots.append(root)
+    for name in import_paths(jobs):
+        top = importlib.import_module(name.split(":")[0].split(".")[0])
+        where = list(getattr(top, "__path__", []) or [])
+        path = Path(where[0]) if where else Path(top.__file__ or "")
+        root = str(path.parent.resolve())
+        if root not in roots:
+            roots.append(root)
     return roots
 
 

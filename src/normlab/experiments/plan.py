@@ -191,10 +191,14 @@ def check_out(suite: Suite, out: str | Path, seeds: list[int] | None = None) -> 
 def _options(variant: Variant, suite: Suite) -> str:
     """The variant's model, regularizer and protocol options that differ from the defaults
     (the protocol's: from the suite's)."""
-    from normlab.models import norm_spec
+    from normlab.models import ModelConfig, norm_spec
 
-    c, default = variant.config, RunConfig()
-    parts = [f"norm={c.norm}"]
+    c = variant.config
+    default = RunConfig(model=ModelConfig(net=c.model.net, net_options=c.model.net_options))
+    parts = [f"net={c.model.net}"] if c.model.net != "seed" else []
+    if c.model.net_options:
+        parts.append(f"net_options={{{c.model.net_options.text()}}}")
+    parts.append(f"norm={c.norm}")
     if c.model.norm_options:
         parts.append(f"norm_options={{{c.model.norm_options.text()}}}")
     values = {**{k: (getattr(c.model, k), getattr(default.model, k))

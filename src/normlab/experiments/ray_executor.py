@@ -27,11 +27,12 @@ raised by training is not retried (it would recur): the run is recorded as faile
 (``failure.txt``, the report shows it) and every other run still completes. Rerunning the
 suite retries failed runs.
 
-A norm named by import path (``norm = "mypkg.norms:MyNorm"``) is imported by each task
-where it runs: the tasks get PYTHONPATH with the folders this process imports those modules
-from (:func:`runtime_env`), which, like the output folder, must be at the same path on every
-node. A norm registered in this session only (``register_norm``) is refused before anything
-starts: Ray's workers cannot build it.
+A norm or network named by import path (``norm = "mypkg.norms:MyNorm"``, ``net =
+"mypkg.nets:MyNet"``) is imported by each task where it runs: the tasks get PYTHONPATH
+with the folders this process imports those modules from (:func:`runtime_env`), which,
+like the output folder, must be at the same path on every node. A norm registered in this
+session only (``register_norm``) is refused before anything starts: Ray's workers cannot
+build it.
 
 A local instance (no ``address``) listens on 127.0.0.1 only: it is started with
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (without which Ray on Linux binds the machine's
@@ -109,11 +110,11 @@ def _lock_state(job: Job) -> tuple | None:
 
 
 def runtime_env(jobs: list[Job]) -> dict | None:
-    """The Ray runtime environment the jobs' tasks need: for norms named by import path
-    (``"mypkg.norms:MyNorm"``), PYTHONPATH with the folders they are imported from here
+    """The Ray runtime environment the jobs' tasks need: for norms and networks named by
+    import path (``"mypkg.norms:MyNorm"``), PYTHONPATH with the folders they are imported from here
     (then this process's PYTHONPATH), so every worker imports the same module. Like the
     output folder, those folders must be at the same path on every node. None when no job
-    names a norm by path (the tasks run in Ray's default environment, as before)."""
+    names a norm or network by path (the tasks run in Ray's default environment, as before)."""
     roots = import_roots(jobs)
     if not roots:
         return None

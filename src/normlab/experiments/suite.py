@@ -47,7 +47,7 @@ from typing import Any
 from normlab.fields import ConfigError, check_keys
 from normlab.files import TomlLines, parse_toml
 from normlab.models import ModelConfig, norm_spec
-from normlab.models.net import MODEL_KEYS
+from normlab.models.config import MODEL_KEYS
 from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precision
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
@@ -337,14 +337,19 @@ def norm_label(model: ModelConfig) -> str:
 
 
 def default_label(config: RunConfig) -> str:
-    """A human name from the options, e.g. ``GN (2 groups) + L1 (λ=0.0001)``."""
+    """A human name from the options, e.g. ``GN (2 groups) + L1 (λ=0.0001)``; a network
+    other than the seed's comes first: ``ResNet-20 + SkipInit, no norm``."""
+    from normlab.models import net_label, net_spec
+
     model = config.model
     label = norm_label(model)
+    if model.net != "seed":
+        label = f"{net_label(model)}, {label}"
     if config.l1:
         scope = ", conv weights" if config.l1_scope == "conv" else ""
         label += f" + L1 (λ={config.l1:g}{scope})"
     if config.weight_decay:
         label += f" + L2 (wd={config.weight_decay:g})"
-    if model.dropout != ModelConfig().dropout:
+    if model.dropout != net_spec(model.net).dropout:
         label += f", dropout {model.dropout:g}"
     return label

@@ -7,6 +7,9 @@ Examples:
   normlab summary --norm gn --weight-std
   normlab summary --norm bn --norm-option momentum=0.01 --norm-option affine=false
   normlab summary --norm mypkg.norms:MyNorm       # your own norm, by import path
+  normlab summary --net resnet --net-option depth=20               # 269,434 parameters
+  normlab summary --net mlp --norm bn             # the BN paper's MLP
+  normlab summary --net mypkg.nets:MyNet --net-option width=32      # your own network
 """
 
 from __future__ import annotations
@@ -15,19 +18,9 @@ import argparse
 import json
 from typing import Any
 
-from normlab.fields import ConfigError
-from normlab.models.net import DROPOUT_DRAWS, KERNELS, ModelConfig, Net
-from normlab.models.norms import norm_names, norm_spec
-
-
-def norm_argument(text: str) -> str:
-    """``--norm``'s value: a registered norm or an import path that resolves."""
-    try:
-        for name in text.split("+"):
-            norm_spec(name)
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(err.message) from None
-    return text
+from normlab.models.config import DROPOUT_DRAWS, KERNELS, ModelConfig
+from normlab.models.nets import build_model, net_names
+from normlab.models.norms import norm_names
 
 
 def option_value(text: str) -> Any:
@@ -52,16 +45,34 @@ def norm_option(text: str) -> tuple[str, Any]:
     return key, option_value(value)
 
 
-def norm_options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``--norm-option`` pairs as a dict (None when none was given)."""
-    pairs = getattr(args, "norm_options", None)
+def norm_options_from_args(args: argparse.Namespace, key: str = "norm_options"
+                           ) -> dict[str, Any] | None:
+    """``--norm-option`` (``key="net_options"``: ``--net-option``) pairs as a dict (None
+    when none was given)."""
+    pairs = getattr(args, key, None)
     return dict(pairs) if pairs else None
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--norm", default="bn", type=norm_argument, metavar="NORM",
+        "--net", default=None, metavar="NET",
+        help=f"the network: {', '.join(net_names())} (seed: the seed's CNN, the default; "
+             "mlp: the BN paper's 784-100-100-100-10 sigmoid MLP; plain: a plain stack of "
+             "3x3 conv -> norm -> ReLU; resnet: He et al.'s CIFAR ResNet), or your own by "
+             "import path package.module:Attr (an nn.Module class called as "
+             "Attr(norm_layer, **net_options), returning log-probabilities; importable "
+             "wherever it trains)",
+    )
+    group.add_argument(
+        "--net-option", dest="net_options", action="append", type=norm_option,
+        default=None, metavar="KEY=VALUE",
+        help="a keyword option of the network (repeatable): mlp hidden=[100,100,100] "
+             "activation=sigmoid|relu; plain depth=20 width=16; resnet depth=20 (6n+2) "
+             "width=16 residual_init=standard|skipinit|fixup",
+    )
+    group.add_argument(
+        "--norm", default="bn", metavar="NORM",
         help=f"normalization after every conv block: {', '.join(norm_names())}, or your own "
              "norm by import path package.module:Attr (a factory called as Attr(channels, "
              "**options), e.g. an nn.Module class; importable wherever it trains) "
@@ -82,11 +93,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--groups", type=int, default=2,
         help="groups of GroupNorm (and of the other grouped norms, EvoNorm-S0); must divide "
-             "8, 16, 12 and 14 (default: %(default)s)",
+             "every width (the seed's CNN: 8, 16, 12 and 14) (default: %(default)s)",
     )
     group.add_argument(
-        "--dropout", type=float, default=0.01,
-        help="dropout after every conv block, in [0, 1); 0 turns it off (default: %(default)s)",
+        "--dropout", type=float, default=None,
+        help="dropout after every conv block (other nets: after every hidden layer or "
+             "block), in [0, 1); 0 turns it off (default: the net's, 0.01 for the seed's CNN, "
+             "0 for the others)",
     )
     group.add_argument(
         "--dropout-draw", default="positions", choices=DROPOUT_DRAWS,
@@ -116,7 +129,10 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
                                   "kernels": args.kernels,
                                   "eval_kernels": args.eval_kernels,
                                   "norm_options": norm_options_from_args(args) or {},
-                                  "weight_std": bool(args.weight_std)})
+                                  "weight_std": bool(args.weight_std),
+                                  "net": args.net or "seed",
+                                  "net_options": norm_options_from_args(args, "net_options")
+                                  or {}})
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -128,7 +144,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from torchinfo import summary
 
-    model = Net.from_config(model_config_from_args(args))
+    model = build_model(model_config_from_args(args))
     stats = summary(
         model,
         input_size=(args.batch_size, 1, 28, 28),

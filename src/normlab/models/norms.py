@@ -12,24 +12,31 @@ also gets ``groups=``), so the network only ever says ``make_norm(name, C, group
 that normalises over (C, H, W) and (H, W) per image and keeps a per-channel scale and
 shift, exactly as the seed did (and so the parameter counts match).
 
+A norm normalises conv maps (N, C, H, W), and some also feature vectors (N, C), as in the
+BN paper's MLP (``NormSpec.inputs``): BN, BRN, GBN, LN, GN and RMSNorm do; IN (one value
+per group of a vector), FRN and the EvoNorms (statistics over H, W) do not, and a network
+of feature vectors refuses them when its config is made.
+
 A user's own norm: :func:`register_norm` in a session (this process only), or an import
 path ``"package.module:Attr"`` wherever a norm is named (``Net(norm=...)``, a suite's
-TOML, ``--norm``). A path is imported on first use in each process, so worker processes
-and Ray workers build it too, and config.json records it as the norm's name.
+TOML, ``--norm``), naming an ``nn.Module`` subclass or a :class:`NormSpec` (anything else
+is refused before it is called). A path is imported on first use in each process, so
+worker processes and Ray workers build it too, and config.json records it as the norm's
+name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from normlab.fields import ConfigError
+from normlab.models.imports import is_path, module_class, resolve
 
 NormFactory = Callable[..., nn.Module]
 
@@ -45,7 +52,9 @@ class NormSpec:
     say so). ``formula``: the axes one mean and variance are taken over, for the workbook's
     sheets (``"N,H,W"`` is per channel over the batch; ``"C/G,H,W"`` per image and group of
     channels); None leaves the norm out of the workbook, which says so. ``path``: the import
-    path it was resolved from (None for a built-in or a registered norm).
+    path it was resolved from (None for a built-in or a registered norm). ``inputs``: what
+    it normalises, ``"maps"`` (N, C, H, W) and/or ``"features"`` (N, C); ``features``: the
+    factory for feature vectors where it differs (BatchNorm1d for BN; None: ``factory``).
     """
 
     name: str
@@ -57,12 +66,23 @@ class NormSpec:
     grouped: bool = False
     formula: str | None = None
     path: str | None = None
+    inputs: tuple[str, ...] = ("maps",)
+    features: NormFactory | None = None
 
-    def build(self, channels: int, groups: int = 2, **options: Any) -> nn.Module:
-        """The layer for ``channels`` channels with ``options`` (passed unchanged)."""
+    def build(self, channels: int, groups: int = 2, inputs: str = "maps",
+              **options: Any) -> nn.Module:
+        """The layer for ``channels`` channels of ``inputs`` (maps or features) with
+        ``options`` (passed unchanged)."""
+        if inputs not in self.inputs:
+            raise ConfigError("norm", f"{self.title} does not normalise {INPUTS[inputs]}")
+        factory = self.features if inputs == "features" and self.features else self.factory
         if self.grouped:
-            return self.factory(channels, groups=groups, **options)
-        return self.factory(channels, **options)
+            return factory(channels, groups=groups, **options)
+        return factory(channels, **options)
+
+
+# what a layer's input is, in words
+INPUTS = {"maps": "conv maps (N, C, H, W)", "features": "feature vectors (N, C)"}
 
 
 # ----------------------------------------------------------------------------- built-ins
@@ -72,13 +92,18 @@ def _batch(channels: int, **options: Any) -> nn.Module:
     return nn.BatchNorm2d(channels, **options)
 
 
+def _batch1d(channels: int, **options: Any) -> nn.Module:
+    return nn.BatchNorm1d(channels, **options)
+
+
 def _group(channels: int, groups: int = 2, **options: Any) -> nn.Module:
     # nn.GroupNorm takes (num_groups, num_channels): wrapped here so callers pass C first.
     return nn.GroupNorm(groups, channels, **options)
 
 
 def _layer(channels: int, **options: Any) -> nn.Module:
-    # One group = statistics over (C, H, W) per image, with per-channel affine (the seed's LN).
+    # One group = statistics over (C, H, W) per image, with per-channel affine (the seed's
+    # LN); on feature vectors (N, C) that is nn.LayerNorm(C) exactly.
     return nn.GroupNorm(1, channels, **options)
 
 
@@ -104,23 +129,27 @@ def _zoo(attr: str) -> NormFactory:
 
 
 # In teaching order (the workbook's sheets and the report's figures follow it).
+BOTH = ("maps", "features")
 _BUILT_IN: tuple[NormSpec, ...] = (
-    NormSpec("bn", _batch, "BatchNorm", "BN", batch_stats=True, accel=True, formula="N,H,W"),
-    NormSpec("ln", _layer, "LayerNorm", "LN", accel=True, formula="C,H,W"),
-    NormSpec("gn", _group, "GroupNorm", "GN", accel=True, grouped=True, formula="C/G,H,W"),
+    NormSpec("bn", _batch, "BatchNorm", "BN", batch_stats=True, accel=True, formula="N,H,W",
+             inputs=BOTH, features=_batch1d),
+    NormSpec("ln", _layer, "LayerNorm", "LN", accel=True, formula="C,H,W", inputs=BOTH),
+    NormSpec("gn", _group, "GroupNorm", "GN", accel=True, grouped=True, formula="C/G,H,W",
+             inputs=BOTH),
     NormSpec("in", _instance, "InstanceNorm", "IN", accel=True, formula="H,W"),
-    NormSpec("none", _identity, "no normalization", "no norm"),
-    NormSpec("brn", _zoo("BatchRenorm2d"), "Batch Renormalization", "BRN", batch_stats=True),
-    NormSpec("gbn", _zoo("GhostBatchNorm2d"), "Ghost BatchNorm", "GBN", batch_stats=True),
+    NormSpec("none", _identity, "no normalization", "no norm", inputs=BOTH),
+    NormSpec("brn", _zoo("BatchRenorm2d"), "Batch Renormalization", "BRN", batch_stats=True,
+             inputs=BOTH, features=_zoo("BatchRenorm1d")),
+    NormSpec("gbn", _zoo("GhostBatchNorm2d"), "Ghost BatchNorm", "GBN", batch_stats=True,
+             inputs=BOTH, features=_zoo("GhostBatchNorm1d")),
     NormSpec("frn", _zoo("FilterResponseNorm2d"), "Filter Response Normalization", "FRN"),
     NormSpec("evo-s0", _zoo("EvoNormS0"), "EvoNorm-S0", "EvoNorm-S0", grouped=True),
     NormSpec("evo-b0", _zoo("EvoNormB0"), "EvoNorm-B0", "EvoNorm-B0", batch_stats=True),
-    NormSpec("rms", _zoo("RMSNorm2d"), "RMSNorm", "RMSNorm"),
+    NormSpec("rms", _zoo("RMSNorm2d"), "RMSNorm", "RMSNorm", inputs=BOTH),
 )
 _REGISTRY: dict[str, NormSpec] = {spec.name: spec for spec in _BUILT_IN}  # + register_norm's
 _BY_PATH: dict[str, NormSpec] = {}  # import paths resolved in this process
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 def norm_specs() -> tuple[NormSpec, ...]:
@@ -136,16 +165,12 @@ def built_in(name: str) -> bool:
     return any(spec.name == name for spec in _BUILT_IN)
 
 
-def is_path(name: str) -> bool:
-    """Whether ``name`` is an import path (``"package.module:Attr"``) rather than a name."""
-    return ":" in name
-
-
 def register_norm(name: str, factory: NormFactory, *, title: str | None = None,
                   label: str | None = None, batch_stats: bool = False,
-                  grouped: bool = False) -> NormSpec:
+                  grouped: bool = False, inputs: tuple[str, ...] = ("maps",)) -> NormSpec:
     """Register ``factory`` (called as ``factory(channels, **options)``, with ``groups=``
     too when ``grouped``) as the norm ``name`` in this process; returns its spec.
+    ``inputs``: what it normalises, ``("maps",)``, ``("features",)`` or both.
     Registering the same name again replaces it (rerunning a notebook cell). The
     accelerated step leaves it to autograd, and the workbook leaves it out.
 
@@ -161,7 +186,8 @@ def register_norm(name: str, factory: NormFactory, *, title: str | None = None,
         raise ConfigError("norm", f"register_norm({name!r}, ...): the factory must be "
                                   f"callable, got {factory!r}")
     spec = NormSpec(name, factory, title or name, label or title or name,
-                    batch_stats=bool(batch_stats), grouped=bool(grouped))
+                    batch_stats=bool(batch_stats), grouped=bool(grouped),
+                    inputs=_inputs(inputs, name))
     _REGISTRY[name] = spec
     return spec
 
@@ -173,9 +199,10 @@ def _choices() -> str:
 
 def norm_spec(name: str) -> NormSpec:
     """The spec of ``name``: a registered norm, or an import path ``"package.module:Attr"``
-    (imported on first use in this process; ``Attr`` is a factory such as an ``nn.Module``
-    class, or a :class:`NormSpec`). Raises a ConfigError listing the choices, or saying why
-    a path does not resolve."""
+    (imported on first use in this process; ``Attr`` is an ``nn.Module`` subclass called
+    as ``Attr(channels, **options)``, or a :class:`NormSpec`). Raises a ConfigError listing
+    the choices, or saying why a path does not resolve (a path naming anything else, such
+    as ``builtins:print``, is refused and nothing is called)."""
     if not isinstance(name, str):
         raise ConfigError("norm", f"a norm is named by a string, got {name!r}")
     spec = _REGISTRY.get(name) or _BY_PATH.get(name)
@@ -187,38 +214,36 @@ def norm_spec(name: str) -> NormSpec:
     return spec
 
 
+def _inputs(value: Any, name: str) -> tuple[str, ...]:
+    inputs = (value,) if isinstance(value, str) else tuple(value)
+    if not inputs or any(kind not in INPUTS for kind in inputs):
+        raise ConfigError("norm", f"norm {name!r}: inputs must be 'maps' and/or 'features', "
+                                  f"got {value!r}")
+    return inputs
+
+
 def _resolve(path: str) -> NormSpec:
-    if not _PATH.match(path):
-        raise ConfigError("norm", f"norm {path!r} is not an import path of the form "
-                                  "'package.module:Attr'")
-    module_name, attr = path.split(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as err:
-        raise ConfigError("norm", f"norm {path!r}: module {module_name!r} does not import "
-                                  f"({type(err).__name__}: {err}); it must be importable in "
-                                  "every process that trains it (PYTHONPATH, or an installed "
-                                  "package)") from err
-    where = module_name
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError("norm", f"norm {path!r}: {where} has no attribute {part!r}")
-        obj, where = getattr(obj, part), f"{where}.{part}"
+    """The spec of the import path ``path``: a :class:`NormSpec` it names, or one made for
+    the ``nn.Module`` subclass it names (its class attributes ``title``, ``label``,
+    ``batch_stats``, ``grouped`` and ``inputs`` read where given). Nothing it names is
+    called here; anything else is refused."""
+    obj = resolve(path, "norm")
     if isinstance(obj, NormSpec):  # a module may publish a whole spec
         return dataclasses.replace(obj, name=path, path=path)
-    if not callable(obj):
-        raise ConfigError("norm", f"norm {path!r} is not callable ({type(obj).__name__}); it "
-                                  "must be a factory called as factory(channels, **options), "
-                                  "e.g. an nn.Module class")
-    short = attr.rsplit(".", 1)[-1]
-    title = getattr(obj, "title", None)
-    label = getattr(obj, "label", None)
-    batch_stats = getattr(obj, "batch_stats", None)
+    cls = module_class(path, obj, "norm", "NormSpec")
+    short = path.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    title = getattr(cls, "title", None)
+    label = getattr(cls, "label", None)
+    batch_stats = getattr(cls, "batch_stats", None)
     if not isinstance(batch_stats, bool):  # a BatchNorm subclass uses the batch's statistics
-        batch_stats = isinstance(obj, type) and issubclass(obj, nn.modules.batchnorm._BatchNorm)
-    return NormSpec(path, obj, title if isinstance(title, str) else short,
+        batch_stats = issubclass(cls, nn.modules.batchnorm._BatchNorm)
+    inputs = getattr(cls, "inputs", None)
+    if inputs is None:  # a BatchNorm1d subclass normalises feature vectors
+        inputs = ("features",) if issubclass(cls, nn.BatchNorm1d) else ("maps",)
+    return NormSpec(path, cls, title if isinstance(title, str) else short,
                     label if isinstance(label, str) else short, batch_stats=batch_stats,
-                    grouped=getattr(obj, "grouped", False) is True, path=path)
+                    grouped=getattr(cls, "grouped", False) is True, path=path,
+                    inputs=_inputs(inputs, path))
 
 
 def check_norm(name: str) -> str:
@@ -227,10 +252,11 @@ def check_norm(name: str) -> str:
     return norm_spec(name).name
 
 
-def make_norm(name: str, channels: int, groups: int = 2, **options: Any) -> nn.Module:
-    """Build the norm layer ``name`` for ``channels`` channels, ``options`` passed to its
-    factory (``groups`` too, for a grouped norm)."""
-    return norm_spec(name).build(channels, groups, **options)
+def make_norm(name: str, channels: int, groups: int = 2, inputs: str = "maps",
+              **options: Any) -> nn.Module:
+    """Build the norm layer ``name`` for ``channels`` channels of ``inputs`` (maps or
+    features), ``options`` passed to its factory (``groups`` too, for a grouped norm)."""
+    return norm_spec(name).build(channels, groups, inputs, **options)
 
 
 def check_norm_options(name: str, options: Mapping[str, Any], channels: int,
@@ -238,12 +264,13 @@ def check_norm_options(name: str, options: Mapping[str, Any], channels: int,
     """Build ``name`` once with ``options``: an option its factory does not take (a
     TypeError) or a value it refuses becomes a ConfigError naming ``norm_options``."""
     spec = norm_spec(name)
+    inputs = spec.inputs[0]
     if "groups" in options:  # one group count per model: a grouped norm gets it as groups=
         raise ConfigError("norm_options", "groups is not a norm option: a grouped norm takes "
                                           "the model's groups (groups=, --groups)")
     field_name = "norm_options" if options else "norm"
     try:
-        layer = spec.build(channels, groups, **options)
+        layer = spec.build(channels, groups, inputs, **options)
     except ConfigError:
         raise
     except TypeError as err:
@@ -255,62 +282,3 @@ def check_norm_options(name: str, options: Mapping[str, Any], channels: int,
     if not isinstance(layer, nn.Module):
         raise ConfigError("norm", f"norm {name!r}: its factory returned "
                                   f"{type(layer).__name__}, not an nn.Module")
-
-
-# ----------------------------------------------------------------------------- options
-
-_SCALARS = (bool, int, float, str, type(None))
-
-
-class NormOptions(Mapping[str, Any]):
-    """A norm's keyword options as a read-only, hashable mapping (so a ModelConfig stays
-    hashable); equal to a dict with the same items. Values are JSON's: numbers, bools,
-    strings, null, and lists of them (held as tuples)."""
-
-    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError("norm_options", f"norm_options must be a table of keyword "
-                                              f"options, e.g. {{momentum = 0.01}}, got {data!r}")
-        items = {}
-        for key, value in data.items():
-            if not isinstance(key, str) or not key.isidentifier():
-                raise ConfigError("norm_options", f"norm_options keys are keyword names, "
-                                                  f"got {key!r}")
-            if isinstance(value, list | tuple) and all(isinstance(v, _SCALARS) for v in value):
-                value = tuple(value)
-            elif not isinstance(value, _SCALARS):
-                raise ConfigError("norm_options", f"norm_options[{key!r}] must be a number, "
-                                                  f"bool, string or list, got {value!r}")
-            items[key] = value
-        self._items = dict(sorted(items.items()))
-
-    def __getitem__(self, key: str) -> Any:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._items.items()))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
-
-    def __repr__(self) -> str:
-        return repr(self._items)
-
-    def __reduce__(self):
-        return NormOptions, (self._items,)
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._items.items()}
-
-    def text(self) -> str:
-        """``momentum=0.01, eps=0.001``, for labels."""
-        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in self._items.items())

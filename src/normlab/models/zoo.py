@@ -1,7 +1,9 @@
 """The normalization zoo: the norms researchers compare with BN/GN/LN/IN, in plain PyTorch.
 
 One class per norm, channel count first (``Norm(C, **options)``), so each is a drop-in for
-the seed network's ``norm_layer(C)``. All work on conv maps x of shape (B, C, H, W).
+a network's ``norm_layer(C)``. All work on conv maps x of shape (B, C, H, W); batch
+renormalization, ghost BN and RMSNorm also on feature vectors (B, C), as in an MLP
+(``BatchRenorm1d``, ``GhostBatchNorm1d``, and ``RMSNorm2d`` itself).
 
 Precision: every statistic is computed in float32 even when x is bfloat16 (under
 ``torch.autocast``): the input is upcast, normalised, and the result is returned in the
@@ -22,8 +24,8 @@ from torch import nn
 from normlab.fields import ConfigError, coerce
 
 __all__ = [
-    "BatchRenorm2d", "EvoNormB0", "EvoNormS0", "FilterResponseNorm2d", "GhostBatchNorm2d",
-    "RMSNorm2d", "StdConv2d",
+    "BatchRenorm1d", "BatchRenorm2d", "EvoNormB0", "EvoNormS0", "FilterResponseNorm2d",
+    "GhostBatchNorm1d", "GhostBatchNorm2d", "RMSNorm2d", "StdConv2d",
 ]
 
 
@@ -52,9 +54,16 @@ def _instance_std(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.sqrt(x.var(dim=(2, 3), unbiased=False, keepdim=True) + eps)
 
 
-def _channel_view(p: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector (C,) shaped (1, C, 1, 1) to broadcast over (B, C, H, W)."""
-    return p.view(1, -1, 1, 1)
+def _channel_view(p: torch.Tensor, dims: int = 4) -> torch.Tensor:
+    """A per-channel vector (C,) shaped (1, C, 1, 1) to broadcast over (B, C, H, W) (with
+    ``dims`` = 2: (1, C) over feature vectors (B, C))."""
+    return p.view(1, -1, *(1,) * (dims - 2))
+
+
+def _not_channels(x: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions a batch statistic reduces: all but the channels', (0, 2, 3) of
+    (B, C, H, W) or (0,) of (B, C)."""
+    return (0, *range(2, x.dim()))
 
 
 # --- batch statistics ------------------------------------------------------------------------
@@ -109,7 +118,7 @@ class BatchRenorm2d(nn.BatchNorm2d):
     def corrections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (r, d) the batch x gets, each of shape (C,), from its statistics and the
         running statistics as they are before this step's update. No gradient."""
-        var_b, mu_b = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)  # (C,) each
+        var_b, mu_b = torch.var_mean(x.float(), dim=_not_channels(x), unbiased=False)  # (C,)
         sigma_b = torch.sqrt(var_b + self.eps)
         sigma_run = torch.sqrt(self.running_var + self.eps)
         r_max, d_max = self.limits()
@@ -142,6 +151,13 @@ class BatchRenorm2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, "
                 f"warmup_steps={self.warmup_steps}")
+
+
+class BatchRenorm1d(BatchRenorm2d):
+    """:class:`BatchRenorm2d` over feature vectors (B, C), as ``nn.BatchNorm1d`` is
+    ``nn.BatchNorm2d`` over them (the same statistics per channel, over the batch)."""
+
+    _check_input_dim = nn.BatchNorm1d._check_input_dim
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -177,6 +193,12 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch={self.virtual_batch}"
+
+
+class GhostBatchNorm1d(GhostBatchNorm2d):
+    """:class:`GhostBatchNorm2d` over feature vectors (B, C)."""
+
+    _check_input_dim = nn.BatchNorm1d._check_input_dim
 
 
 class EvoNormB0(nn.Module):
@@ -308,7 +330,8 @@ class RMSNorm2d(nn.Module):
 
         y = x / sqrt(mean over (C, H, W) of x^2 + eps) * gamma,
 
-    per image, with a per-channel scale gamma (initialised to 1) and no shift. ``eps=None``
+    per image, with a per-channel scale gamma (initialised to 1) and no shift; on feature
+    vectors (B, C) the mean is over C, which is ``torch.nn.RMSNorm(C)``. ``eps=None``
     is float32's machine epsilon, as ``torch.nn.RMSNorm`` takes the dtype's (the statistic is
     computed in float32 here, so that is float32's even for bfloat16 input).
     """
@@ -322,8 +345,8 @@ class RMSNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
-        mean_square = xf.square().mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
-        y = xf * torch.rsqrt(mean_square + eps) * _channel_view(self.weight)
+        mean_square = xf.square().mean(dim=tuple(range(1, x.dim())), keepdim=True)  # (B, 1..)
+        y = xf * torch.rsqrt(mean_square + eps) * _channel_view(self.weight, x.dim())
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -123,7 +123,9 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
           track: str | list[str] | None = None, **options: Any) -> Run:
     """Train one run into ``out`` and return it as a :class:`Run`.
 
-    The ``options`` are ``normlab train``'s: ``norm`` (a registered norm: bn, gn, ln, in,
+    The ``options`` are ``normlab train``'s: ``net`` (seed, mlp, plain, resnet, or an import
+    path ``"package.module:Attr"``) and ``net_options`` (``{"depth": 20}``: see
+    :mod:`normlab.models.nets`), ``norm`` (a registered norm: bn, gn, ln, in,
     none, brn, gbn, frn, evo-s0, evo-b0, rms or one of yours from
     :func:`normlab.models.register_norm`; or an import path ``"package.module:Attr"``),
     ``norm_options`` (a dict passed to every norm layer, e.g. ``{"momentum": 0.01}``),
@@ -150,6 +152,8 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
     if out is None:
         digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
         norm = re.sub(r"[^A-Za-z0-9_.+-]+", "_", config.norm)  # an import path's ':'
+        if config.model.net != "seed":
+            norm = re.sub(r"[^A-Za-z0-9_.+-]+", "_", config.model.net) + "-" + norm
         out = Path("runs") / "train" / f"{norm}-seed{config.seed}-{digest.hexdigest()[:8]}"
     from normlab.experiments.suite import default_label
 

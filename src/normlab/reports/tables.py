@@ -38,13 +38,20 @@ def _num(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def _network(config) -> str:
+    """The variant's network as labels write it (``seed CNN``, ``ResNet-20 + Fixup``)."""
+    from normlab.models import net_label
+
+    return "" if config is None else net_label(config.model)
+
+
 def summary_csv(summaries: list[Summary]) -> str:
     header = ["variant", "label", "parameters", "seeds_finished", "seeds_total", "partial"]
     for key in ("best_test_acc", "final_test_acc", "final_test_loss"):
         header += [f"{key}_mean", f"{key}_std"]
     for t in THRESHOLDS:
         header += [f"epochs_to_{t:.1f}_mean", f"seeds_reaching_{t:.1f}"]
-    header.append("seconds_per_epoch")
+    header += ["seconds_per_epoch", "network"]
     rows = []
     for s in summaries:
         v = s.variant
@@ -55,7 +62,7 @@ def summary_csv(summaries: list[Summary]) -> str:
         for t in THRESHOLDS:
             got = [e for e in s.reach[t] if e is not None]
             row += [_num(mean(got) if got else None, 2), len(got)]
-        row.append(_num(s.seconds_per_epoch, 2))
+        row += [_num(s.seconds_per_epoch, 2), _network(v.config)]
         rows.append(row)
     return csv_text(header, rows)
 

@@ -13,6 +13,10 @@ Examples:
   normlab train --norm gn --weight-std --out runs/gn-ws
   normlab train --norm mypkg.norms:MyNorm --norm-option eps=1e-3 --out runs/mine
   normlab train --norm bn --norm-option momentum=0.01 --precise-bn --out runs/bn-m001
+  normlab train --net resnet --net-option depth=20 --norm none \
+      --net-option residual_init=skipinit --lr 0.01 --out runs/skipinit
+  normlab train --net mlp --norm bn --batch-size 60 --lr 1 --momentum 0 --out runs/mlp-bn
+  normlab train --net mypkg.nets:MyNet --net-option width=32 --out runs/mine
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from normlab.accel import ACCEL
 from normlab.fields import check_keys
 from normlab.files import parse_toml
 from normlab.models.cli import add_model_arguments, norm_options_from_args
-from normlab.models.net import KERNELS, MODEL_KEYS
+from normlab.models.config import KERNELS, MODEL_KEYS
 from normlab.training.config import L1_SCOPES, PRECISIONS, RunConfig
 from normlab.training.protocols import PROTOCOLS, protocol_fields
 
@@ -124,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                    "precision", "augment", "accel", "precise_bn")
     given = {key: getattr(args, key, None) for key in run_options}
     given["norm_options"] = norm_options_from_args(args)  # --norm-option pairs as a dict
+    given["net_options"] = norm_options_from_args(args, "net_options")
     return RunConfig.from_options(args.protocol, **options, **given)
 
 

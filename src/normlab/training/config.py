@@ -3,46 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from torch import nn
 
+from normlab.accel import ACCEL, PRECISIONS, default_precision
 from normlab.fields import ConfigError, check_keys, coerce
-from normlab.models import ModelConfig, Net
-from normlab.models.net import KERNELS, MODEL_KEYS, default_kernels
+from normlab.models import ModelConfig, build_model
+from normlab.models.config import KERNELS, MODEL_KEYS, default_kernels
 from normlab.training.protocols import PROTOCOLS, Protocol, protocol_fields, resolve_protocol
 
 L1_SCOPES = ("all", "conv")
-# fp32, or bf16 autocast (AMX / AVX512-BF16 CPUs, recent GPUs): convolutions in bfloat16,
-# the loss, the norms' statistics and the weights in float32.
-PRECISIONS = ("fp32", "bf16")
 REGULARIZER_KEYS = ("l1", "l1_scope", "weight_decay")
-
-
-# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below which it computes no bf16 natively
-_NO_BF16_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), where oneDNN's bf16
-    convolutions are fast; elsewhere bf16 is emulated and slower than fp32. A cap set by
-    ``ONEDNN_MAX_CPU_ISA`` below AVX512-BF16 counts as the CPU (the dispatch another host
-    gets, forced on this one)."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
-        return False
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch >= 2.2
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def default_precision() -> str:
-    """bf16 autocast on a CPU that computes bf16 natively (an s6 epoch about 1.3x faster,
-    the same 20-epoch accuracy within seed-to-seed noise for BN, GN and LN:
-    benchmarks/README.md), else fp32. A config stores the precision it resolved to, so a
-    run resumes, and is compared, in the precision it started with."""
-    return "bf16" if native_bf16() else "fp32"
+__all__ = ["PRECISIONS", "RunConfig", "default_precision", "from_stored"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +55,6 @@ class RunConfig:
     precise_bn: bool = False
 
     def __post_init__(self) -> None:
-        from normlab.accel import ACCEL
         from normlab.data import DATASETS
 
         if self.accel not in ACCEL:
@@ -119,8 +93,9 @@ class RunConfig:
     def norm(self) -> str:
         return self.model.norm
 
-    def make_model(self) -> Net:
-        return Net.from_config(self.model)
+    def make_model(self) -> nn.Module:
+        """The run's network, freshly initialised from torch's global generator."""
+        return build_model(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -52,7 +52,7 @@ def memory_format(device: torch.device, threads: int,
     if device.type != "cpu" or threads <= 1:
         return torch.channels_last
     one_norm = model is not None and len(model.norms) == 1 and model.norms != ("none",)
-    if one_norm and model.kernels == "normlab":
+    if one_norm and model.kernels == "normlab" and model.net == "seed":  # (the kernels' net)
         return torch.channels_last
     return torch.contiguous_format
 
