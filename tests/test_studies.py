@@ -343,5 +343,14 @@ def test_the_quick_lr_range_suite_runs_into_a_report_with_the_heat_map(mnist, tm
     assert 'id="lr-range"' in page and "Heat map of final test accuracy" in page
     assert (out / "figures" / lrrange.FIGURE).exists()
     analysis = (out / "analysis.md").read_text()
-    assert "## Learning-rate range" in analysis and "diverged (2/2)" in analysis
+    # BN at lr 10: nan on both seeds on the AMX host ("diverged (2/2)"); on an AVX2 Zen 3
+    # seed 2 ends at chance instead (20 steps: too few for the at-chance stop), which the
+    # cell says as "[1/2 diverged, 1/2 at chance]"
+    finals = {r.seed: r.final for r in results.runs if r.variant == "bn-lr10"}
+    diverged = sum(f["status"] == "diverged" for f in finals.values())
+    chance = sum(f["status"] == "ok" and f["test_acc"] < 15 for f in finals.values())
+    flags = [f"{diverged}/2 diverged"] + ([f"{chance}/2 at chance"] if chance else [])
+    cell = "diverged (2/2)" if diverged == 2 else f"[{', '.join(flags)}]"
+    bn_row = next(line for line in analysis.splitlines() if line.startswith("| BN |"))
+    assert "## Learning-rate range" in analysis and bn_row.rstrip(" |").endswith(cell), bn_row
     assert ("**Yes**" in analysis) or ("**Partly**" in analysis) or ("**No**" in analysis)

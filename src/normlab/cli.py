@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("normlab.data.cli", "fetch and verify datasets (works offline)"),
     "train": ("normlab.training.cli", "train one model into a resumable run directory"),
     "suite": ("normlab.experiments.cli", "run a suite of variants x seeds, then write its report"),
+    "sweep": ("normlab.experiments.sweep", "run a grid given on the command line (a suite)"),
     "report": ("normlab.reports.cli", "(re)build the report of a suite's run directories"),
     "track": ("normlab.tracking.cli", "push a suite's (or a run's) folder to W&B, MLflow or "
                                       "TensorBoard"),

@@ -170,8 +170,6 @@ def make_executor(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from normlab.experiments.plan import check_out, default_out, format_plan
-    from normlab.experiments.runner import run_suite
     from normlab.experiments.suite import load_suite
 
     suite = load_suite(args.suite)
@@ -189,6 +187,17 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_config(accel=args.accel)
     if args.precise_bn:
         suite = suite.with_config(precise_bn=True)
+    return execute(suite, args)
+
+
+def execute(suite, args: argparse.Namespace, before_training=None) -> int:
+    """Plan ``suite`` (``--dry-run``: print the plan) or train it, as the suite options in
+    ``args`` say (seeds, --out, the executor, device, threads, tracking); ``normlab suite``
+    and ``normlab sweep`` both end here. ``before_training(out)`` is called once the output
+    folder is known to fit the suite (``check_out``), before anything trains."""
+    from normlab.experiments.plan import check_out, default_out, format_plan
+    from normlab.experiments.runner import run_suite
+
     seeds = list(range(1, args.seeds + 1)) if args.seeds else args.seed_list
     out = args.out or default_out(suite)
     executor = make_executor(args)
@@ -196,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(suite, out, seeds))
         check_out(suite, out, seeds)
         return 0
+    if before_training is not None:
+        check_out(suite, out, seeds)
+        before_training(out)
     run_suite(suite, out, seeds, executor=executor, device=args.device, threads=args.threads,
               quiet=args.quiet, jobs=args.jobs, track=args.track)
     return 0

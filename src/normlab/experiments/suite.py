@@ -30,20 +30,68 @@ A suite is a TOML file::
 
 A norm is a registered name (``normlab.models.norm_names()``) or your own by import path,
 ``norm = "mypkg.norms:MyNorm"`` (imported in every process that trains it: put it on
-PYTHONPATH). Everything is checked when the file is loaded, before anything trains: an
-unknown key or a bad value (an option the norm does not take) is reported with the file,
-the line and the valid choices.
+PYTHONPATH).
+
+A [[variant]] with ``axes`` is a grid: one variant per combination of the axes' values::
+
+    [[variant]]
+    name = "{norm}-b{batch_size}"            # templates, filled per combination
+    label = "{norm_label}, batch {batch_size}"
+    dropout = 0.0                            # fixed fields, as in any variant
+    axes.batch_size = [2, 4, 8, 16, 32, 64]  # the product; the first axis is the outermost loop
+    axes.norm = ["bn", "gn", { name = "gn-ws", norm = "gn", weight_std = true }]
+    axes.norm_options.momentum = [0.01, 0.1] # an option: the axis norm_options.momentum
+    derive.lr = "0.1 * batch_size / 64"      # computed from the other fields
+    exclude = [{ norm = "gn-ws", batch_size = 2 }]   # combinations dropped
+
+- An axis is a field: a variant field (norm, groups, weight_std, l1, ...), a protocol field
+  given flat (lr, batch_size, epochs, ...) or an option of an ``*_options`` table by its
+  dotted name. A scalar value sets that field; a table value sets each field it holds, so
+  an axis of tables zips fields (``axes.batch = [{ batch_size = 2, lr = 0.003125 }, ...]``,
+  and such an axis need not be a field); its ``name`` and ``label`` are what ``{axis}``
+  gives in the name and label templates.
+- ``derive.FIELD``: arithmetic (numbers, field names, + - * / // % **, parentheses) over the
+  combination's fields, the suite's where the variant sets none.
+- ``exclude``: a combination is dropped if it matches every key of one table (an axis
+  compared by its value's name, a field by its value after derive; numbers by value). A
+  rule that matches nothing is an error.
+- A field set twice (fixed and an axis, two axes, an axis and a derive) is an error.
+- Templates: ``{key}`` or ``{key:format_spec}``, ``{{`` and ``}}`` for braces. Keys: each
+  axis and every field of the resolved config, flat (an option also by its own name where
+  no other field has it: ``{virtual_batch}``, but ``{norm_options.momentum}``); numbers
+  are written with ``:g``, bools true/false. In a label ``{norm}`` is the norm's label
+  (``GN``, ``no norm``) and ``{norm_label}`` the one with groups, options and "+ WS". A
+  name must come out a slug, and every name once. A variant without ``label`` gets one
+  from its options (in a grid, with ``, lr 0.1`` for each protocol field or table axis);
+  a plain variant's name and label may use placeholders too.
+
+The grid is expanded when the file is loaded: the plan, suite.json and the report see the
+plain variants. Everything is checked then, before anything trains: an unknown key or a
+bad value (an option the norm does not take) is reported with the file, the line, the
+variant (its name template) and the valid choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from normlab.experiments.grid import (
+    GRID_KEYS,
+    Combination,
+    Fields,
+    GridError,
+    expand,
+    fill,
+    flatten,
+    text,
+)
 from normlab.fields import ConfigError, check_keys
 from normlab.files import TomlLines, parse_toml
 from normlab.models import ModelConfig, norm_spec
@@ -54,7 +102,15 @@ from normlab.training.protocols import Protocol, protocol_fields, resolve_protoc
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "augment",
             "precise_bn", "protocol", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
-VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "protocol")
+VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "protocol",
+                *GRID_KEYS)
+PROTOCOL_FIELDS = tuple(f.name for f in protocol_fields())
+# what an axis, a derive or an exclude rule may name: every variant field and protocol
+# field, flat, and each option of an option table (norm_options.momentum)
+_OPTION_TABLES = tuple(k for k in MODEL_KEYS if k.endswith("_options"))
+FIELDS = Fields(plain=(*(k for k in MODEL_KEYS if k not in _OPTION_TABLES), *REGULARIZER_KEYS,
+                       "precise_bn", *PROTOCOL_FIELDS),
+                protocol=PROTOCOL_FIELDS, tables=_OPTION_TABLES)
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -178,7 +234,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
         if key in data:
             shared[key] = data[key]
     try:  # the suite-wide options, checked once before the variants
-        RunConfig.from_dict(shared)
+        base = template_values(RunConfig.from_dict(shared), label=False)
     except ConfigError as err:
         fail(err.message, err.field)
 
@@ -188,17 +244,18 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     if not isinstance(variants_data, list) or not all(isinstance(v, dict) for v in variants_data):
         fail("variant must be an array of tables: write each one as [[variant]]", "variant")
     variants: list[Variant] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}
     for index, raw in enumerate(variants_data):
-        v = _parse_variant(raw, index, shared, fail)
-        if v.name in seen:
-            fail(
-                f"duplicate variant name {v.name!r} (variant #{seen[v.name] + 1} has it too); "
-                "variant names must be unique",
-                "name", "variant", index,
-            )
-        seen[v.name] = index
-        variants.append(v)
+        for v, where in _parse_variants(raw, index, shared, base, fail):
+            if v.name in seen:
+                other, other_where = seen[v.name]
+                who = raw.get("name") if isinstance(raw.get("name"), str) else f"#{index + 1}"
+                fail(f"variant {who!r}: duplicate variant name {v.name!r}"
+                     f"{' (' + where + ')' if where else ''} (variant #{other + 1}"
+                     f"{' (' + other_where + ')' if other_where else ''} has it too); "
+                     "variant names must be unique", "name", "variant", index)
+            seen[v.name] = (index, where)
+            variants.append(v)
 
     return Suite(
         name=name, description=description.strip(), source=path.resolve(),
@@ -249,72 +306,179 @@ def _parse_protocol(raw: Any, fail) -> Protocol:
         raise  # unreachable: fail raises
 
 
-def _parse_variant(raw: dict[str, Any], index: int, shared: dict[str, Any], fail) -> Variant:
+def _parse_variants(raw: dict[str, Any], index: int, shared: dict[str, Any],
+                    base: dict[str, Any], fail) -> list[tuple[Variant, str]]:
+    """The variants of one [[variant]] table (one, or a grid's), each with its
+    combination in words (``norm=bn, lr=0.1``; empty for a plain variant)."""
+    template = raw.get("name")
+    who = f"variant {template!r}" if isinstance(template, str) else f"variant #{index + 1}"
+
     def vfail(message: str, key: str | None = None):
-        who = raw.get("name")
-        who = f"variant {who!r}" if isinstance(who, str) else f"variant #{index + 1}"
         fail(f"{who}: {message}", key, "variant", index)
 
     try:
         check_keys(raw, VARIANT_KEYS, "key")
     except ConfigError as err:
         vfail(err.message, err.field)
-    name = raw.get("name")
-    if name is None:
+    if template is None:
         vfail("has no name; every [[variant]] needs name = \"a-slug\"")
-    if not isinstance(name, str) or not SLUG.match(name):
-        vfail(
-            f"name must be a slug (letters, digits, '-', '_', '.', starting with a letter or "
-            f"digit; it names the run directory), got {name!r}", "name",
-        )
-    options = {k: v for k, v in raw.items() if k not in ("name", "label", "protocol")}
-    overrides = raw.get("protocol", {})
-    if not isinstance(overrides, dict):
-        vfail("protocol must be a table of protocol fields, e.g. protocol = { batch_size = 8 }",
-              "protocol")
+    if not isinstance(template, str) or not template:
+        vfail(f"name must be a slug (letters, digits, '-', '_', '.'), or a template of one "
+              f"such as \"{{norm}}-lr{{lr}}\", got {template!r}", "name")
+    label_template = raw.get("label")
+    if label_template is not None and (not isinstance(label_template, str)
+                                       or not label_template.strip()):
+        vfail(f"label must be a non-empty string, got {label_template!r}", "label")
+    fixed = {k: v for k, v in raw.items() if k not in ("name", "label", *GRID_KEYS)}
     try:
-        check_keys(overrides, [f.name for f in protocol_fields()], "protocol field")
+        combos, unused = expand(raw, flatten(fixed, FIELDS, lambda k: k, "variant"), FIELDS,
+                                base)
+    except GridError as err:
+        vfail(err.message, err.key)
+
+    variants: list[tuple[Variant, str]] = []
+    named: dict[str, str] = {}
+    for combo in combos:
+        where = combo.describe()
+
+        def cfail(message: str, key: str | None = None, where: str = where):
+            vfail(f"{where}: {message}" if where else message, key)
+
+        config = _combination_config(combo, shared, cfail)
+        name = _fill(template, "name", config, combo, vfail)
+        if not SLUG.match(name):
+            if name == template:
+                vfail(f"name must be a slug (letters, digits, '-', '_', '.', starting with a "
+                      f"letter or digit; it names the run directory), got {name!r}", "name")
+            vfail(f"name {template!r} gives {name!r}{' for ' + where if where else ''}, not a "
+                  f"slug (letters, digits, '-', '_', '.', starting with a letter or digit; it "
+                  f"names the run directory)", "name")
+        if name in named:
+            vfail(f"name {template!r} gives {name!r} for both {named[name]} and {where}: put "
+                  f"the axes that differ in the name", "name")
+        named[name] = where
+        label = (_default_grid_label(config, combo) if label_template is None
+                 else _fill(label_template, "label", config, combo, vfail))
+        variants.append((Variant(name=name, label=label, config=config), where))
+    for err in unused:
+        vfail(err.message, err.key)
+    return variants
+
+
+def _default_grid_label(config: RunConfig, combo: Combination) -> str:
+    """:func:`default_label`, and for each axis it does not show (a protocol field, an axis
+    of tables) ``, lr 0.1``."""
+    label = default_label(config)
+    for choice in combo.choices:
+        if choice.axis in PROTOCOL_FIELDS or choice.axis not in FIELDS:
+            label += f", {choice.axis} {choice.label or choice.name}"
+    return label
+
+
+def _combination_config(combo: Combination, shared: dict[str, Any], fail) -> RunConfig:
+    """The RunConfig of one combination's flat fields; a ConfigError is reported at the
+    key that set the field."""
+    overrides: dict[str, Any] = {}
+    run: dict[str, Any] = {}
+    options: dict[str, dict[str, Any]] = {}
+    for f, value in combo.fields.items():
+        if f in PROTOCOL_FIELDS:
+            overrides[f] = value
+        elif "." in f:
+            table, _, key = f.partition(".")
+            options.setdefault(table, {})[key] = value
+        else:
+            run[f] = value
+    for table, values in options.items():
+        run[table] = {**run[table], **values} if isinstance(run.get(table), dict) else values
+
+    def source(name: str) -> str | None:
+        return combo.sources.get(name) or next(
+            (key for f, key in combo.sources.items() if f.startswith(f"{name}.")), None)
+
+    try:
         protocol = dataclasses.replace(shared["protocol"], **overrides)
     except ConfigError as err:
-        vfail(f"protocol: {err.message}", "protocol")
+        key = source(err.field)
+        fail(f"protocol: {err.message}" if key == "protocol" else err.message, key)
     try:
-        config = RunConfig.from_dict({**shared, **options, "protocol": protocol})
+        return RunConfig.from_dict({**shared, **run, "protocol": protocol})
     except ConfigError as err:
-        vfail(err.message, err.field if err.field in raw else None)
+        fail(err.message, source(err.field))
+        raise  # unreachable: fail raises
 
-    label = raw.get("label")
-    if label is None:
-        label = default_label(config)
-    elif not isinstance(label, str) or not label.strip():
-        vfail(f"label must be a non-empty string, got {label!r}", "label")
+
+def _short(path: str) -> str:
+    """A norm's or net's name as names write it: ``Attr`` for an import path
+    ``pkg.mod:Attr``."""
+    return path.rpartition(":")[2]
+
+
+def template_values(config: RunConfig, combo: Combination | None = None, *,
+                    label: bool) -> dict[str, Any]:
+    """What each ``{key}`` of a name (``label=False``) or label template gives: every field
+    of ``config``, flat (norm, groups, dropout, l1, lr, batch_size, ...; an option by its
+    dotted name ``norm_options.momentum``, and by its own name where no other field has
+    it; ``norm_options`` as ``momentum=0.01``), and each axis of ``combo`` by its value's
+    name (in a label: by its label where it has one). In a label ``{norm}`` is the norms'
+    labels (``GN``), ``{norm_label}`` :func:`norm_label` (``GN (2 groups) + WS``) and
+    ``{net}`` the net's label; in a name ``{norm}`` and ``{net}`` are their names."""
+    model = config.model
+    values: dict[str, Any] = {}
+    for key in MODEL_KEYS:
+        value = getattr(model, key, None)
+        if key.endswith("_options") and isinstance(value, Mapping):
+            values[key] = value.text() if hasattr(value, "text") else text(value)
+            values.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            values[key] = value
+    values.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                   if f.name not in ("model", "protocol", "seed")})
+    values.update({f: getattr(config.protocol, f) for f in PROTOCOL_FIELDS})
+    own = Counter(k.partition(".")[2] for k in values if "." in k)
+    for key in [k for k in values if "." in k]:
+        short = key.partition(".")[2]
+        if own[short] == 1 and short not in values:
+            values[short] = values[key]
+    net = getattr(model, "net", None)
+    if label:
+        values["norm"] = " + ".join(norm_spec(n).label for n in model.norms)
+        values["norm_label"] = norm_label(model)
+        if net is not None:
+            values["net"] = _net_label(model)
     else:
-        label = _fill_label(label, config, lambda msg: vfail(msg, "label"))
-    return Variant(name=name, label=label, config=config)
+        values["norm"] = "+".join(_short(n) for n in model.norms)
+        if net is not None:
+            values["net"] = _short(str(getattr(net, "name", net)))
+    for choice in combo.choices if combo else ():
+        if isinstance(choice.value, dict):
+            if not label:
+                values[choice.axis] = choice.name
+            elif choice.label is not None:
+                values[choice.axis] = choice.label
+            elif choice.axis not in FIELDS:
+                values[choice.axis] = choice.name
+        values.setdefault(choice.axis, choice.value)
+    return values
 
 
-def _label_values(config: RunConfig) -> dict[str, str]:
-    return {
-        "norm": config.norm, "groups": str(config.model.groups),
-        "dropout": f"{config.model.dropout:g}",
-        "l1": f"{config.l1:g}", "l1_scope": config.l1_scope,
-        "weight_decay": f"{config.weight_decay:g}",
-        "norm_options": config.model.norm_options.text(),
-        **{k: f"{v:g}" if isinstance(v, float) else str(v)
-           for k, v in config.model.norm_options.items() if k not in _LABEL_KEYS},
-    }
-
-
-_LABEL_KEYS = ("norm", "groups", "dropout", "l1", "l1_scope", "weight_decay", "norm_options")
-
-
-def _fill_label(label: str, config: RunConfig, fail) -> str:
-    """Fill ``{l1}``, ``{groups}``, ... in a label from the variant's options."""
-    values = _label_values(config)
+def _net_label(model: ModelConfig) -> str:
     try:
-        return label.format_map(values)
-    except (KeyError, IndexError, ValueError) as err:
-        fail(f"label {label!r} has a bad placeholder ({err}); placeholders: "
-             f"{', '.join('{' + k + '}' for k in values)}; write {{{{ and }}}} for braces")
+        from normlab.models.nets import net_label
+    except ImportError:  # a normlab without networks by name
+        return str(model.net)
+    return net_label(model)
+
+
+def _fill(template: str, what: str, config: RunConfig, combo: Combination, fail) -> str:
+    """A name or label template filled for one combination."""
+    values = template_values(config, combo, label=what == "label")
+    try:
+        return fill(template, values)
+    except ValueError as err:
+        fail(f"{what} {template!r} has a bad placeholder ({err}); placeholders: "
+             f"{', '.join('{' + k + '}' for k in values)}; write {{{{ and }}}} for braces",
+             what)
         raise  # unreachable: fail raises
 
 
