@@ -235,14 +235,33 @@ def run_tests(host: Host, basetemp: Path) -> tuple[int, str, float]:
     return done.returncode, summary, seconds
 
 
-@pytest.mark.parametrize("host", HOSTS, ids=lambda host: host.name)
-def test_the_fast_paths_keep_their_contract_under_another_cpus_dispatch(host, tmp_path):
+def probe_and_test(host: Host, folder: Path) -> tuple[dict, tuple[int, str, float]]:
+    """:func:`probe_under` then :func:`run_tests` for ``host``, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return probe_under(host, folder), run_tests(host, folder / "pytest")
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory) -> dict:
+    """Every host kind's probe and contract tests, two at a time: each runs one thread (its
+    probe and its tests set one), and the machines this runs on have two cores or more."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if not x86():
         pytest.skip(f"x86-64 hosts' dispatch; this is {platform.machine()}")
-    seen = probe_under(host, tmp_path)
+    folder = tmp_path_factory.mktemp("dispatch")
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures = {host.name: pool.submit(probe_and_test, host, folder / host.name)
+               for host in HOSTS}
+    yield futures
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("host", HOSTS, ids=lambda host: host.name)
+def test_the_fast_paths_keep_their_contract_under_another_cpus_dispatch(host, matrix):
+    seen, (status, summary, _) = matrix[host.name].result()
     print(json.dumps(seen, indent=1))  # shown with -rP, or when the test fails
     assert not dispatch_problems(host, seen)
-    status, summary, _ = run_tests(host, tmp_path / "pytest")
     assert status == 0, f"{host.name} ({host.examples}):\n{summary}"
 
 
