@@ -3,6 +3,8 @@ cached under $NORMLAB_DATA (CI sets it to a fresh folder) or ~/.cache/normlab.""
 
 import os
 import secrets
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +61,21 @@ def mnist():
     from normlab.data import load_dataset
 
     return load_dataset("mnist")
+
+
+@pytest.fixture(scope="module")
+def user_module(request, tmp_path_factory) -> Path:
+    """The folder holding the test module's user module (its ``USER_MODULE`` name and
+    ``USER_SOURCE`` text: a norm or network a person wrote), not on sys.path until a test
+    puts it there."""
+    folder = tmp_path_factory.mktemp(request.module.USER_MODULE)
+    path = folder / f"{request.module.USER_MODULE}.py"
+    path.write_text(textwrap.dedent(request.module.USER_SOURCE))
+    return folder
+
+
+@pytest.fixture
+def importable(user_module, monkeypatch) -> Path:
+    """:func:`user_module`'s folder, on sys.path for the test."""
+    monkeypatch.syspath_prepend(str(user_module))
+    return user_module

@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -70,19 +69,6 @@ USER_SOURCE = '''
         raise AssertionError("called")
 '''
 USER_NET = f"{USER_MODULE}:TinyNet"
-
-
-@pytest.fixture(scope="module")
-def user_module(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("usernets")
-    (folder / f"{USER_MODULE}.py").write_text(textwrap.dedent(USER_SOURCE))
-    return folder
-
-
-@pytest.fixture
-def importable(user_module, monkeypatch) -> Path:
-    monkeypatch.syspath_prepend(str(user_module))
-    return user_module
 
 
 def quick(batch_size: int = 32, lr: float = 0.05, **model) -> RunConfig:

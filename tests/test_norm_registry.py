@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -79,20 +78,6 @@ SUITE = SUITE.replace(f'norm = "{USER_NORM}"\n', f'norm = "{USER_NORM}"\n'
                       'norm_options = { eps = 1e-3, momentum = 0.05, affine = false }\n')
 SUITE = SUITE.replace('norm = "bn"\n',
                       'norm = "bn"\nnorm_options = { eps = 1e-4, momentum = 0.2 }\n')
-
-
-@pytest.fixture(scope="module")
-def user_module(tmp_path_factory) -> Path:
-    """The folder holding the user's module (not on sys.path until a test puts it there)."""
-    folder = tmp_path_factory.mktemp("usernorms")
-    (folder / f"{USER_MODULE}.py").write_text(textwrap.dedent(USER_SOURCE))
-    return folder
-
-
-@pytest.fixture
-def importable(user_module, monkeypatch) -> Path:
-    monkeypatch.syspath_prepend(str(user_module))
-    return user_module
 
 
 @pytest.fixture

@@ -73,10 +73,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--norm", default="bn", metavar="NORM",
-        help=f"normalization after every conv block: {', '.join(norm_names())}, or your own "
-             "norm by import path package.module:Attr (a factory called as Attr(channels, "
-             "**options), e.g. an nn.Module class; importable wherever it trains) "
-             "(default: %(default)s)",
+        help=f"normalization after every conv block (or hidden layer): "
+             f"{', '.join(norm_names())}, or your own norm by import path "
+             "package.module:Attr (an nn.Module class called as Attr(channels, **options), "
+             "or a NormSpec; importable wherever it trains) (default: %(default)s)",
     )
     group.add_argument(
         "--norm-option", dest="norm_options", action="append", type=norm_option,
