@@ -203,8 +203,10 @@ def check_net(config: ModelConfig) -> None:
     with torch.random.fork_rng(devices=[]):
         try:
             model = build_model(config)
-        except ConfigError:
-            raise
+        except ConfigError as err:  # a value the network refused: say which field it was
+            if err.message.startswith(f"{err.field}:"):
+                raise
+            raise ConfigError(err.field, f"{err.field}: {err.message}") from None
         except Exception as err:
             field = "net_options" if config.net_options else "net"
             raise ConfigError(field, f"net {config.net!r} with net_options "
