@@ -26,7 +26,7 @@ system-deps:
 	bash scripts/system-deps.sh
 
 run: venv
-	bash scripts/system-deps.sh run || echo "tcmalloc or gcc not installed: training uses glibc's malloc (tuned) or torch's norms, slower"
+	bash scripts/system-deps.sh run || echo "tcmalloc, gcc or g++ not installed: training uses glibc's malloc (tuned), torch's norms or autograd, slower"
 	$(BIN)/normlab data fetch --dataset mnist
 	$(BIN)/normlab suite s6 --seeds $(SEEDS) --out runs/s6
 

@@ -15,6 +15,12 @@ torch.set_num_threads(1)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# Autograd, not torch.compile, for the steps the hand step does not take: the tests train
+# hundreds of tiny runs, and compiling each norm and network would cost 5-20 s apiece (a
+# config records which it was). The compiled path has its own tests (test_compiled.py),
+# which ask for it; worker processes and subprocesses inherit this.
+os.environ.setdefault("NORMLAB_COMPILE", "off")
+
 
 # One Ray token for the whole test session: Ray keeps the token it first read in the
 # process, so a second local Ray started with another token fails to authenticate

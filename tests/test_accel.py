@@ -241,7 +241,8 @@ def test_a_forward_whose_images_depend_on_each_other_goes_whole():
 def test_info_says_what_each_path_would_be(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for key in ("cpu", "torch", "precision", "kernels", "oneDNN", "step fp32"):
+    for key in ("cpu", "torch", "precision", "kernels", "oneDNN", "step fp32", "compile",
+                "norms", "nets"):
         assert any(line.startswith(key) for line in out.splitlines()), key
     assert "step; norms:" in out
     assert "test pass: chunks of 250" in out or "test pass: whole (chunks of 250 differ)" in out

@@ -53,11 +53,14 @@ ROOT = Path(__file__).resolve().parents[1]
 FORCING = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "NORMLAB_MARCH")
 # The accelerated paths' contract tests: the kernels against float64 and torch's ops, the
 # fused norm + dropout modules, the convolutions on oneDNN and the step by hand against
-# autograd bit for bit, the test pass in chunks against whole batches, and one run that
-# must learn on every path.
+# autograd bit for bit, the test pass in chunks against whole batches, the compiled step
+# against autograd to rounding (inductor's code follows the forced vector ISA), and one run
+# that must learn on every path.
 TESTS = ("tests/test_kernels.py", "tests/test_normdrop.py", "tests/test_onednn.py",
          "tests/test_handstep.py",
          "tests/test_accel.py::test_the_test_pass_in_chunks_is_the_whole_batchs_bitwise",
+         "tests/test_compiled.py::test_the_compiled_step_is_autograds_to_rounding_and_says_so"
+         "[mlp-bn]",
          "tests/test_training.py::test_same_seed_same_metrics_other_seed_differs")
 
 

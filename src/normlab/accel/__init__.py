@@ -159,13 +159,59 @@ class Step:
     hand_steps: int = 0
     autograd_steps: int = 0
     eval_chunks: dict = field(default_factory=dict)  # input shape -> chunk size, or 0: whole
+    compiled: nn.Module | None = None  # the model under torch.compile (accel.compiled)
+    compile: str = "off"  # what the run's config asked for
+    compile_failed: str | None = None  # why the compiled step was given up
+    compiled_steps: int = 0
+    _compiled_ran: set = field(default_factory=set)  # (shape, training) it has run
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.hand is not None and self.hand.applies(x):
             self.hand_steps += 1
             return self.hand(x, y)
+        if self.compiled is not None:
+            done = self._try_compiled(
+                x, lambda: autograd_step(self.compiled, x, y, self.precision))
+            if done is not None:
+                self.compiled_steps += 1
+                return done
         self.autograd_steps += 1
         return autograd_step(self.model, x, y, self.precision)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation forward: compiled where the step is, else the model."""
+        if self.compiled is not None:
+            out = self._try_compiled(x, lambda: self.compiled(x))
+            if out is not None:
+                return out
+        return self.model(x)
+
+    def _try_compiled(self, x: torch.Tensor, run):
+        """``run()`` with the compiled model; the first time for each input shape and mode
+        (when it compiles) the model's gradients, buffers and the random generator are
+        kept, and a failure restores them, gives the compiled model up (the run's paths
+        say why) and returns None."""
+        key = (tuple(x.shape), self.model.training)
+        if key in self._compiled_ran:
+            return run()
+        params, buffers = list(self.model.parameters()), list(self.model.buffers())
+        grads = [p.grad for p in params]
+        kept = ([b.clone() for b in buffers], torch.get_rng_state())
+        try:
+            result = run()
+        except Exception as err:  # a compilation that fails: autograd from here on
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g
+                for b, v in zip(buffers, kept[0], strict=True):
+                    b.copy_(v)
+            torch.set_rng_state(kept[1])
+            self.compiled = None
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            self.compile_failed = f"{type(err).__name__}: {first}"
+            return None
+        self._compiled_ran.add(key)
+        return result
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward for evaluation (the caller sets eval mode, no-grad and
@@ -174,17 +220,18 @@ class Step:
         gave the whole batch's output bit for bit (each image's logits must not depend on
         the images beside it: true of the seed's network in eval mode where every kernel
         computes an image alike in any batch, checked rather than assumed)."""
+        forward = self._forward
         if self.accel != "on" or x.device.type != "cpu" or len(x) <= EVAL_CHUNK:
-            return self.model(x)
+            return forward(x)
         chunk = self.eval_chunks.get(x.shape)
         if chunk is None:
-            whole = self.model(x)
-            parts = torch.cat([self.model(part) for part in x.split(EVAL_CHUNK)])
+            whole = forward(x)
+            parts = torch.cat([forward(part) for part in x.split(EVAL_CHUNK)])
             self.eval_chunks[x.shape] = EVAL_CHUNK if torch.equal(whole, parts) else 0
             return whole
         if chunk == 0:
-            return self.model(x)
-        return torch.cat([self.model(part) for part in x.split(chunk)])
+            return forward(x)
+        return torch.cat([forward(part) for part in x.split(chunk)])
 
     def paths(self) -> dict:
         """The paths the steps so far took, for config.json: the step (hand or autograd,
@@ -193,9 +240,9 @@ class Step:
         precision."""
         from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout
 
-        step = ("hand" if self.hand_steps and not self.autograd_steps else
-                "autograd" if self.autograd_steps and not self.hand_steps else
-                "hand+autograd" if self.hand_steps else "none yet")
+        counts = {"hand": self.hand_steps, "compiled": self.compiled_steps,
+                  "autograd": self.autograd_steps}
+        step = "+".join(name for name, n in counts.items() if n) or "none yet"
         norms = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm2d | nn.GroupNorm)]
         on_kernels = [m for m in norms if isinstance(m, BatchNormDropout | GroupNormDropout)
                       and m.relu]
@@ -208,6 +255,11 @@ class Step:
         }
         if self.why_autograd:
             paths["why_autograd"] = self.why_autograd
+        if self.compile != "off":  # what the step the hand step does not take became
+            paths["compile"] = (f"{self.compile} failed, autograd since: "
+                                f"{self.compile_failed}" if self.compile_failed else
+                                self.compile)
+            paths["compiled_steps"] = self.compiled_steps
         if self.hand is not None:
             paths["onednn_convs"] = {
                 "x".join(map(str, shape)): f"{sum(c is not None for c in layers)}/{len(layers)}"
@@ -223,21 +275,31 @@ class Step:
 
 
 def prepare(model: nn.Module, config: ModelConfig | None, precision: str, *,
-            enabled: bool = True, check: bool = True) -> Step:
+            enabled: bool = True, check: bool = True, compile: str = "off") -> Step:
     """The training step for ``model`` (see the module). With ``config`` its modules are
     first swapped as :func:`accelerate` does (``None``: taken as they are). With
     ``enabled=False`` every step goes through autograd and nothing is swapped. With
     ``check`` the hand step is taken only after one step of it on a small random batch has
     equalled autograd's bit for bit on this model (the model, its gradients, running
-    statistics and the random generator's state are restored after). A norm whose spec
-    has ``accel=False``, and weight standardization's convolutions, train through autograd,
-    and the step's :meth:`~Step.paths` say so by name (``why_autograd``)."""
+    statistics and the random generator's state are restored after). A network other than
+    the seed's, a norm whose spec has ``accel=False``, and weight standardization's
+    convolutions are left to autograd, and the step's :meth:`~Step.paths` say so by name
+    (``why_autograd``); with ``compile="inductor"`` (``RunConfig.compile``) those steps,
+    and the test pass's forward, run under torch.compile (:mod:`normlab.accel.compiled`)."""
     if not enabled:
         return Step(model, precision, "off", why_autograd="acceleration off (--accel off)")
     from normlab.accel.handstep import HandStep
 
-    blocks = accelerate(model, config) if config is not None else {}
     why = left_to_autograd(config) if config is not None else None
+    if why is not None and compile == "inductor":  # the plain model, all of it compiled
+        from normlab.accel.compiled import compile_model, unavailable
+
+        reason = unavailable()
+        step = Step(model, precision, "on", None, why, compile=compile, compile_failed=reason)
+        if reason is None:
+            step.compiled = compile_model(model)
+        return step
+    blocks = accelerate(model, config) if config is not None else {}
     hand = None
     if why is None:
         hand = HandStep.build(model, precision)

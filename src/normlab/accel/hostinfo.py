@@ -105,14 +105,53 @@ def describe() -> list[tuple[str, str]]:
             lines.append((f"step {p}", _step_paths(p)))
         except Exception as err:  # report, don't fail: this is a diagnosis
             lines.append((f"step {p}", f"failed: {type(err).__name__}: {err}"))
+    lines.append(("compile", compile_line()))
+    lines.append(("norms", norms()))
     lines.append(("nets", nets()))
     return lines
 
 
-def nets() -> str:
-    """The networks and the step each gets (the hand step knows the seed's only)."""
-    from normlab.models import net_specs
+def compile_line() -> str:
+    from normlab.accel import compiled
 
-    others = [f"{spec.name} ({spec.title})" for spec in net_specs() if spec.name != "seed"]
-    return (f"seed (the seed's CNN): the step above; {', '.join(others)}, and yours by "
-            "import path: autograd, torch's norms")
+    why = compiled.unavailable()
+    if why:
+        return f"torch.compile off: {why}; the steps below that would compile use autograd"
+    forced = os.environ.get("NORMLAB_COMPILE")
+    return (f"torch.compile (inductor) where it pays (normlab.accel.compiled.SPEEDUP), its "
+            f"cache in {compiled.cache_dir()}"
+            + (f"; NORMLAB_COMPILE={forced} overrides that" if forced else ""))
+
+
+def _default_step(config) -> str:
+    from normlab.accel import compiled, left_to_autograd
+
+    if left_to_autograd(config) is None:
+        return "hand"
+    return "compiled" if compiled.default_compile(config) == "inductor" else "autograd"
+
+
+def norms() -> str:
+    """The step each norm gets by default on the seed's network."""
+    from normlab.models import ModelConfig
+    from normlab.models.norms import norm_specs
+
+    groups: dict[str, list[str]] = {}
+    for spec in norm_specs():
+        groups.setdefault(_default_step(ModelConfig(norms=(spec.name,))), []).append(spec.name)
+    ws = _default_step(ModelConfig(norms=("gn",), weight_std=True))
+    groups.setdefault(ws, []).append("gn+ws")
+    groups.setdefault("compiled", []).append("yours by import path")
+    said = {"hand": "the step above", "compiled": "compiled (torch.compile)",
+            "autograd": "autograd (compiling measured no faster, or nothing to compile)"}
+    return "; ".join(f"{', '.join(names)}: {said[step]}" for step, names in groups.items())
+
+
+def nets() -> str:
+    """The networks and the step each gets with BN (the hand step knows the seed's only)."""
+    from normlab.models import ModelConfig, net_specs
+
+    others = [f"{spec.name} ({spec.title}): {_default_step(ModelConfig(net=spec.name))}"
+              for spec in net_specs() if spec.name != "seed"]
+    return (f"with BN: seed (the seed's CNN): the step above; {'; '.join(others)}; yours by "
+            "import path as its norm says (a compiled norm compiles the whole network)")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 
 from normlab.accel import ACCEL
+from normlab.accel.compiled import COMPILE
 from normlab.models.config import DROPOUT_DRAWS, KERNELS
 from normlab.training.cli import add_run_arguments
 from normlab.training.config import PRECISIONS
@@ -109,6 +110,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="every run in fp32 or with bf16 autocast; default: the suite "
                              "file's, else bf16 where the CPU has AMX or AVX512-BF16 (an "
                              "epoch ~1.3x faster, the same accuracy), else fp32")
+    parser.add_argument("--compile", choices=COMPILE, default=None,
+                        help="inductor or off: whether the steps the hand step does not "
+                             "take (the zoo, other nets) run under torch.compile "
+                             "(default: inductor where a C++ compiler is found)")
     parser.add_argument("--precise-bn", action="store_true",
                         help="every run also evaluates each epoch with PreciseBN statistics "
                              "(test_acc_precise, test_loss_precise; the ordinary metrics "
@@ -185,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_config(augment=args.augment)
     if args.accel:
         suite = suite.with_config(accel=args.accel)
+    if args.compile:
+        suite = suite.with_config(compile=args.compile)
     if args.precise_bn:
         suite = suite.with_config(precise_bn=True)
     return execute(suite, args)

@@ -12,6 +12,8 @@ A suite is a TOML file::
     augment = "aten"                 # optional: what rotates the training images (normlab's
                                      # C kernel where a compiler is found, else torch's ops)
     precise_bn = true                # optional: also evaluate with PreciseBN statistics
+    compile = "off"                  # optional: autograd for the steps normlab would compile
+                                     # (the zoo, other nets: inductor where g++ is found)
 
     [protocol]
     name = "seed"                    # a named protocol (normlab.training.PROTOCOLS)
@@ -100,7 +102,7 @@ from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precisi
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "augment",
-            "precise_bn", "protocol", "variant")
+            "compile", "precise_bn", "protocol", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
 VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "protocol",
                 *GRID_KEYS)
@@ -230,7 +232,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
               "precision": data.get("precision") or default_precision(), "protocol": protocol}
-    for key in ("augment", "precise_bn"):
+    for key in ("augment", "precise_bn", "compile"):
         if key in data:
             shared[key] = data[key]
     try:  # the suite-wide options, checked once before the variants

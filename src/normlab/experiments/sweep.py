@@ -29,6 +29,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from normlab.accel.compiled import COMPILE
 from normlab.experiments.cli import _amount, _amount_or_zero, _count, _seed_list, execute
 from normlab.models.config import DROPOUT_DRAWS, KERNELS, MODEL_KEYS
 from normlab.training.cli import add_run_arguments
@@ -92,6 +93,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     suite.add_argument("--precision", choices=PRECISIONS, default=None,
                        help="fp32 or bf16 autocast (default: bf16 where the CPU has AMX or "
                             "AVX512-BF16, else fp32)")
+    suite.add_argument("--compile", choices=COMPILE, default=None,
+                       help="inductor or off: whether the steps the hand step does not "
+                            "take (the zoo, other nets) run under torch.compile "
+                            "(default: inductor where a C++ compiler is found)")
     seeds = suite.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=_count, metavar="K", help="seeds 1..K (default: 1)")
     seeds.add_argument("--seed-list", type=_seed_list, metavar="1,2,3", help="these seeds")
@@ -286,6 +291,8 @@ def sweep_data(args: argparse.Namespace) -> dict[str, Any]:
         data["subset"] = args.subset
     if args.precision:
         data["precision"] = args.precision
+    if args.compile:
+        data["compile"] = args.compile
     data["protocol"] = {"name": args.protocol, **({"overrides": overrides} if overrides else {})}
     data["variant"] = [variant]
     return data
@@ -329,6 +336,8 @@ def _command(args: argparse.Namespace, given: list[tuple[str, str, list[Any]]]) 
         words += ["--subset", str(args.subset)]
     if args.precision:
         words += ["--precision", args.precision]
+    if args.compile:
+        words += ["--compile", args.compile]
     return shlex.join(words)
 
 

@@ -131,9 +131,9 @@ def train(out: str | Path | None = None, *, protocol: str = "seed",
     ``norm_options`` (a dict passed to every norm layer, e.g. ``{"momentum": 0.01}``),
     ``weight_std``, ``groups``, ``dropout``, ``dropout_draw``, ``kernels``, ``eval_kernels``,
     ``l1``, ``l1_scope``, ``weight_decay``, ``seed``, ``subset``, ``dataset``, ``precision``,
-    ``augment``, ``precise_bn``, and any field of the named ``protocol`` (``epochs=5``,
-    ``lr=0.05``, ...); unset ones keep the defaults (the seed's BN model and protocol). Or
-    pass a whole ``config``. A norm registered in this session trains here (not in
+    ``augment``, ``precise_bn``, ``compile``, and any field of the named ``protocol``
+    (``epochs=5``, ``lr=0.05``, ...); unset ones keep the defaults (the seed's BN model and
+    protocol). Or pass a whole ``config``. A norm registered in this session trains here (not in
     :func:`run_suite`'s worker processes with ``jobs`` > 1: name it by import path there).
     ``out`` defaults to runs/train/<norm>-seed<k>-<a hash of the config>, so running the
     same cell again resumes (or finds finished) the same run, and another config gets its

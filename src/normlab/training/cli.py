@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 from normlab.accel import ACCEL
+from normlab.accel.compiled import COMPILE
 from normlab.fields import check_keys
 from normlab.files import parse_toml
 from normlab.models.cli import add_model_arguments, norm_options_from_args
@@ -90,6 +91,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "paths this host takes, recorded in config.json; `normlab info` "
                              "lists them); off: the plain model through autograd with torch's "
                              "norms and augmentation (default: on)")
+    parser.add_argument("--compile", default=None, choices=COMPILE,
+                        help="inductor: the steps the hand step does not take (the zoo's "
+                             "norms, your own, --weight-std, every --net but the seed's) run "
+                             "under torch.compile, compiled once and cached (numbers equal to "
+                             "autograd's to rounding, recorded in config.json); off: autograd "
+                             "(default: inductor where a C++ compiler is found; "
+                             "$NORMLAB_COMPILE sets another)")
     add_model_arguments(parser)
     parser.add_argument("--precise-bn", action="store_true", default=None,
                         help="also evaluate every epoch with the batch-statistics norms' "
@@ -125,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, f"p_{f.name}") is not None:
             options[f.name] = getattr(args, f"p_{f.name}")
     run_options = ("dataset", *MODEL_KEYS, "l1", "l1_scope", "weight_decay", "seed", "subset",
-                   "precision", "augment", "accel", "precise_bn")
+                   "precision", "augment", "accel", "precise_bn", "compile")
     given = {key: getattr(args, key, None) for key in run_options}
     given["norm_options"] = norm_options_from_args(args)  # --norm-option pairs as a dict
     given["net_options"] = norm_options_from_args(args, "net_options")

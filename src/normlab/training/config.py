@@ -53,8 +53,19 @@ class RunConfig:
     # statistics recalibrated on training batches (PreciseBN: normlab.studies.precise);
     # metrics.jsonl gets test_acc_precise and test_loss_precise, the other metrics unchanged
     precise_bn: bool = False
+    # "inductor": the steps the hand step does not take (normlab.accel.left_to_autograd: the
+    # zoo's norms, your own, weight standardization, every network but the seed's) and their
+    # test passes run under torch.compile (normlab.accel.compiled), whose numbers agree with
+    # autograd's to rounding; "off": autograd. None: inductor where it applies, was measured
+    # to pay (normlab.accel.compiled.SPEEDUP) and a C++ compiler is found ($NORMLAB_COMPILE
+    # sets another default); where it does not apply it is "off". Written only when
+    # "inductor": a stored config without it (0.11 and before, whose steps went through
+    # autograd) reads as "off".
+    compile: str | None = None
 
     def __post_init__(self) -> None:
+        from normlab.accel import left_to_autograd
+        from normlab.accel.compiled import COMPILE, default_compile
         from normlab.data import DATASETS
 
         if self.accel not in ACCEL:
@@ -64,6 +75,12 @@ class RunConfig:
             object.__setattr__(self, "augment", "aten")
             object.__setattr__(self, "model", dataclasses.replace(
                 self.model, kernels="aten", eval_kernels="aten"))
+        if self.compile is not None and self.compile not in COMPILE:
+            raise ConfigError("compile", f"compile must be one of {', '.join(COMPILE)}, "
+                                         f"got {self.compile!r}")
+        applies = self.accel == "on" and left_to_autograd(self.model) is not None
+        object.__setattr__(self, "compile",
+                           (self.compile or default_compile(self.model)) if applies else "off")
 
         if self.dataset not in DATASETS:
             raise ConfigError("dataset", f"unknown dataset {self.dataset!r}; "
@@ -104,6 +121,8 @@ class RunConfig:
             del data["accel"]
         if not self.precise_bn:  # written only when on: the format 0.9 and before wrote
             del data["precise_bn"]
+        if self.compile == "off":  # written only when on: the format 0.11 and before wrote
+            del data["compile"]
         return data
 
     @classmethod
@@ -131,7 +150,8 @@ class RunConfig:
         """A config from ``normlab train``'s options, flat, as the command line and
         ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
         ``dropout_draw``, ``kernels``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``,
-        ``seed``, ``subset``, ``precision``, ``augment``, ``accel``, ``precise_bn``) and any
+        ``seed``, ``subset``, ``precision``, ``augment``, ``accel``, ``precise_bn``,
+        ``compile``) and any
         field of the named ``protocol`` (``epochs``, ``lr``, ...). An option given as None
         keeps its default."""
         run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)
@@ -152,9 +172,9 @@ def from_stored(data: dict[str, Any]) -> RunConfig:
     ``kernels="aten"``; without a precision (normlab 0.1) as fp32; without ``augment``
     (normlab 0.4 and before) as ``augment="aten"``; and without ``eval_kernels`` (normlab
     0.5 and before: the test pass used torch's norms) as ``eval_kernels="aten"``; without
-    ``precise_bn`` (0.9 and before) as off. So a run resumes and reports exactly as it was
-    trained, on any machine."""
-    data = {"precision": "fp32", "augment": "aten", **data}
+    ``precise_bn`` (0.9 and before) as off; without ``compile`` (0.11 and before: autograd)
+    as off. So a run resumes and reports exactly as it was trained, on any machine."""
+    data = {"precision": "fp32", "augment": "aten", "compile": "off", **data}
     model = data.get("model")
     if isinstance(model, dict):
         data["model"] = {"dropout_draw": "bernoulli", "kernels": "aten",
@@ -188,6 +208,12 @@ CONTINUE_HINTS = (
     ("augment: 'normlab' -> 'aten'",
      "its training images were rotated by normlab's C kernel: --augment normlab continues "
      "it (with a C compiler on the PATH)"),
+    ("compile: None -> 'inductor'",
+     "its steps went through autograd (normlab 0.11 or before, or compile off): --compile "
+     "off continues it"),
+    ("compile: 'inductor' -> None",
+     "its steps ran under torch.compile: --compile inductor continues it (with a C++ "
+     "compiler on the PATH)"),
     ("precision: 'fp32' -> 'bf16'",
      "it was trained in fp32 (normlab 0.3 or before, or another machine's default): "
      "--precision fp32 continues it"),

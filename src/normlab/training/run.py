@@ -190,7 +190,8 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
     layout = memory_format(dev, torch.get_num_threads(), config.model)
     model = config.make_model().to(dev, memory_format=layout)
     # the acceleration: its modules swapped in (sharing the parameters), its step
-    step = accel.prepare(model, config.model, config.precision, enabled=config.accel == "on")
+    step = accel.prepare(model, config.model, config.precision, enabled=config.accel == "on",
+                         compile=config.compile)
     opt, per_epoch, per_step = make_optimizer(model, config, steps_per_epoch)
     covered = l1_parameters(model, config.l1_scope)
     history: list[dict] = []
