@@ -67,6 +67,17 @@ def state(model: torch.nn.Module) -> list[torch.Tensor]:
     return [*(p.grad for p in model.parameters()), *model.buffers()]
 
 
+def twins(config: ModelConfig, channels_last: bool = False):
+    """One model twice, and its two steps: through autograd, and compiled."""
+    torch.manual_seed(0)
+    eager = build_model(config)
+    if channels_last:
+        eager = eager.to(memory_format=torch.channels_last)
+    model = copy.deepcopy(eager)
+    return (eager, model, accel.prepare(eager, config, "fp32"),
+            accel.prepare(model, config, "fp32", compile="inductor"))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_the_compiled_step_is_autograds_to_rounding_and_says_so(case, compiling):
     """Its contract on any CPU: compiled, autograd's numbers to rounding; where inductor
@@ -74,11 +85,7 @@ def test_the_compiled_step_is_autograds_to_rounding_and_says_so(case, compiling)
     ATEN_CPU_CAPABILITY=default, the generic host kind of test_dispatch.py), autograd's
     bit for bit, and the paths say which."""
     config = CASES[case]
-    torch.manual_seed(0)
-    eager = build_model(config).to(memory_format=torch.channels_last)
-    model = copy.deepcopy(eager)
-    reference = accel.prepare(eager, config, "fp32")  # autograd (left to it)
-    step = accel.prepare(model, config, "fp32", compile="inductor")
+    eager, model, reference, step = twins(config, channels_last=True)
     x = torch.randn(64, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (64,))
     # the MLP's test pass in chunks (cheap to compile); the CNN's in one (one graph less)
@@ -125,11 +132,7 @@ def test_a_compilation_that_fails_leaves_the_run_to_autograd_with_its_numbers(mo
 
     monkeypatch.setattr(compiled_module, "compile_model", FailsInBackward)
     monkeypatch.setattr(compiled_module, "unavailable", lambda: None)
-    torch.manual_seed(0)
-    eager = build_model(config)
-    model = copy.deepcopy(eager)
-    reference = accel.prepare(eager, config, "fp32")
-    step = accel.prepare(model, config, "fp32", compile="inductor")
+    eager, model, reference, step = twins(config)
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     for seed in range(2):
         torch.manual_seed(seed)
@@ -208,11 +211,7 @@ def test_a_users_norm_by_import_path_gets_the_compiled_step(importable, compilin
     # graph compiles in seconds)
     assert RunConfig(model=ModelConfig(norms=(norm,))).compile == "inductor"
     config = ModelConfig(norms=(norm,), net="mlp")
-    torch.manual_seed(0)
-    eager = build_model(config)
-    model = copy.deepcopy(eager)
-    reference = accel.prepare(eager, config, "fp32")
-    step = accel.prepare(model, config, "fp32", compile="inductor")
+    eager, model, reference, step = twins(config)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     want, got = reference(x, y), step(x, y)
     paths = step.paths()
