@@ -194,18 +194,11 @@ class Step:
         key = (tuple(x.shape), self.model.training)
         if key in self._compiled_ran:
             return run()
-        params, buffers = list(self.model.parameters()), list(self.model.buffers())
-        grads = [p.grad for p in params]
-        kept = ([b.clone() for b in buffers], torch.get_rng_state())
+        restore = _keep(self.model)
         try:
             result = run()
         except Exception as err:  # a compilation that fails: autograd from here on
-            with torch.no_grad():
-                for p, g in zip(params, grads, strict=True):
-                    p.grad = g
-                for b, v in zip(buffers, kept[0], strict=True):
-                    b.copy_(v)
-            torch.set_rng_state(kept[1])
+            restore()
             self.compiled = None
             first = (str(err).strip().splitlines() or [""])[0][:300]
             self.compile_failed = f"{type(err).__name__}: {first}"
@@ -310,6 +303,23 @@ def prepare(model: nn.Module, config: ModelConfig | None, precision: str, *,
     return Step(model, precision, "on", hand, why, blocks)
 
 
+def _keep(model: nn.Module):
+    """Keep ``model``'s gradients, a copy of its buffers (running statistics) and the random
+    generator's state; returns the function that puts them back."""
+    params, buffers = list(model.parameters()), list(model.buffers())
+    saved = ([p.grad for p in params], [b.clone() for b in buffers], torch.get_rng_state())
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, g in zip(params, saved[0], strict=True):
+                p.grad = g
+            for b, v in zip(buffers, saved[1], strict=True):
+                b.copy_(v)
+        torch.set_rng_state(saved[2])
+
+    return restore
+
+
 def _disagreement(model: nn.Module, hand, precision: str) -> str | None:
     """Why one hand step on a random batch of 4 differs from autograd's (None: bit for bit
     the same loss, output, gradients and running statistics), all state restored."""
@@ -320,15 +330,7 @@ def _disagreement(model: nn.Module, hand, precision: str) -> str | None:
     y = torch.arange(4)
     params = list(model.parameters())
     buffers = list(model.buffers())
-    saved = ([p.grad for p in params], [b.clone() for b in buffers], torch.get_rng_state())
-
-    def restore() -> None:
-        for p, g in zip(params, saved[0], strict=True):
-            p.grad = g
-        for b, v in zip(buffers, saved[1], strict=True):
-            b.copy_(v)
-        torch.set_rng_state(saved[2])
-
+    restore = _keep(model)
     try:
         loss, out = autograd_step(model, x, y, precision)
         ref = [loss, out.float(), *(p.grad for p in params), *(b.clone() for b in buffers)]
@@ -338,8 +340,7 @@ def _disagreement(model: nn.Module, hand, precision: str) -> str | None:
         same = all(a is not None and b is not None and torch.equal(a, b)
                    for a, b in zip(ref, got, strict=True))
     finally:
-        with torch.no_grad():
-            restore()
+        restore()
         hand._layers.pop(x.shape, None)  # the check's batch is no shape training sees
         hand._sizes.pop(x.shape, None)
     return None if same else ("the step by hand differs from autograd on this model "
