@@ -38,7 +38,7 @@ from normlab.training.rundir import CHANCE_ACC
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 SMALL = {"plain": {"depth": 5, "width": 8}, "resnet": {"depth": 8, "width": 8}, "mlp": {}}
-FEATURE_NORMS = ("bn", "brn", "gbn", "ln", "gn", "rms", "none")  # the MLP's
+FEATURE_NORMS = ("bn", "brn", "gbn", "ln", "gn", "rms", "noisy-bn", "none")  # the MLP's
 
 # A user's own network, as a person would write it: it takes the norm factory normlab
 # gives it and an option of its own.
@@ -82,7 +82,7 @@ def pairs() -> list[tuple[str, str, dict]]:
     conv nets, and SkipInit and Fixup without a norm."""
     out = [("mlp", norm, {}) for norm in FEATURE_NORMS]
     for net in ("plain", "resnet"):
-        out += [(net, norm, {}) for norm in norm_names()[:11]]
+        out += [(net, norm, {}) for norm in norm_names()[:12]]
         out.append((net, "gn", {"weight_std": True}))
     out += [("resnet", "none", {"residual_init": "skipinit"}),
             ("resnet", "none", {"residual_init": "fixup"})]

@@ -48,7 +48,7 @@ from normlab.training.run import train
 from normlab.workbook import left_out, workbook_norms, write_workbook
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
-ZOO = ("brn", "gbn", "frn", "evo-s0", "evo-b0", "rms")
+ZOO = ("brn", "gbn", "frn", "evo-s0", "evo-b0", "rms", "noisy-bn")
 
 # A user's own norm, as a person would write it: a BatchNorm under another name that keeps
 # the settings it was built with in a buffer, so a trained checkpoint shows them.
@@ -109,9 +109,10 @@ def quick(**model) -> RunConfig:
 
 
 def test_the_registry_holds_every_norm_once_with_its_flags():
-    assert norm_names()[:11] == ("bn", "ln", "gn", "in", "none", *ZOO)
+    assert norm_names()[:12] == ("bn", "ln", "gn", "in", "none", *ZOO)
     specs = {s.name: s for s in norm_specs()}
-    assert {n for n, s in specs.items() if s.batch_stats} == {"bn", "brn", "gbn", "evo-b0"}
+    assert {n for n, s in specs.items() if s.batch_stats} == {"bn", "brn", "gbn", "evo-b0",
+                                                              "noisy-bn"}
     assert {n for n, s in specs.items() if s.accel} == {"bn", "ln", "gn", "in"}
     assert {n for n, s in specs.items() if s.grouped} == {"gn", "evo-s0"}
     assert workbook_norms() == ("bn", "ln", "gn", "in") and left_out() == ZOO
@@ -124,7 +125,7 @@ def test_every_zoo_norm_builds_on_the_seeds_network(norm):
     model = Net(norm=norm, groups=2)
     kinds = {type(model.convblock1[2]).__name__}
     assert kinds <= {"BatchRenorm2d", "GhostBatchNorm2d", "FilterResponseNorm2d", "EvoNormS0",
-                     "EvoNormB0", "RMSNorm2d"}
+                     "EvoNormB0", "RMSNorm2d", "NoisyBatchNorm2d"}
     out = model(torch.randn(4, 1, 28, 28))
     assert out.shape == (4, 10) and torch.isfinite(out).all()
     assert count_parameters(model) >= 5632  # the convolutions' 5,632, then the norms'
@@ -132,7 +133,8 @@ def test_every_zoo_norm_builds_on_the_seeds_network(norm):
 
 def test_unknown_names_and_bad_paths_say_what_is_wrong():
     with pytest.raises(ConfigError, match=r"unknown norm 'bx'; choose one of 'bn', .*'rms', "
-                                          r"or your own by import path 'package.module:Attr'"):
+                                          r"'noisy-bn', or your own by import path "
+                                          r"'package.module:Attr'"):
         Net(norm="bx")
     with pytest.raises(ConfigError, match=r"module 'no_such_pkg.norms' does not import "
                                           r"\(ModuleNotFoundError"):
@@ -223,7 +225,7 @@ def test_weight_standardization_is_a_model_switch_left_to_autograd():
 # ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("norm, weight_std", [*((n, False) for n in norm_names()[:11]),
+@pytest.mark.parametrize("norm, weight_std", [*((n, False) for n in norm_names()[:12]),
                                                ("gn", True)])
 def test_every_norm_trains_one_epoch_well_above_chance(norm, weight_std, data, tmp_path):
     """One epoch of the seed's network on 2,000 images: the test accuracy on 1,000 test
@@ -324,7 +326,7 @@ def test_the_workbook_says_which_norms_it_leaves_out(tmp_path, capsys):
     assert wb.sheetnames == ["Inputs", "BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm",
                              "Check"]
     note = wb["Inputs"]["A5"].value
-    assert note.startswith("Not in this workbook: brn, gbn, frn, evo-s0, evo-b0, rms (")
+    assert note.startswith("Not in this workbook: brn, gbn, frn, evo-s0, evo-b0, rms, noisy-bn (")
     assert main(["sheet", "--out", str(tmp_path / "cli.xlsx")]) == 0
     assert "Not in this workbook: brn, gbn" in capsys.readouterr().out
 

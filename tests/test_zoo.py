@@ -12,6 +12,8 @@ stated where it is not:
   of each tensor's largest magnitude).
 - RMSNorm2d: torch.nn.RMSNorm on the (B, H, W, C) tensor times the per-channel weight
   (another reduction order: rtol 1e-6, atol 1e-6).
+- NoisyBatchNorm2d/1d: nn.BatchNorm2d/1d at shift 0 and scale 1, and nn.BatchNorm2d/1d
+  times the scale plus the shift drawn from the same seed (bitwise).
 timm is installed without its torchvision requirement (see the Makefile), so its layer
 files are imported without running timm/__init__.py, which imports torchvision.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import itertools
 import sys
 import types
 from pathlib import Path
@@ -37,6 +40,8 @@ from normlab.models.zoo import (
     EvoNormS0,
     FilterResponseNorm2d,
     GhostBatchNorm2d,
+    NoisyBatchNorm1d,
+    NoisyBatchNorm2d,
     RMSNorm2d,
     StdConv2d,
 )
@@ -312,6 +317,82 @@ def test_gbn_rejects_bad_virtual_batch(virtual):
         GhostBatchNorm2d(8, virtual_batch=virtual)
 
 
+# --- NoisyBatchNorm2d ---------------------------------------------------------------------------
+
+NOISY = ((NoisyBatchNorm2d, nn.BatchNorm2d, (6, 5, 4, 4)),
+         (NoisyBatchNorm1d, nn.BatchNorm1d, (6, 5)))
+
+
+@pytest.mark.parametrize("noisy, bn, shape", NOISY)
+def test_noisy_bn_without_noise_is_batchnorm(noisy, bn, shape):
+    ours = randomize(noisy(5, shift=0.0, scale=1.0))
+    ref = bn(5)
+    ref.load_state_dict(ours.state_dict())
+    for k in range(2):
+        x, grad = maps(*shape, seed=k, shift=k), maps(*shape, seed=9 + k)
+        assert_same(step(ours, x, grad), step(ref, x, grad))
+    ours.eval(), ref.eval()
+    assert_same(step(ours, x, grad), step(ref, x, grad))
+
+
+class NoisyReference(nn.Module):
+    """BatchNorm, then its output times s plus m, (s, m) drawn as the formula says."""
+
+    def __init__(self, bn, shift, scale):
+        super().__init__()
+        self.bn, self.shift, self.scale = bn, shift, scale
+
+    def forward(self, x):
+        y = self.bn(x)
+        u = torch.rand(2, y.shape[1])
+        view = (1, -1) + (1,) * (y.dim() - 2)
+        s, m = 1 + (self.scale - 1) * (2 * u[0] - 1), self.shift * (2 * u[1] - 1)
+        return y * s.view(view) + m.view(view)
+
+
+@pytest.mark.parametrize("noisy, bn, shape", NOISY)
+def test_noisy_bn_is_batchnorm_then_the_drawn_scale_and_shift(noisy, bn, shape):
+    ours = randomize(noisy(5, shift=0.7, scale=1.8, momentum=0.2))
+    ref = NoisyReference(bn(5, momentum=0.2), 0.7, 1.8)
+    ref.bn.load_state_dict(ours.state_dict())
+    for k in range(3):  # a new draw each step, the same from the same generator state
+        x, grad = maps(*shape, seed=k, scale=2.0), maps(*shape, seed=20 + k)
+        torch.manual_seed(100 + k)
+        got = step(ours, x, grad)
+        torch.manual_seed(100 + k)
+        want = step(ref, x, grad)
+        assert_same(got, {name.removeprefix("bn."): v for name, v in want.items()})
+
+
+def test_noisy_bn_noise_is_per_channel_within_its_bounds_and_changes_every_step():
+    norm = NoisyBatchNorm2d(16, affine=False, shift=0.5, scale=1.5)
+    torch.manual_seed(0)
+    draws = []
+    for k in range(4):
+        y = norm(maps(32, 16, 6, 6, seed=k))
+        # BN's output has mean 0 and (biased) std ~1 per channel: y's are m and ~s.
+        m = y.mean(dim=(0, 2, 3))
+        s = y.std(dim=(0, 2, 3), unbiased=False)
+        assert (m.abs() <= 0.5 + 1e-5).all()
+        assert (s >= 0.5 - 1e-3).all() and (s <= 1.5 + 1e-3).all()
+        draws.append(m)
+    assert all(not torch.allclose(a, b) for a, b in itertools.pairwise(draws))
+    assert int(norm.num_batches_tracked) == 4
+    state = torch.get_rng_state()
+    norm.eval()
+    norm(maps(4, 16, 6, 6))  # eval draws nothing: BN's eval
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"shift": -0.1}, "shift"), ({"scale": 0.9}, "scale"), ({"scale": 2.0}, "scale"),
+    ({"scale": "big"}, "scale"),
+])
+def test_noisy_bn_rejects_bad_options(options, field):
+    with pytest.raises(ConfigError, match=field):
+        NoisyBatchNorm2d(4, **options)
+
+
 # --- against timm ------------------------------------------------------------------------------
 
 def train_and_eval(ours: nn.Module, ref: nn.Module, shape=(4, 8, 6, 6), steps: int = 2,
@@ -447,6 +528,7 @@ ZOO = {
     "evo-s0": lambda c: EvoNormS0(c, groups=2),
     "evo-b0": lambda c: EvoNormB0(c),
     "rms": lambda c: RMSNorm2d(c),
+    "noisy-bn": lambda c: NoisyBatchNorm2d(c),
 }
 
 
@@ -459,10 +541,12 @@ def test_norms_at_the_seed_widths_under_bf16_autocast(name):
         x = maps(6, channels, 8, 8, seed=channels)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = conv(x)
+            torch.manual_seed(channels)  # the same noise for noisy BN's twin
             y = norm(h)
         assert h.dtype == y.dtype == torch.bfloat16
         assert y.shape == x.shape
         # Statistics in float32: only the output's rounding to bf16 differs from float32.
+        torch.manual_seed(channels)
         torch.testing.assert_close(y.float(), twin(h.float()), rtol=1e-2, atol=1e-2)
         y.float().square().mean().backward()
         for n, p in norm.named_parameters():

@@ -146,6 +146,8 @@ _BUILT_IN: tuple[NormSpec, ...] = (
     NormSpec("evo-s0", _zoo("EvoNormS0"), "EvoNorm-S0", "EvoNorm-S0", grouped=True),
     NormSpec("evo-b0", _zoo("EvoNormB0"), "EvoNorm-B0", "EvoNorm-B0", batch_stats=True),
     NormSpec("rms", _zoo("RMSNorm2d"), "RMSNorm", "RMSNorm", inputs=BOTH),
+    NormSpec("noisy-bn", _zoo("NoisyBatchNorm2d"), "noisy BatchNorm", "noisy BN",
+             batch_stats=True, inputs=BOTH, features=_zoo("NoisyBatchNorm1d")),
 )
 _REGISTRY: dict[str, NormSpec] = {spec.name: spec for spec in _BUILT_IN}  # + register_norm's
 _BY_PATH: dict[str, NormSpec] = {}  # import paths resolved in this process

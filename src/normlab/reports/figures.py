@@ -43,10 +43,10 @@ PLAIN = FuncFormatter(lambda y, _: f"{y:g}")
 # The norms in the order the study figures and tables list them (batch-statistics norms
 # first, then per-image norms, then none), and one colour each, shared by every study
 # figure. A model with weight standardization is keyed "<norm>+ws".
-NORM_ORDER = ("bn", "brn", "gbn", "evo-b0", "gn", "gn+ws", "ln", "in", "frn", "evo-s0", "rms",
-              "none")
+NORM_ORDER = ("bn", "noisy-bn", "brn", "gbn", "evo-b0", "gn", "gn+ws", "ln", "in", "frn",
+              "evo-s0", "rms", "none")
 NORM_COLOURS = {
-    "bn": "#1f77b4", "brn": "#17becf", "gbn": "#6baed6", "evo-b0": "#393b79",
+    "bn": "#1f77b4", "noisy-bn": "#aec7e8", "brn": "#17becf", "gbn": "#6baed6", "evo-b0": "#393b79",
     "gn": "#d62728", "gn+ws": "#ff9896", "ln": "#2ca02c", "in": "#9467bd",
     "frn": "#ff7f0e", "evo-s0": "#8c564b", "rms": "#e377c2", "none": "#7f7f7f",
 }
