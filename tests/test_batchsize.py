@@ -26,6 +26,9 @@ from normlab.training.config import RunConfig
 BATCHES = (2, 8, 64)
 SEEDS = (1, 2, 3)
 NOISE = {1: -0.1, 2: 0.0, 3: 0.1}  # per-seed offsets: sample std 0.1 at every point
+# Each point's offsets in one direction or the other, so that BN's per-seed interactions
+# with GN (2 x the offset) and LN (4 x) have a spread (identical offsets would cancel).
+SIGN = {("bn", 64): -1, ("ln", 2): -1}
 # test error % (mean over seeds) by norm and batch: BN rises as the batch shrinks, GN and
 # LN stay flat
 ERROR = {
@@ -73,7 +76,8 @@ def make_study(root: Path, errors: dict = ERROR, seeds: tuple = SEEDS, unfinishe
             for seed in seeds:
                 entry = {"variant": name, "seed": seed, "dir": f"{name}/seed{seed}"}
                 runs.append(entry)
-                err = None if (name, seed) in unfinished else errors[norm][batch] + NOISE[seed]
+                noise = NOISE[seed] * SIGN.get((norm, batch), 1)
+                err = None if (name, seed) in unfinished else errors[norm][batch] + noise
                 write_run(root / entry["dir"], variants[-1]["config"], seed, err)
     manifest = {"name": "bs", "description": "synthetic batch-size study", "source": "tests",
                 "dataset": "mnist", "seeds": list(seeds), "variants": variants, "runs": runs}
@@ -103,6 +107,8 @@ def test_a_batch_size_study_is_found_one_line_per_norm(study_root):
     t = trend(study.lines[0])
     assert t.rise == pytest.approx(3.0) and t.verdict == "rises"
     assert trend(study.lines[1]).verdict == "flat"
+    assert [line.by_batch()[2].by_seed for line in study.lines[:1]] == [
+        {1: pytest.approx(3.9), 2: 4.0, 3: pytest.approx(4.1)}]
 
 
 def test_the_table_and_the_analysis_say_what_the_numbers_say(study_root, tmp_path):
@@ -112,10 +118,22 @@ def test_the_table_and_the_analysis_say_what_the_numbers_say(study_root, tmp_pat
     assert table.rows[0] == ["64", "0.1", "1.00 ± 0.10", "1.20 ± 0.10", "1.30 ± 0.10"]
     assert table.rows[-1] == ["2", "0.003125", "4.00 ± 0.10", "1.20 ± 0.10", "1.30 ± 0.10"]
     text = text_of(blocks)
-    assert ("**Yes**: BN's error rises by 3.00 points from batch 64 to 2, while GN (2 groups) "
-            "and LN stay flat within seed noise") in text
-    assert "BN − GN at batch 2: +2.80" in text and "BN − GN at batch 64: -0.20" in text
+    assert ("**Yes**: as the batch shrinks from 64 to 2, BN's error rises more than GN (2 "
+            "groups)'s and LN's (BN − GN (2 groups) +3.00 (Holm p = 0.006); BN − LN +3.00 "
+            "(Holm p = 0.018) points): the pattern of Wu & He's Figure 1. BN's own error "
+            "rises by 3.00 points from batch 64 to 2.") in text
+    # the family: 3 trends and 2 interactions, Holm, the seeds and what they resolve
+    assert "**Statistics.** 5 comparisons in one family" in text
+    assert "Holm's step-down method" in text
+    assert "Seeds per comparison (the finished ones): 3" in text
+    assert "at Holm's strictest level (0.05/5): BN" in text
+    assert ("BN's change from batch 64 to 2 minus GN (2 groups)'s: +3.00 points over 3 seeds "
+            "(95% interval [+2.50, +3.50], Holm p = 0.006): BN's error **rises more** as "
+            "the batch shrinks; the gap BN − GN (2 groups) is +2.80 points at batch 2 and "
+            "-0.20 at 64.") in text
     assert "BN: 1.00% at batch 64 → 4.00% at batch 2 (+3.00 points" in text
+    assert "GN (2 groups): 1.20% at batch 64 → 1.20% at batch 2 (0.00 points" in text
+    assert "Holm p = 1.000): **not resolved**" in text
     assert "eval mode" in text and "running statistics" in text
     for number in ("23.6", "23.7", "24.8", "27.3", "34.7", "24.1", "24.2", "24.0"):
         assert number in text
@@ -138,17 +156,43 @@ def test_the_figure_has_a_log2_batch_axis_shrinking_to_the_right(study_root):
     assert len(ax.collections) == 3  # one min–max band per norm
 
 
-def test_when_bn_stays_flat_the_analysis_says_no(tmp_path):
+def test_when_bn_stays_flat_the_analysis_says_no_and_how_many_seeds_would_tell(tmp_path):
     flat = {**ERROR, "bn": {2: 1.05, 8: 1.0, 64: 1.0}}
     blocks, _ = batch_size_parts(load_results(make_study(tmp_path / "s", flat)), tmp_path)
-    assert "**No**: here BN's error stays flat within seed noise" in text_of(blocks)
+    text = text_of(blocks)
+    assert ("**No**: no difference between BN's change with the batch and GN (2 groups)'s "
+            "and LN's is resolved here") in text
+    assert "BN's own error changes by +0.05 points, not resolved" in text
+    # the seeds a 0.05-point effect would need, and how to get them
+    assert "To resolve the unresolved differences" in text and "--seeds N" in text
 
 
-def test_when_gn_also_moves_the_analysis_says_partly(tmp_path):
-    moving = {**ERROR, "gn": {2: 3.0, 8: 1.5, 64: 1.2}}
+def test_when_gn_moves_as_much_as_bn_the_analysis_says_partly(tmp_path):
+    moving = {**ERROR, "gn": {2: 3.9, 8: 1.5, 64: 1.2}}  # GN rises 2.7, BN 3.0
     blocks, _ = batch_size_parts(load_results(make_study(tmp_path / "s", moving)), tmp_path)
-    assert "**Partly**: BN's error rises by 3.00 points" in text_of(blocks)
-    assert "GN (2 groups) rises (+1.80)" in text_of(blocks)
+    text = text_of(blocks)
+    assert "**Partly**: BN's error rises more than LN's as the batch shrinks" in text
+    assert "GN (2 groups): 1.20% at batch 64 → 3.90% at batch 2 (+2.70 points" in text
+
+
+def test_when_bn_rises_less_the_analysis_says_the_opposite(tmp_path):
+    less = {**ERROR, "gn": {2: 6.0, 8: 1.5, 64: 1.2}, "ln": {2: 7.0, 8: 1.5, 64: 1.3}}
+    blocks, _ = batch_size_parts(load_results(make_study(tmp_path / "s", less)), tmp_path)
+    assert "**No**, the opposite: BN's error rises less than GN (2 groups)'s and LN's" in (
+        text_of(blocks))
+
+
+def test_the_verdict_holds_the_family_wise_error_a_single_test_would_not(tmp_path):
+    """An effect whose own p is below 0.05 but not below Holm's threshold is not called."""
+    from normlab.studies.batchsize import tests
+
+    # BN − GN at 3 seeds: per-seed interactions 0.6 + 2 x offset = 0.4, 0.6, 0.8 (p 0.035
+    # alone, ranked 4th of 5 in the family: Holm multiplies it by 2); BN − LN 0.3 + 4 x offset
+    near = {**ERROR, "gn": {2: 3.6, 8: 1.5, 64: 1.2}, "ln": {2: 4.0, 8: 1.3, 64: 1.3}}
+    found = tests(find_study(load_results(make_study(tmp_path / "s", near))))
+    bn_gn = found.interactions[0].test
+    assert bn_gn.p < 0.05 and bn_gn.p_holm > 0.05 and not bn_gn.significant
+    assert bn_gn.family == 5
 
 
 def test_one_seed_gives_no_verdict(tmp_path):

@@ -137,3 +137,138 @@ def summarise(variant: VariantResults) -> Summary:
     # the median: one epoch slowed by other work on the machine should not move it
     s.seconds_per_epoch = statistics.median(seconds) if seconds else None
     return s
+
+
+# ----------------------------------------------------------------- a family of comparisons
+
+ALPHA = 0.05  # the family-wise error rate a study's verdict holds
+POWER = 0.8  # the power at which :attr:`Comparison.resolvable` is stated
+
+
+@dataclass
+class Comparison:
+    """One test of a study's family: an estimated difference with its 95% interval, its
+    two-sided p-value, and, once :func:`holm` has seen the family, its Holm-adjusted
+    p-value. ``resolvable`` is the smallest true difference these seeds would find with
+    80% power at Holm's strictest level (``ALPHA / m``, m the family's size): an effect
+    smaller than that can be there and still not show."""
+
+    name: str
+    estimate: float
+    interval: tuple[float, float] | None  # None: fewer than two seeds, no test
+    p: float | None
+    seeds: int  # the seeds the estimate rests on (the fewer of two groups)
+    se: float | None = None  # the estimate's standard error
+    df: float | None = None
+    p_holm: float | None = None
+    family: int = 1  # m, set by holm()
+
+    @property
+    def tested(self) -> bool:
+        return self.p is not None
+
+    @property
+    def significant(self) -> bool:
+        """Whether the difference is not 0 with the family-wise error held at ALPHA."""
+        return self.p_holm is not None and self.p_holm < ALPHA
+
+    @property
+    def direction(self) -> str:
+        """'up', 'down' (significant, by the estimate's sign), 'none' or 'untested'."""
+        if not self.tested:
+            return "untested"
+        if not self.significant:
+            return "none"
+        return "up" if self.estimate > 0 else "down"
+
+    @property
+    def resolvable(self) -> float | None:
+        if self.se is None or self.df is None:
+            return None
+        if self.se == 0:
+            return 0.0
+        return resolvable(self.se, self.df, ALPHA / self.family)
+
+
+    def seeds_for(self, effect: float, most: int = 1000) -> int | None:
+        """About how many seeds would resolve a true difference of ``effect`` with 80%
+        power at this family's strictest level: the standard error shrinks as 1/sqrt(n),
+        the degrees of freedom grow as n does. None beyond ``most``."""
+        if self.se is None or self.df is None or self.seeds < 2 or not effect:
+            return None
+        for n in range(self.seeds, most + 1):
+            se = self.se * math.sqrt(self.seeds / n)
+            df = self.df * (n - 1) / (self.seeds - 1)
+            if resolvable(se, df, ALPHA / self.family) <= abs(effect):
+                return n
+        return None
+
+
+def resolvable(se: float, df: float, level: float, power: float = POWER) -> float:
+    """The true difference a two-sided t test at ``level`` (standard error ``se``, ``df``
+    degrees of freedom) finds with ``power``: solved on the noncentral t's power, exact at
+    any df (the normal shortcut, (t_crit + t_power) x se, is 10% low at 2 df)."""
+    import scipy.optimize
+    import scipy.stats
+
+    crit = float(scipy.stats.t.ppf(1 - level / 2, df))
+
+    def shortfall(delta: float) -> float:
+        low = scipy.stats.nct.cdf(-crit, df, delta)  # the other tail: nan where negligible
+        return float(scipy.stats.nct.sf(crit, df, delta)) + (
+            0.0 if math.isnan(low) else float(low)) - power
+
+    delta = scipy.optimize.brentq(shortfall, 0.0, 10 * crit + 10)
+    return delta * se
+
+
+def welch(name: str, a: list[float], b: list[float]) -> Comparison:
+    """mean(a) − mean(b), unpaired (Welch's t: unequal variances)."""
+    estimate = mean(a) - mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return Comparison(name, estimate, None, None, min(len(a), len(b)))
+    va, vb = sample_std(a) ** 2 / len(a), sample_std(b) ** 2 / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Comparison(name, estimate, (estimate, estimate), 0.0 if estimate else 1.0,
+                          min(len(a), len(b)), 0.0, float(len(a) + len(b) - 2))
+    import scipy.stats
+
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    result = scipy.stats.ttest_ind(a, b, equal_var=False)
+    ci = result.confidence_interval(0.95)
+    return Comparison(name, estimate, (float(ci.low), float(ci.high)), float(result.pvalue),
+                      min(len(a), len(b)), se, df)
+
+
+def one_sample(name: str, values: list[float]) -> Comparison:
+    """mean(values) against 0 (Student's t): a paired difference, one value per seed."""
+    estimate = mean(values)
+    if len(values) < 2:
+        return Comparison(name, estimate, None, None, len(values))
+    std = sample_std(values)
+    df = float(len(values) - 1)
+    if std == 0:
+        return Comparison(name, estimate, (estimate, estimate), 0.0 if estimate else 1.0,
+                          len(values), 0.0, df)
+    import scipy.stats
+
+    result = scipy.stats.ttest_1samp(values, 0.0)
+    ci = result.confidence_interval(0.95)
+    return Comparison(name, estimate, (float(ci.low), float(ci.high)), float(result.pvalue),
+                      len(values), std / math.sqrt(len(values)), df)
+
+
+def holm(family: list[Comparison]) -> list[Comparison]:
+    """Holm's step-down adjustment over the tested comparisons of ``family`` (in place;
+    returned): sorted by p, the i-th smallest (from 0) is multiplied by m − i, and the
+    adjusted values are made non-decreasing. Rejecting where the adjusted p < ALPHA holds
+    the probability of any false finding in the family at ALPHA (Holm 1979)."""
+    tested = sorted((c for c in family if c.tested), key=lambda c: c.p)
+    m = len(tested)
+    running = 0.0
+    for i, c in enumerate(tested):
+        running = max(running, min(1.0, (m - i) * c.p))
+        c.p_holm = running
+        c.family = m
+    return family

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
@@ -21,7 +20,16 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import figure_section, norm_colours, norm_key, norm_rank
 from normlab.reports.page import Image
-from normlab.reports.stats import mean, sample_std
+from normlab.reports.stats import (
+    ALPHA,
+    POWER,
+    Comparison,
+    holm,
+    mean,
+    one_sample,
+    sample_std,
+    welch,
+)
 
 TITLE = "Test error against batch size"
 FIGURE = "batch_size_error.png"
@@ -39,8 +47,12 @@ class Point:
     batch: int
     lr: float
     variant: VariantResults
-    errors: list[float] = field(default_factory=list)
+    by_seed: dict[int, float] = field(default_factory=dict)  # seed -> error %
     unfinished: int = 0  # runs without a final result yet (missing, training, failed)
+
+    @property
+    def errors(self) -> list[float]:
+        return list(self.by_seed.values())
 
     @property
     def mean(self) -> float | None:
@@ -128,7 +140,7 @@ def find_study(suite: SuiteResults) -> Study | None:
             v = by_batch[b]
             done = [r for r in v.finished if r.metrics]
             points.append(Point(b, v.config.protocol.lr, v,
-                                [100.0 - r.final["test_acc"] for r in done],
+                                {r.seed: 100.0 - r.final["test_acc"] for r in done},
                                 len(v.runs) - len(done)))
         lines.append(Line(_line_label(members[0]), norm_key(members[0].config.model), points))
     if not lines:
@@ -181,43 +193,112 @@ def batch_size_figure(study: Study, dataset: str) -> Figure:
 # ----------------------------------------------------------------------------- numbers
 
 
+# The norms whose change with the batch BN's is compared with (Wu & He: GN; LN and IN
+# normalise each image alone too). An interaction is BN's change from the largest to the
+# smallest batch minus theirs, per seed: at the same batch size and seed every norm sees the
+# same batches, so the difference is paired by seed.
+REFERENCES = ("gn", "ln")
+
+
 @dataclass
 class Trend:
-    """Error at the smallest batch minus error at the largest, with a Welch 95% interval."""
+    """Error at the smallest batch minus error at the largest (Welch's t: runs of different
+    batch sizes see different batches, so they are not paired)."""
 
     small: Point
     large: Point
-    rise: float
-    interval: tuple[float, float] | None
+    test: Comparison
+
+    @property
+    def rise(self) -> float:
+        return self.test.estimate
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return self.test.interval
 
     @property
     def verdict(self) -> str:
-        """'rises', 'falls', 'flat' (interval includes 0) or 'unknown' (no interval)."""
-        if self.interval is None:
-            return "unknown"
-        lo, hi = self.interval
-        return "rises" if lo > 0 else "falls" if hi < 0 else "flat"
+        """'rises', 'falls' (Holm-significant), 'flat' (not resolved) or 'unknown' (no
+        test: one seed at an end)."""
+        return {"up": "rises", "down": "falls", "none": "flat",
+                "untested": "unknown"}[self.test.direction]
+
+
+@dataclass
+class Interaction:
+    """BN's rise (smallest batch minus largest) minus a reference norm's, per seed."""
+
+    bn: Line
+    reference: Line
+    small: int
+    large: int
+    test: Comparison
+
+
+@dataclass
+class Tests:
+    """The study's family of comparisons, Holm-adjusted together."""
+
+    trends: dict[str, Trend]  # by line label
+    interactions: list[Interaction]
+
+    @property
+    def family(self) -> list[Comparison]:
+        return [t.test for t in self.trends.values()] + [i.test for i in self.interactions]
 
 
 def trend(line: Line) -> Trend | None:
+    """The line's trend, tested alone (a family of one; :func:`tests` adjusts it with the
+    study's other comparisons)."""
     pts = line.measured
     if len(pts) < 2:
         return None
     small, large = pts[0], pts[-1]
-    rise = small.mean - large.mean
-    interval = None
-    if len(small.errors) > 1 and len(large.errors) > 1:
-        if (small.std or 0) == 0 and (large.std or 0) == 0:
-            interval = (rise, rise)
-        else:
-            ci = scipy.stats.ttest_ind(small.errors, large.errors, equal_var=False
-                                       ).confidence_interval(0.95)
-            interval = (float(ci.low), float(ci.high))
-    return Trend(small, large, rise, interval)
+    return Trend(small, large, holm([welch(line.label, small.errors, large.errors)])[0])
+
+
+def interaction(bn: Line, ref: Line) -> Interaction | None:
+    """BN's rise minus ``ref``'s over the seeds finished at both ends of both lines, at the
+    smallest and largest batch both lines measured."""
+    common = sorted({p.batch for p in bn.measured} & {p.batch for p in ref.measured})
+    if len(common) < 2:
+        return None
+    small, large = common[0], common[-1]
+    a, b = bn.by_batch(), ref.by_batch()
+    points = (a[small], a[large], b[small], b[large])
+    seeds = sorted(set.intersection(*(set(p.by_seed) for p in points)))
+    if not seeds:
+        return None
+    values = [(a[small].by_seed[s] - a[large].by_seed[s])
+              - (b[small].by_seed[s] - b[large].by_seed[s]) for s in seeds]
+    return Interaction(bn, ref, small, large, one_sample(f"BN − {ref.label}", values))
+
+
+def tests(study: Study) -> Tests:
+    """Every line's trend and BN's interaction with each reference norm, Holm-adjusted as
+    one family."""
+    trends = {line.label: t for line in study.lines if (t := trend(line)) is not None}
+    bn = next((line for line in study.lines if line.norm == "bn"), None)
+    found = []
+    if bn is not None:
+        for ref in study.lines:
+            if ref.norm in REFERENCES and (i := interaction(bn, ref)) is not None:
+                found.append(i)
+    result = Tests(trends, found)
+    for c in result.family:
+        c.p_holm = None
+    holm(result.family)
+    return result
 
 
 def _pts(x: float) -> str:
     return f"{x:+.2f}".replace("+0.00", "0.00").replace("-0.00", "0.00")
+
+
+def _p(c: Comparison) -> str:
+    """"Holm p = 0.012" (or < 0.001)."""
+    return "Holm p < 0.001" if c.p_holm < 0.001 else f"Holm p = {c.p_holm:.3f}"
 
 
 def _trend_text(line: Line, t: Trend) -> str:
@@ -226,56 +307,119 @@ def _trend_text(line: Line, t: Trend) -> str:
     if t.interval is None:
         return what + "; one seed at an end, so no interval: not evidence either way)."
     lo, hi = t.interval
-    words = {"rises": "the error **rises** as the batch shrinks (interval excludes 0)",
-             "falls": "the error **falls** as the batch shrinks (interval excludes 0)",
-             "flat": "**flat** within seed noise (interval includes 0)"}[t.verdict]
-    return what + f", 95% interval [{_pts(lo)}, {_pts(hi)}]): {words}."
+    words = {"rises": "the error **rises** as the batch shrinks",
+             "falls": "the error **falls** as the batch shrinks",
+             "flat": "**not resolved**: no change these seeds can tell from noise"}[t.verdict]
+    return what + f", 95% interval [{_pts(lo)}, {_pts(hi)}], {_p(t.test)}): {words}."
 
 
-def _headline(study: Study, trends: dict[str, Trend]) -> str:
+def _interaction_text(i: Interaction) -> str:
+    c = i.test
+    head = (f"BN's change from batch {i.large} to {i.small} minus {i.reference.label}'s: "
+            f"{_pts(c.estimate)} points over {c.seeds} seed{'s' if c.seeds != 1 else ''}")
+    if not c.tested:
+        return head + "; one seed, so no interval: not evidence either way."
+    lo, hi = c.interval
+    gaps = []
+    for b in (i.small, i.large):
+        p, q = i.bn.by_batch()[b], i.reference.by_batch()[b]
+        gaps.append(f"{_pts(p.mean - q.mean)} points at batch {b}" if not gaps else
+                    f"{_pts(p.mean - q.mean)} at {b}")
+    gap = f"; the gap BN − {i.reference.label} is {' and '.join(gaps)}"
+    words = {"up": "BN's error **rises more** as the batch shrinks",
+             "down": f"BN's error **rises less** than {i.reference.label}'s",
+             "none": "**not resolved**"}[c.direction]
+    return head + f" (95% interval [{_pts(lo)}, {_pts(hi)}], {_p(c)}): {words}{gap}."
+
+
+def _headline(study: Study, found: Tests) -> str:
     bn = next((line for line in study.lines if line.norm == "bn"), None)
-    others = [line for line in study.lines if line.norm in ("gn", "ln")]
-    if bn is None or bn.label not in trends or not others:
+    if bn is None or bn.label not in found.trends:
         return ""
-    t = trends[bn.label]
-    flat = [line for line in others if line.label in trends
-            and trends[line.label].verdict == "flat"]
-    not_flat = [line for line in others if line.label in trends and line not in flat]
+    t = found.trends[bn.label]
     if t.verdict == "unknown":
         return ("With one finished seed at an end of the range, these numbers cannot say "
                 "whether BN's error rises as the batch shrinks: that needs at least two "
                 "finished seeds at the smallest and the largest batch (--seeds 3).")
-    bn_rises = t.verdict == "rises"
-    gn_ln_flat = not not_flat
-    names = " and ".join(line.label for line in others)
-    if bn_rises and gn_ln_flat:
-        head = (f"**Yes**: BN's error rises by {t.rise:.2f} points from batch {t.large.batch} to "
-                f"{t.small.batch}, while {names} stay flat within seed noise: the pattern of "
-                "Wu & He's Figure 1.")
-    elif bn_rises:
-        moves = "; ".join(f"{line.label} {trends[line.label].verdict} "
-                          f"({_pts(trends[line.label].rise)})" for line in not_flat)
-        head = (f"**Partly**: BN's error rises by {t.rise:.2f} points from batch "
-                f"{t.large.batch} to {t.small.batch}, but not every batch-independent norm "
-                f"stays flat ({moves}).")
+    bn_alone = {"rises": f"BN's own error rises by {t.rise:.2f} points",
+                "falls": f"BN's own error falls by {-t.rise:.2f} points",
+                "flat": f"BN's own error changes by {_pts(t.rise)} points, not resolved"}[
+        t.verdict] + f" from batch {t.large.batch} to {t.small.batch}"
+    inter = [i for i in found.interactions if i.test.tested]
+    if not inter:  # no reference norm to compare with: BN alone
+        word = {"rises": "**Yes**", "falls": "**No**", "flat": "**No**"}[t.verdict]
+        return f"{word}: {bn_alone} ({_p(t.test)})."
+    up = [i for i in inter if i.test.direction == "up"]
+    down = [i for i in inter if i.test.direction == "down"]
+    names = _whose(inter)
+    values = "; ".join(f"BN − {i.reference.label} {_pts(i.test.estimate)} ({_p(i.test)})"
+                       for i in inter)
+    if len(up) == len(inter):
+        head = (f"**Yes**: as the batch shrinks from {t.large.batch} to {t.small.batch}, "
+                f"BN's error rises more than {names} ({values} points): the pattern of Wu & "
+                f"He's Figure 1. {bn_alone}.")
+    elif up:
+        head = (f"**Partly**: BN's error rises more than "
+                f"{_whose(up)} as the batch shrinks, but not "
+                f"resolvably more than every batch-independent norm's ({values} points). "
+                f"{bn_alone}.")
+    elif down:
+        head = (f"**No**, the opposite: BN's error rises less than "
+                f"{_whose(down)} as the batch shrinks "
+                f"({values} points). {bn_alone}.")
     else:
-        state = {"flat": "stays flat within seed noise", "falls": "falls"}[t.verdict]
-        head = (f"**No**: here BN's error {state} as the batch shrinks ({_pts(t.rise)} points "
-                f"from batch {t.large.batch} to {t.small.batch}); Wu & He's degradation of BN "
-                "does not show at this scale.")
-    by = {line.norm: line.by_batch() for line in study.lines}
-    gaps = []
-    for ref in ("gn", "ln"):
-        if ref in by:
-            for b in (t.small.batch, t.large.batch):
-                p, q = by["bn"].get(b), by[ref].get(b)
-                if p is not None and q is not None and p.errors and q.errors:
-                    gaps.append(f"BN − {ref.upper()} at batch {b}: {_pts(p.mean - q.mean)}")
-    return head + (f" ({'; '.join(gaps)} points.)" if gaps else "")
+        head = (f"**No**: no difference between BN's change with the batch and {names} is "
+                f"resolved here ({values} points); Wu & He's degradation of BN does not show "
+                f"at this scale and these seeds. {bn_alone}.")
+    return head
+
+
+def _statistics_text(found: Tests) -> str:
+    """How the verdict was reached: the tests, their number, Holm, the seeds and the
+    smallest effects they resolve; where an effect was not resolved, the seeds it needs."""
+    family = [c for c in found.family if c.tested]
+    if not family:
+        return ""
+    m = len(family)
+    seeds = sorted({c.seeds for c in family})
+    tests_used = ("each norm's change from the largest to the smallest batch (Welch's t, "
+                  "unpaired: runs of different batch sizes see different batches)")
+    if found.interactions:
+        refs = _whose(found.interactions)
+        tests_used += (f", and BN's change minus {refs} (a one-sample t on the per-seed "
+                       "differences: at a batch size and seed every norm sees the same "
+                       "batches, so they pair by seed)")
+    low, high = seeds[0], seeds[-1]
+    text = (f"**Statistics.** {m} comparison{'s' if m != 1 else ''} in one family: "
+            f"{tests_used}. The family-wise error is held at {ALPHA:.0%} by Holm's "
+            "step-down method; each interval is its test's own 95%. Seeds per comparison "
+            f"(the finished ones): {low if low == high else f'{low} to {high}'}.")
+    smallest = [(c.name, c.resolvable) for c in found.family if c.resolvable is not None]
+    if smallest:
+        text += (f" The smallest true difference these seeds find with {POWER:.0%} power at "
+                 f"Holm's strictest level ({ALPHA:g}/{m}): "
+                 + "; ".join(f"{name} {r:.2f}" for name, r in smallest) + " points.")
+    needs = []
+    for c in found.family:
+        r = c.resolvable
+        if c.tested and not c.significant and r:
+            n = c.seeds_for(c.estimate)
+            if n is not None and n > c.seeds:
+                needs.append(f"{c.name} ({_pts(c.estimate)}): about {n} seeds")
+    if needs:
+        text += (" To resolve the unresolved differences at the size measured here would "
+                 "take: " + "; ".join(needs) + ". More seeds: `normlab suite NAME --seeds N` "
+                 "(finished runs are kept), on a cluster with `--executor ray`.")
+    return text
 
 
 def _names(labels: list[str]) -> str:
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _whose(interactions: list[Interaction]) -> str:
+    """"GN (2 groups)'s and LN's": the reference norms, possessive."""
+    return _names([f"{i.reference.label}'s" for i in interactions])
 
 
 def _evaluation_text(study: Study) -> str:
@@ -312,7 +456,8 @@ def _evaluation_text(study: Study) -> str:
 
 def batch_size_blocks(study: Study) -> list[Block]:
     """The table and the analysis of a study (the report's section, under TITLE)."""
-    trends = {line.label: t for line in study.lines if (t := trend(line)) is not None}
+    found = tests(study)
+    trends = found.trends
     lrs = {p.batch: p.lr for line in study.lines for p in line.points}
     rows = []
     for b in sorted(study.batches, reverse=True):
@@ -329,17 +474,20 @@ def batch_size_blocks(study: Study) -> list[Block]:
              "as a band."),
         Table(header, rows, "r" * len(header)),
     ]
-    headline = _headline(study, trends)
+    headline = _headline(study, found)
     if headline:
         blocks.append(Para(headline))
     items = [_trend_text(line, trends[line.label]) for line in study.lines
              if line.label in trends]
     if items:
         blocks += [Heading("From the largest to the smallest batch", 3), Bullets(items)]
+    if found.interactions:
+        blocks += [Heading("BN against the batch-independent norms", 3),
+                   Bullets([_interaction_text(i) for i in found.interactions])]
+    statistics = _statistics_text(found)
+    if statistics:
+        blocks.append(Para(statistics))
     blocks += [
-        Para("Intervals: Welch's 95% interval of the difference in mean error between the "
-             "smallest and the largest batch (runs of different batch sizes see different "
-             "batches, so they are not paired)."),
         Para(_evaluation_text(study)),
         Heading("For reference: Wu & He 2018", 3),
         Para("Group Normalization (ECCV 2018), ResNet-50 on ImageNet, validation error % by "
