@@ -59,12 +59,36 @@ def test_every_bundled_suite_has_a_stored_plan():
     assert set(bundled_suites()) == set(PLANS)
 
 
+# Bundled suites changed on purpose since 0.10.1, and how: the variants kept (by norm) and
+# the seeds. The batch-size studies: BN, GN, LN and IN on 6 seeds (issue 29: at 3 seeds the
+# verdict flipped on a disjoint set; BRN, GN + WS and FRN moved out to afford the seeds).
+NARROWED = {name: ({"bn", "gn", "ln", "in"}, list(range(1, 7)))
+            for name in ("batch-sizes", "batch-sizes-fashion")}
+
+
+def narrowed(name: str) -> dict:
+    """0.10.1's plan of ``name`` as changed on purpose since (:data:`NARROWED`)."""
+    want = json.loads(json.dumps(PLANS[name]))
+    if name not in NARROWED:
+        return want
+    norms, seeds = NARROWED[name]
+    plan = want["manifest"]
+    plan["variants"] = [v for v in plan["variants"] if v["config"]["model"]["norm"] in norms
+                        and not v["config"]["model"].get("weight_std")]
+    plan["seeds"] = seeds
+    return want
+
+
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_bundled_suites_plan_exactly_as_0_10_1(name, as_0_10_1):
     suite = load_suite(name)
     got = manifest(suite, suite.seeds)
     del got["source"], got["runs"]
-    want = PLANS[name]
+    want = narrowed(name)
+    if name in NARROWED:  # the changed description and plan: the variants and seeds above
+        assert got["variants"] == want["manifest"]["variants"]
+        assert got["seeds"] == want["manifest"]["seeds"]
+        return
     assert [v["name"] for v in got["variants"]] == [v["name"] for v in want["manifest"]
                                                    ["variants"]]  # the order, first
     assert got == want["manifest"]
