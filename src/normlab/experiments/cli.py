@@ -36,6 +36,7 @@ import argparse
 from normlab.accel import ACCEL
 from normlab.accel.compiled import COMPILE
 from normlab.models.config import DROPOUT_DRAWS, KERNELS
+from normlab.probes import add_arguments as add_probe_arguments
 from normlab.training.cli import add_run_arguments
 from normlab.training.config import PRECISIONS
 
@@ -114,6 +115,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="inductor or off: whether the steps the hand step does not "
                              "take (the zoo, other nets) run under torch.compile "
                              "(default: inductor where a C++ compiler is found)")
+    add_probe_arguments(parser)
     parser.add_argument("--precise-bn", action="store_true",
                         help="every run also evaluates each epoch with PreciseBN statistics "
                              "(test_acc_precise, test_loss_precise; the ordinary metrics "
@@ -194,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
         suite = suite.with_config(compile=args.compile)
     if args.precise_bn:
         suite = suite.with_config(precise_bn=True)
+    if args.probe:
+        suite = suite.with_config(probe=args.probe)
+    if args.probe_every:
+        suite = suite.with_config(probe_every=args.probe_every)
     return execute(suite, args)
 
 

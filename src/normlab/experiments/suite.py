@@ -102,10 +102,10 @@ from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precisi
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "augment",
-            "compile", "precise_bn", "protocol", "variant")
+            "compile", "precise_bn", "probe", "probe_every", "protocol", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
-VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "protocol",
-                *GRID_KEYS)
+VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "probe",
+                "probe_every", "protocol", *GRID_KEYS)
 PROTOCOL_FIELDS = tuple(f.name for f in protocol_fields())
 # what an axis, a derive or an exclude rule may name: every variant field and protocol
 # field, flat, and each option of an option table (norm_options.momentum)
@@ -232,7 +232,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
               "precision": data.get("precision") or default_precision(), "protocol": protocol}
-    for key in ("augment", "precise_bn", "compile"):
+    for key in ("augment", "precise_bn", "compile", "probe", "probe_every"):
         if key in data:
             shared[key] = data[key]
     try:  # the suite-wide options, checked once before the variants

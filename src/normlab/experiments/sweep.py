@@ -32,6 +32,7 @@ from typing import Any
 from normlab.accel.compiled import COMPILE
 from normlab.experiments.cli import _amount, _amount_or_zero, _count, _seed_list, execute
 from normlab.models.config import DROPOUT_DRAWS, KERNELS, MODEL_KEYS
+from normlab.probes import add_arguments as add_probe_arguments
 from normlab.training.cli import add_run_arguments
 from normlab.training.config import L1_SCOPES, PRECISIONS
 from normlab.training.protocols import PROTOCOLS, SCHEDULERS, protocol_fields
@@ -97,6 +98,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="inductor or off: whether the steps the hand step does not "
                             "take (the zoo, other nets) run under torch.compile "
                             "(default: inductor where a C++ compiler is found)")
+    add_probe_arguments(suite)
     seeds = suite.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=_count, metavar="K", help="seeds 1..K (default: 1)")
     seeds.add_argument("--seed-list", type=_seed_list, metavar="1,2,3", help="these seeds")
@@ -293,6 +295,10 @@ def sweep_data(args: argparse.Namespace) -> dict[str, Any]:
         data["precision"] = args.precision
     if args.compile:
         data["compile"] = args.compile
+    if args.probe:
+        data["probe"] = args.probe
+    if args.probe_every:
+        data["probe_every"] = args.probe_every
     data["protocol"] = {"name": args.protocol, **({"overrides": overrides} if overrides else {})}
     data["variant"] = [variant]
     return data
@@ -338,6 +344,10 @@ def _command(args: argparse.Namespace, given: list[tuple[str, str, list[Any]]]) 
         words += ["--precision", args.precision]
     if args.compile:
         words += ["--compile", args.compile]
+    if args.probe:
+        words += ["--probe", args.probe]
+    if args.probe_every:
+        words += ["--probe-every", str(args.probe_every)]
     return shlex.join(words)
 
 

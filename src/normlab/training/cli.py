@@ -31,6 +31,7 @@ from normlab.fields import check_keys
 from normlab.files import parse_toml
 from normlab.models.cli import add_model_arguments, norm_options_from_args
 from normlab.models.config import KERNELS, MODEL_KEYS
+from normlab.probes import add_arguments as add_probe_arguments
 from normlab.training.config import L1_SCOPES, PRECISIONS, RunConfig
 from normlab.training.protocols import PROTOCOLS, protocol_fields
 
@@ -98,6 +99,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "autograd's to rounding, recorded in config.json); off: autograd "
                              "(default: inductor where a C++ compiler is found; "
                              "$NORMLAB_COMPILE sets another)")
+    add_probe_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--precise-bn", action="store_true", default=None,
                         help="also evaluate every epoch with the batch-statistics norms' "
@@ -133,7 +135,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, f"p_{f.name}") is not None:
             options[f.name] = getattr(args, f"p_{f.name}")
     run_options = ("dataset", *MODEL_KEYS, "l1", "l1_scope", "weight_decay", "seed", "subset",
-                   "precision", "augment", "accel", "precise_bn", "compile")
+                   "precision", "augment", "accel", "precise_bn", "compile", "probe",
+                   "probe_every")
     given = {key: getattr(args, key, None) for key in run_options}
     given["norm_options"] = norm_options_from_args(args)  # --norm-option pairs as a dict
     given["net_options"] = norm_options_from_args(args, "net_options")

@@ -13,6 +13,8 @@ from normlab.accel import ACCEL, PRECISIONS, default_precision
 from normlab.fields import ConfigError, check_keys, coerce
 from normlab.models import ModelConfig, build_model
 from normlab.models.config import KERNELS, MODEL_KEYS, default_kernels
+from normlab.probes import EVERY as PROBE_EVERY
+from normlab.probes import parse_probes
 from normlab.training.protocols import PROTOCOLS, Protocol, protocol_fields, resolve_protocol
 
 L1_SCOPES = ("all", "conv")
@@ -62,6 +64,12 @@ class RunConfig:
     # "inductor": a stored config without it (0.11 and before, whose steps went through
     # autograd) reads as "off".
     compile: str | None = None
+    # what the run records inside the network every ``probe_every`` training steps
+    # (normlab.probes: "activations", "weights", "gradients"), into probes.jsonl; empty: no
+    # probes. They change no number the run computes. Written only when set: a stored
+    # config without them (0.12 and before) reads as none.
+    probe: tuple[str, ...] = ()
+    probe_every: int = PROBE_EVERY
 
     def __post_init__(self) -> None:
         from normlab.accel import left_to_autograd
@@ -100,6 +108,12 @@ class RunConfig:
             raise ConfigError("precision", f"precision must be one of {', '.join(PRECISIONS)}, "
                                            f"got {self.precision!r}")
         coerce("precise_bn", self.precise_bn, bool)
+        object.__setattr__(self, "probe", parse_probes(self.probe))
+        every = coerce("probe_every", self.probe_every, int)
+        if every < 1:
+            raise ConfigError("probe_every", f"probe_every must be a number of steps >= 1, "
+                                             f"got {self.probe_every!r}")
+        object.__setattr__(self, "probe_every", every)
         if coerce("seed", self.seed, int) < 0:
             raise ConfigError("seed", f"seed must be a non-negative integer, got {self.seed}")
         if coerce("subset", self.subset, int, optional=True) is not None and self.subset < 1:
@@ -123,6 +137,10 @@ class RunConfig:
             del data["precise_bn"]
         if self.compile == "off":  # written only when on: the format 0.11 and before wrote
             del data["compile"]
+        if self.probe:  # written only when set: the format 0.12 and before wrote
+            data["probe"] = list(self.probe)
+        else:
+            del data["probe"], data["probe_every"]
         return data
 
     @classmethod
@@ -151,7 +169,7 @@ class RunConfig:
         ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
         ``dropout_draw``, ``kernels``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``,
         ``seed``, ``subset``, ``precision``, ``augment``, ``accel``, ``precise_bn``,
-        ``compile``) and any
+        ``compile``, ``probe``, ``probe_every``) and any
         field of the named ``protocol`` (``epochs``, ``lr``, ...). An option given as None
         keeps its default."""
         run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)
@@ -214,6 +232,11 @@ CONTINUE_HINTS = (
     ("compile: 'inductor' -> None",
      "its steps ran under torch.compile: --compile inductor continues it (with a C++ "
      "compiler on the PATH)"),
+    ("probe: None -> ",
+     "it was trained without probes: leave --probe out to continue it (or start the probed "
+     "run in another --out)"),
+    ("probe: [",
+     "it was trained with probes: the same --probe continues it"),
     ("precision: 'fp32' -> 'bf16'",
      "it was trained in fp32 (normlab 0.3 or before, or another machine's default): "
      "--precision fp32 continues it"),

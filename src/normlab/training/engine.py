@@ -113,6 +113,7 @@ def train_one_epoch(
     augment: str = "aten",
     step: accel.Step | None = None,
     hand_step: bool = True,
+    prober=None,
 ) -> dict[str, float]:
     """Train for one epoch; returns mean train loss (NLL), accuracy %, L1 term, seconds.
 
@@ -130,6 +131,10 @@ def train_one_epoch(
     the caller's. ``on_step(images_seen)`` is called after every batch (it must not read
     tensors: that would synchronise a GPU).
     ``first_bad_step`` is the index of the first batch whose loss was not finite, or -1.
+
+    ``prober`` (a :class:`~normlab.probes.Prober`) records what happens inside the network
+    at the steps it is due (counted over the run, from 0 at the first step of epoch 1);
+    it changes no number the epoch computes.
     """
     start = time.perf_counter()
     model.train()
@@ -158,6 +163,9 @@ def train_one_epoch(
             x = to_input(data.images[idx], data.mean, data.std,
                          angles[idx] if rotation else None, memory_format=layout)
         y = data.labels[idx]
+        probing = prober is not None and prober.due((epoch - 1) * steps + i)
+        if probing:  # a forward of its own, all it changed put back
+            prober.activations(x, (epoch - 1) * steps + i, epoch)
         loss, out = step(x, y)  # the forward, the loss and its backward (.grad set)
         total = loss.detach()
         if l1:  # loss + l1 * sum|w|, its gradient added by hand (the same bits, faster)
@@ -166,7 +174,11 @@ def train_one_epoch(
                 total = total + l1 * penalty
                 l1_sum += penalty * len(idx)
             add_l1_gradient(l1_params, l1)
+        if probing:
+            prober.before_update()
         optimizer.step()
+        if probing:
+            prober.after_update()
         if step_scheduler is not None:
             step_scheduler.step()
         losses[i] = loss.detach()

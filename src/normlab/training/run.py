@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from normlab import __version__, accel
+from normlab import __version__, accel, probes
 from normlab.accel import kernels
 from normlab.memory import allocator, keep_freed_memory
+from normlab.probes import Prober
 from normlab.studies.precise import precise_evaluate
 from normlab.training.config import RunConfig, continue_hint
 from normlab.training.engine import (
@@ -192,6 +193,7 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
     # the acceleration: its modules swapped in (sharing the parameters), its step
     step = accel.prepare(model, config.model, config.precision, enabled=config.accel == "on",
                          compile=config.compile)
+    prober = Prober.for_run(model, config)
     opt, per_epoch, per_step = make_optimizer(model, config, steps_per_epoch)
     covered = l1_parameters(model, config.l1_scope)
     history: list[dict] = []
@@ -208,8 +210,11 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
         if dev.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
         history = [json.loads(line) for line in ckpt["history"]]
-    # metrics.jsonl always equals the checkpoint's history (a kill between the two is safe)
+    # metrics.jsonl always equals the checkpoint's history (a kill between the two is safe),
+    # and probes.jsonl holds the checkpoint's epochs (written before it: a kill in between
+    # leaves an epoch's records that the epoch, trained again, writes again)
     run.write_metrics(history)
+    probes.keep_epochs(run.path, len(history))
     listener(RunStarted(name, len(history), p.epochs))
 
     status, message, final = "ok", "", None
@@ -220,7 +225,7 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
             model, train_data, opt, seed=config.seed, epoch=epoch, batch_size=p.batch_size,
             rotation=p.rotation, l1=config.l1, l1_params=covered, step_scheduler=per_step,
             on_step=_step_events(listener, name, epoch, len(train_data), p.batch_size),
-            precision=config.precision, augment=config.augment, step=step,
+            precision=config.precision, augment=config.augment, step=step, prober=prober,
         )
         if per_epoch is not None:
             per_epoch.step()
@@ -241,6 +246,8 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
         if message:
             record["message"] = message
         history.append(record)
+        if prober is not None:
+            probes.append(run.path, prober.take())
         _save_checkpoint(run, model, opt, per_epoch, per_step, history, dev)
         run.append_metrics(record)
         listener(EpochFinished(name, record, p.epochs))

@@ -1,0 +1,260 @@
+"""Probes: what happens inside the network while it trains, sampled every few steps.
+
+Off by default (``RunConfig.probe`` empty). Each kind asked for is recorded per layer at
+every ``probe_every``-th training step (step 0, the initialised network, included):
+
+- ``activations``: the input to each norm layer (in the MLP, to each nonlinearity: where the
+  BN paper's Figure 1(b, c) looks) as its 15th, 50th and 85th percentiles with its mean and
+  std, over the batch and every unit, and the same percentiles of its first unit alone (one
+  channel, or one of the MLP's sigmoids, as the paper draws). A block whose ReLU normlab
+  folded into its norm (:class:`~normlab.accel.normdrop.FoldedReLU`) is recorded after the
+  ReLU, as the unfused network computes it.
+- ``weights``: each weight's norm ||w|| before the update and the relative update
+  ||w' - w|| / ||w||, the effective step size of a weight that a following norm makes
+  scale-invariant (van Laarhoven 2017). Weights are the parameters of two or more dimensions
+  (convolutions, linear maps), not the norms' gains and biases.
+- ``gradients``: the norm of each weight's gradient as the optimizer sees it (the loss's,
+  with L1's term where there is one; weight decay is the optimizer's own).
+
+How it leaves training unchanged: the activations come from a second forward of the same
+batch through the model's own modules in training mode, before the step, with the running
+statistics, the batch counters and the random generator's state put back after, so the step
+itself (by hand, compiled or autograd) draws the same dropout and updates the same
+statistics as without probes. Weights and gradients are read, never written. A run with
+probes trains to the same numbers bit for bit as one without (the tests check it).
+
+Records go to ``probes.jsonl`` in the run's folder, one line per probe step, written at the
+end of each epoch before its checkpoint; a resumed run drops the lines past its checkpoint
+and so ends with the lines an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.fields import ConfigError
+
+KINDS = ("activations", "weights", "gradients")
+EVERY = 25  # the default interval, in training steps (benchmarks/README.md: its cost)
+PERCENTILES = (15, 50, 85)  # the BN paper's Figure 1(b, c)
+FILE = "probes.jsonl"
+
+
+def parse_probes(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"activations,weights"`` (or a list, or ``"all"``) as the kinds in :data:`KINDS`'s
+    order; an unknown kind is a ConfigError naming the field."""
+    if value is None:
+        return ()
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    if names == ["all"]:
+        return KINDS
+    unknown = [n for n in names if n not in KINDS]
+    if unknown:
+        raise ConfigError("probe", f"unknown probe {unknown[0]!r}; choose from "
+                                   f"{', '.join(KINDS)} (comma-separated) or all")
+    return tuple(k for k in KINDS if k in names)
+
+
+def probe_points(model: nn.Module, norm_classes: tuple[type, ...], net: str
+                 ) -> dict[str, nn.Module]:
+    """The modules whose input ``activations`` records, by qualified name: in the MLP its
+    nonlinearities; in any other network every module of the run's norm classes (a model
+    without a norm layer has none)."""
+    from normlab.models.mlp import ACTIVATIONS
+
+    kinds = tuple(ACTIVATIONS.values()) if net == "mlp" else norm_classes
+    if not kinds:
+        return {}
+    return {name: m for name, m in model.named_modules()
+            if name and isinstance(m, kinds) and type(m) is not nn.Identity}
+
+
+def norm_classes(config) -> tuple[type, ...]:
+    """The classes of ``config``'s (a ModelConfig) norm layers, built once each at a small
+    width, and the fused modules normlab swaps in for BN and GN (none for no norm)."""
+    from normlab.accel.normdrop import BatchNormDropout, GroupNormDropout
+    from normlab.models.norms import make_norm, norm_spec
+
+    found: list[type] = []
+    for name in config.norms:
+        if name == "none":
+            continue
+        spec = norm_spec(name)
+        inputs = "features" if config.net == "mlp" and "features" in spec.inputs else "maps"
+        with torch.random.fork_rng(devices=[]):  # (a norm may draw at construction)
+            layer = make_norm(name, 4 * config.groups, config.groups, inputs,
+                              **config.norm_options)
+        found.append(type(layer))
+    if any(issubclass(c, nn.modules.batchnorm._BatchNorm) for c in found):
+        found.append(BatchNormDropout)
+    if any(issubclass(c, nn.GroupNorm) for c in found):
+        found.append(GroupNormDropout)
+    return tuple(dict.fromkeys(found))
+
+
+def _summary(x: torch.Tensor) -> dict:
+    """Percentiles, mean and std of all of ``x``, and percentiles of its first unit (channel
+    1 of (B, C, ...))."""
+    x = x.detach().float()
+    flat = x.reshape(-1)
+    q = torch.tensor([p / 100 for p in PERCENTILES])
+    if flat.numel() > 1 << 24:  # torch.quantile's limit: an even subsample, every k-th value
+        flat = flat[:: -(-flat.numel() // (1 << 24))]
+    values = torch.quantile(flat, q).tolist()
+    unit = x[:, 0].reshape(-1) if x.dim() > 1 else flat
+    unit_values = torch.quantile(unit, q).tolist()
+    out = {f"p{p}": v for p, v in zip(PERCENTILES, values, strict=True)}
+    out.update(mean=float(x.mean()), std=float(x.std()) if x.numel() > 1 else 0.0)
+    out["unit"] = {f"p{p}": v for p, v in zip(PERCENTILES, unit_values, strict=True)}
+    return out
+
+
+def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+
+
+@dataclass
+class Prober:
+    """Records the probes of one run (see the module). The training loop calls, at a step
+    :meth:`due` says to probe: :meth:`activations` before the step, :meth:`before_update`
+    after the gradients are set and before the optimizer's step, :meth:`after_update` after
+    it. :meth:`take` hands the records made since the last call to the run's writer."""
+
+    model: nn.Module
+    kinds: tuple[str, ...]
+    every: int
+    points: dict[str, nn.Module] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    _pending: dict | None = None
+    _before: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, model: nn.Module, config) -> Prober | None:
+        """The prober ``config`` (a RunConfig) asks for, or None without probes."""
+        if not config.probe:
+            return None
+        points = (probe_points(model, norm_classes(config.model), config.model.net)
+                  if "activations" in config.probe else {})
+        return cls(model, config.probe, config.probe_every, points)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def activations(self, x: torch.Tensor, step: int, epoch: int) -> None:
+        """Start the step's record; with ``activations``, run the model's forward on ``x``
+        in training mode with a hook on every probe point, and put back everything the
+        forward changed (running statistics, counters, the random generator)."""
+        self._pending = {"epoch": epoch, "step": step}
+        if "activations" not in self.kinds or not self.points:
+            return
+        from normlab.accel import _keep
+
+        seen: dict[str, dict] = {}
+
+        def hook(name):
+            def record(module, args):
+                h = args[0]
+                if getattr(module, "relu", False):  # a ReLU folded into the norm
+                    h = F.relu(h)
+                seen[name] = _summary(h)
+            return record
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.points.items()]
+        restore = _keep(self.model)
+        try:
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+            restore()
+        self._pending["activations"] = {n: seen[n] for n in self.points if n in seen}
+
+    def before_update(self) -> None:
+        """Read the weights' and gradients' norms; keep the weights for the update's size."""
+        record = self._pending
+        weights = _weights(self.model)
+        if "gradients" in self.kinds:
+            record["gradients"] = {n: float(p.grad.norm()) if p.grad is not None else None
+                                   for n, p in weights.items()}
+        if "weights" in self.kinds:
+            self._before = {n: p.detach().clone() for n, p in weights.items()}
+
+    def after_update(self) -> None:
+        """The relative update of each weight; the step's record is complete."""
+        record, self._pending = self._pending, None
+        if "weights" in self.kinds:
+            out = {}
+            for n, p in _weights(self.model).items():
+                w = self._before[n]
+                size = float(w.norm())
+                out[n] = {"norm": size,
+                          "update": float((p.detach() - w).norm()) / size if size else None}
+            record["weights"] = out
+            self._before = {}
+        self.records.append(record)
+
+    def take(self) -> list[dict]:
+        out, self.records = self.records, []
+        return out
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def append(run_dir: str | Path, records: list[dict]) -> None:
+    """Append an epoch's records to the run's probes.jsonl (flushed to disk)."""
+    if not records:
+        return
+    with open(Path(run_dir) / FILE, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+
+
+def keep_epochs(run_dir: str | Path, epochs: int) -> None:
+    """Keep the records of the first ``epochs`` epochs (a resumed run's checkpoint), drop
+    the rest and any line cut short by a kill: what an uninterrupted run has at that point."""
+    path = Path(run_dir) / FILE
+    if not path.exists():
+        return
+    kept = [r for r in _lines(path) if r["epoch"] <= epochs]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read(run_dir: str | Path) -> list[dict]:
+    """A run's probe records (none without probes.jsonl), in step order."""
+    path = Path(run_dir) / FILE
+    return list(_lines(path)) if path.exists() else []
+
+
+def _lines(path: Path) -> Iterable[dict]:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            yield record
+
+
+def add_arguments(parser) -> None:
+    """``--probe`` and ``--probe-every``, as train, suite and sweep take them."""
+    parser.add_argument("--probe", metavar="KINDS", default=None,
+                        help="record inside the network during training, into each run's "
+                             f"probes.jsonl: {', '.join(KINDS)} (comma-separated) or all; "
+                             "the norms' inputs as percentiles, each weight's norm and "
+                             "relative update, each gradient's norm. It changes no number "
+                             "the run computes (default: no probes)")
+    parser.add_argument("--probe-every", metavar="STEPS", type=int, default=None,
+                        help=f"the probes' interval in training steps (default: {EVERY}; "
+                             "its cost is in benchmarks/README.md)")

@@ -1,0 +1,187 @@
+"""Probes (RunConfig.probe, normlab.probes): a probed run trains to the unprobed run's numbers
+bit for bit on every path (hand step, autograd, dropout drawn, the MLP); the records equal
+the quantities computed directly; resume leaves probes.jsonl as an uninterrupted run's; the
+config, the CLI and their errors. Subsets of the real MNIST (1,000 training and 1,000 test
+images), one or two epochs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab.cli import main
+from normlab.fields import ConfigError
+from normlab.models import ModelConfig, Net
+from normlab.probes import KINDS, Prober, norm_classes, parse_probes, probe_points, read
+from normlab.training import RunConfig, TensorData, resolve_protocol, train
+from normlab.training.rundir import TIMING_FIELDS
+
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def small(mnist):
+    return (TensorData(mnist.train_images[:N], mnist.train_labels[:N], mnist.mean, mnist.std),
+            TensorData(mnist.test_images[:N], mnist.test_labels[:N], mnist.mean, mnist.std))
+
+
+def config(**kw) -> RunConfig:
+    proto = resolve_protocol("seed", {"epochs": kw.pop("epochs", 2), "batch_size": 64,
+                                      **kw.pop("protocol", {})})
+    return RunConfig.from_dict({"protocol": proto, "subset": N, "precision": "fp32", **kw})
+
+
+def numbers(out) -> tuple[list[dict], dict]:
+    """A run's metrics without timings, and its checkpoint's weights and buffers."""
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS}
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    return metrics, state
+
+
+def assert_same_run(a, b) -> None:
+    (ma, sa), (mb, sb) = numbers(a), numbers(b)
+    assert ma == mb
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ----------------------------------------------------------------------------- no change
+
+
+@pytest.mark.parametrize("model", [
+    {"norm": "bn", "dropout": 0.1},                    # the hand step, dropout drawn
+    {"norm": "gn", "dropout": 0.0, "accel": "off"},    # autograd with torch's norms
+    {"norm": "frn", "dropout": 0.05},                  # the zoo through autograd
+    {"norm": "bn", "net": "mlp", "dropout": 0.0},      # the MLP's sigmoids
+], ids=["bn-hand", "gn-off", "frn", "mlp-bn"])
+def test_a_probed_run_trains_to_the_unprobed_runs_numbers(model, small, tmp_path):
+    plain = config(**model)
+    probed = config(**model, probe="all", probe_every=3)
+    train(plain, tmp_path / "plain", device="cpu", threads=1, data=small)
+    train(probed, tmp_path / "probed", device="cpu", threads=1, data=small)
+    assert_same_run(tmp_path / "plain", tmp_path / "probed")
+    assert not (tmp_path / "plain" / "probes.jsonl").exists()
+    records = read(tmp_path / "probed")
+    steps = -(-N // 64)  # 16 per epoch
+    assert [r["step"] for r in records] == list(range(0, 2 * steps, 3))
+    assert [r["epoch"] for r in records] == [1 + s // steps for s in range(0, 2 * steps, 3)]
+    first = records[0]
+    assert set(first) == {"epoch", "step", *KINDS}
+    layers = first["activations"]
+    if model.get("net") == "mlp":
+        assert list(layers) == ["hidden.2", "hidden.5", "hidden.8"]  # the sigmoids' inputs
+    else:
+        # the seed's five normalised blocks (the transition and the head have no norm)
+        assert list(layers) == [f"convblock{i}.2" for i in (1, 2, 4, 6, 7)]
+    for stats in layers.values():
+        assert stats["p15"] <= stats["p50"] <= stats["p85"]
+        assert stats["unit"]["p15"] <= stats["unit"]["p50"] <= stats["unit"]["p85"]
+        assert stats["std"] >= 0
+    assert all(w["norm"] > 0 and w["update"] > 0 for w in first["weights"].values())
+    assert set(first["gradients"]) == set(first["weights"])
+
+
+# ----------------------------------------------------------------------------- the numbers
+
+
+def test_the_records_are_the_quantities_computed_directly():
+    """On the seed's network with BN fused (ReLU folded into the norm): each norm's input
+    is the ReLU's output, its percentiles torch.quantile's; the gradient norms are .grad's;
+    the relative update is ||w' - w|| / ||w||; the forward changed nothing it touched."""
+    from normlab.accel import accelerated_net
+
+    torch.manual_seed(0)
+    mc = ModelConfig(norms=("bn",), dropout=0.1)
+    model = accelerated_net(mc)
+    model.train()
+    reference = Net.from_config(mc)
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    x = torch.randn(16, 1, 28, 28)
+    prober = Prober(model, KINDS, 1, probe_points(model, norm_classes(mc), "seed"))
+    state = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    prober.activations(x, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(state, model.buffers(), strict=True))
+    assert torch.equal(rng, torch.get_rng_state())  # the step draws its own dropout again
+    # the unfused network's first BN input: conv -> ReLU
+    with torch.no_grad():
+        h = F.relu(reference.convblock1[0](x))
+    q = torch.quantile(h.reshape(-1), torch.tensor([0.15, 0.5, 0.85])).tolist()
+    got = prober._pending["activations"]["convblock1.2"]
+    assert [got["p15"], got["p50"], got["p85"]] == pytest.approx(q, abs=1e-6)
+    assert got["mean"] == pytest.approx(float(h.mean()), abs=1e-6)
+    unit = torch.quantile(h[:, 0].reshape(-1), torch.tensor([0.15, 0.5, 0.85])).tolist()
+    assert [got["unit"][k] for k in ("p15", "p50", "p85")] == pytest.approx(unit, abs=1e-6)
+    # gradients and the update
+    out = model(x)
+    F.nll_loss(out, torch.arange(16) % 10).backward()
+    prober.before_update()
+    w0 = model.convblock2[0].weight.detach().clone()
+    grads = prober._pending["gradients"]
+    assert grads["convblock2.0.weight"] == pytest.approx(float(model.convblock2[0].weight
+                                                               .grad.norm()))
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0).step()
+    prober.after_update()
+    record = prober.take()[0]
+    w1 = model.convblock2[0].weight.detach()
+    assert record["weights"]["convblock2.0.weight"]["update"] == pytest.approx(
+        float((w1 - w0).norm() / w0.norm()))
+    assert record["weights"]["convblock2.0.weight"]["norm"] == pytest.approx(float(w0.norm()))
+    assert "convblock1.2.weight" not in record["weights"]  # a norm's gain is not a weight
+    assert prober.take() == []
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_leaves_the_records_of_an_uninterrupted_run(small, tmp_path):
+    cfg = config(norm="bn", dropout=0.05, probe="activations,weights", probe_every=5)
+    train(cfg, tmp_path / "whole", device="cpu", threads=1, data=small)
+    part = tmp_path / "part"
+    assert train(cfg, part, device="cpu", threads=1, data=small, until=1).paused
+    # a kill after the next epoch's probes were written and before its checkpoint: an
+    # epoch-2 record and half a line, which the resumed run must not keep
+    with open(part / "probes.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "step": 99, "activations": {}}) + "\n")
+        f.write('{"epoch": 2, "st')
+    train(cfg, part, device="cpu", threads=1, data=small)
+    assert read(part) == read(tmp_path / "whole")
+    assert_same_run(tmp_path / "whole", part)
+
+
+# ----------------------------------------------------------------------------- config, CLI
+
+
+def test_probes_are_written_only_when_asked_and_named_in_errors():
+    assert parse_probes("weights, activations") == ("activations", "weights")
+    assert parse_probes("all") == KINDS and parse_probes(None) == ()
+    off, on = config(), config(probe="gradients", probe_every=7)
+    assert "probe" not in off.to_dict() and "probe_every" not in off.to_dict()  # 0.12's format
+    assert on.to_dict()["probe"] == ["gradients"] and on.to_dict()["probe_every"] == 7
+    assert RunConfig.from_dict(on.to_dict()) == on
+    with pytest.raises(ConfigError, match="unknown probe 'acts'"):
+        config(probe="acts")
+    with pytest.raises(ConfigError, match="probe_every must be"):
+        config(probe="weights", probe_every=0)
+
+
+def test_a_run_trained_without_probes_is_not_continued_with_them(small, tmp_path):
+    train(config(epochs=1), tmp_path, device="cpu", threads=1, data=small)
+    with pytest.raises(ValueError, match="trained without probes: leave --probe out"):
+        train(config(epochs=1, probe="weights"), tmp_path, device="cpu", threads=1,
+              data=small)
+
+
+def test_the_cli_takes_probes_and_explains_a_bad_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--subset", "500", "--epochs", "1", "--threads", "1", "--quiet",
+                 "--probe", "weights", "--probe-every", "4", "--out", str(out)]) == 0
+    assert [r["step"] for r in read(out)] == [0, 4]  # 8 steps of 64
+    assert json.loads((out / "config.json").read_text())["run"]["probe"] == ["weights"]
+    assert main(["train", "--probe", "bogus", "--out", str(tmp_path / "bad")]) == 2
+    assert "normlab train: error: unknown probe 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
