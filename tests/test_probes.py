@@ -7,7 +7,9 @@ images), one or two epochs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -185,3 +187,79 @@ def test_the_cli_takes_probes_and_explains_a_bad_one(tmp_path, capsys):
     assert main(["train", "--probe", "bogus", "--out", str(tmp_path / "bad")]) == 2
     assert "normlab train: error: unknown probe 'bogus'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@pytest.fixture(scope="module")
+def bn_paper_quick(tmp_path_factory):
+    """The bundled bn-paper study at a test's size: 2 seeds, 2 epochs on 3,000 images
+    (50 steps each), probes every 10 steps; its report built by the suite command."""
+    from normlab.experiments import load_suite
+
+    source = Path(load_suite("bn-paper").source).read_text()
+    text = (source.replace("epochs = 20", "epochs = 2").replace("seeds = 5", "seeds = 2\n"
+            "subset = 3000").replace("probe_every = 50", "probe_every = 10"))
+    folder = tmp_path_factory.mktemp("bn-paper")
+    (folder / "bn-paper.toml").write_text(text)
+    out = folder / "out"
+    assert main(["suite", str(folder / "bn-paper.toml"), "--threads", "1", "--quiet",
+                 "--out", str(out)]) in (0, 3)  # 3: a run that diverged (no norm, lr 1)
+    return out
+
+
+def test_the_bn_paper_section_tests_the_papers_claims_on_the_probes(bn_paper_quick):
+    from matplotlib.image import imread
+
+    from normlab.reports import load_results
+    from normlab.reports.doc import to_markdown
+    from normlab.studies import bnpaper
+
+    suite = load_results(bn_paper_quick)
+    study = bnpaper.find_study(suite)
+    assert study.layer == "hidden.8"  # the last hidden layer's sigmoid
+    family = bnpaper.comparisons(study)
+    assert [c.seeds for c in family] == [2, 2, 2] and {c.family for c in family} == {3}
+    # the drift, by hand from seed 1's probes.jsonl
+    records = read(bn_paper_quick / "bn" / "seed1")
+    units = [r["activations"]["hidden.8"]["unit"] for r in records]
+    width = sum(u["p85"] - u["p15"] for u in units) / len(units)
+    assert bnpaper.drift(records, "hidden.8") == pytest.approx(
+        abs(units[-1]["p50"] - units[0]["p50"]) / width)
+    variants = {v.name: v for v in suite.variants}
+    finals = [sum(r.metrics[-1]["test_acc"] for r in variants[name].runs) / 2
+              for name in ("bn", "none")]
+    blocks, images = bnpaper.bn_paper_parts(suite, bn_paper_quick / "figs")
+    text = to_markdown(blocks)
+    assert "**The paper.** Ioffe & Szegedy 2015" in text
+    assert "**Statistics.** 3 comparisons" in text
+    assert "100 steps (2 epochs of 50 steps" in text
+    word = ("**Yes**" if all(c.direction == "up" for c in family) else "**Partly**"
+            if any(c.direction == "up" for c in family) else "**No**")
+    assert text.count(word) >= 1
+    assert f"final test accuracy, BN − none (points): {family[0].estimate:+.2f}" in text
+    assert family[0].estimate == pytest.approx(finals[0] - finals[1])  # mean of the pairs
+    png = imread(images[0].path)
+    assert png.shape[1] > 1000 and np.ptp(png[..., :3]) > 0.5
+    import html
+
+    page = html.unescape((bn_paper_quick / "report.html").read_text())
+    assert bnpaper.TITLE in page and "Inside the network" in page
+    assert (bn_paper_quick / "figures" / bnpaper.FIGURE).exists()
+    assert (bn_paper_quick / "figures" / "inside_activations.png").exists()
+
+
+def test_no_probes_no_section(tmp_path):
+    from normlab.reports import load_results
+    from normlab.studies import bnpaper, inside
+
+    out = tmp_path / "s"
+    toml = tmp_path / "s.toml"
+    toml.write_text('dataset = "mnist"\nseeds = 1\nsubset = 300\n[protocol]\nname = "seed"\n'
+                    '[protocol.overrides]\nepochs = 1\n[[variant]]\nname = "{norm}"\n'
+                    'net = "mlp"\naxes.norm = ["none", "bn"]\n')
+    main(["suite", str(toml), "--threads", "1", "--quiet", "--out", str(out)])
+    suite = load_results(out)
+    assert inside.inside_parts(suite, tmp_path) is None
+    assert bnpaper.bn_paper_parts(suite, tmp_path) is None  # the study needs the probes
