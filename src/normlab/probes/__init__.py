@@ -5,7 +5,8 @@ every ``probe_every``-th training step (step 0, the initialised network, include
 
 - ``activations``: the input to each norm layer (in the MLP, to each nonlinearity: where the
   BN paper's Figure 1(b, c) looks) as its 15th, 50th and 85th percentiles with its mean and
-  std, over the batch and every unit, and the same percentiles of its first unit alone (one
+  std, over the batch and every unit (the percentiles from an even subsample where a layer
+  has more than 16,384 values), and the same percentiles of its first unit alone (one
   channel, or one of the MLP's sigmoids, as the paper draws). A block whose ReLU normlab
   folded into its norm (:class:`~normlab.accel.normdrop.FoldedReLU`) is recorded after the
   ReLU, as the unfused network computes it.
@@ -35,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +44,7 @@ from torch import nn
 from normlab.fields import ConfigError
 
 KINDS = ("activations", "weights", "gradients")
-EVERY = 25  # the default interval, in training steps (benchmarks/README.md: its cost)
+EVERY = 50  # the default interval, in training steps (benchmarks/README.md: its cost)
 PERCENTILES = (15, 50, 85)  # the BN paper's Figure 1(b, c)
 FILE = "probes.jsonl"
 
@@ -100,20 +102,27 @@ def norm_classes(config) -> tuple[type, ...]:
     return tuple(dict.fromkeys(found))
 
 
+SAMPLE = 1 << 14  # a layer's percentiles from at most this many of its values
+
+
+def _percentiles(values: torch.Tensor) -> list[float]:
+    """:data:`PERCENTILES` of a flat tensor, numpy's way (linear interpolation, as
+    ``torch.quantile``'s default, by selection instead of sorting), from every k-th value
+    where there are more than :data:`SAMPLE`. A layer of the seed's network at batch 64 has
+    up to 590,000 values; 16,384 of them, evenly spread, put a percentile within about 0.3
+    percentile points of the whole's (its standard error), at a fortieth of the cost."""
+    step = -(-values.numel() // SAMPLE)
+    return [float(v) for v in np.percentile(values[::step].numpy(), PERCENTILES)]
+
+
 def _summary(x: torch.Tensor) -> dict:
     """Percentiles, mean and std of all of ``x``, and percentiles of its first unit (channel
-    1 of (B, C, ...))."""
+    0 of (B, C, ...))."""
     x = x.detach().float()
-    flat = x.reshape(-1)
-    q = torch.tensor([p / 100 for p in PERCENTILES])
-    if flat.numel() > 1 << 24:  # torch.quantile's limit: an even subsample, every k-th value
-        flat = flat[:: -(-flat.numel() // (1 << 24))]
-    values = torch.quantile(flat, q).tolist()
-    unit = x[:, 0].reshape(-1) if x.dim() > 1 else flat
-    unit_values = torch.quantile(unit, q).tolist()
-    out = {f"p{p}": v for p, v in zip(PERCENTILES, values, strict=True)}
+    out = dict(zip((f"p{p}" for p in PERCENTILES), _percentiles(x.reshape(-1)), strict=True))
     out.update(mean=float(x.mean()), std=float(x.std()) if x.numel() > 1 else 0.0)
-    out["unit"] = {f"p{p}": v for p, v in zip(PERCENTILES, unit_values, strict=True)}
+    unit = (x[:, 0] if x.dim() > 1 else x).reshape(-1)
+    out["unit"] = dict(zip((f"p{p}" for p in PERCENTILES), _percentiles(unit), strict=True))
     return out
 
 
