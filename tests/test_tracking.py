@@ -409,3 +409,42 @@ def test_train_tracks_one_run(mnist, tmp_path, monkeypatch):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/train")] == [1]
+
+
+def test_a_probed_run_sends_its_probes_to_every_tracker(tmp_path, monkeypatch):
+    """`--probe`: TensorBoard and MLflow get each probe at its training step, W&B the last
+    probe of each epoch on the epoch axis with histograms across the network; the values
+    are probes.jsonl's."""
+    for module in ("mlflow", "tensorboard", "wandb"):
+        need(module)
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from normlab import probes
+    from normlab.tracking.consumer import probe_scalars
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "probed"
+    assert main(["train", "--out", str(out), "--subset", "500", "--epochs", "1", "--threads",
+                 "1", "--quiet", "--probe", "all", "--probe-every", "4", "--track", "mlflow",
+                 "--track", "wandb", "--tensorboard"]) == 0
+    records = probes.read(out)
+    assert [r["step"] for r in records] == [0, 4]  # 8 steps of 64
+    key = "probe/convblock1.2/p50"
+    want = [(r["step"], probe_scalars(r)[key]) for r in records]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    got = events.Scalars(key)
+    assert [e.step for e in got] == [s for s, _ in want]
+    assert [e.value for e in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert len(events.Scalars("probe/convblock2.0.weight/update")) == 2
+    client = MlflowClient("sqlite:///" + str(tmp_path / "mlflow.db"))
+    (run,) = client.search_runs([client.get_experiment_by_name("normlab").experiment_id])
+    assert metric_steps(client.tracking_uri, run.info.run_id, key) == want
+    wb = wandb_run(out)
+    row = next(r for r in wb["rows"] if key in r)
+    assert row["epoch"] == 1 and row[key] == pytest.approx(want[-1][1])
+    assert row["probe/hist/update/_type"] == "histogram"  # (W&B writes it as nested keys)
+    updates = [w["update"] for r in records for w in r["weights"].values()]
+    assert sum(row["probe/hist/update/values"]) == len(updates) == 14  # 7 weights x 2 probes
+    assert row["probe/hist/update/bins"][0] == pytest.approx(min(updates))

@@ -107,7 +107,10 @@ class Tracker(abc.ABC):
     def open(self, run: RunInfo, state: dict, save: Callable[[], None]) -> Handle: ...
 
     @abc.abstractmethod
-    def log_epochs(self, handle: Handle, records: list[dict]) -> None: ...
+    def log_epochs(self, handle: Handle, records: list[dict],
+                   probes: dict[int, list[dict]] | None = None) -> None:
+        """The epochs' metrics.jsonl lines, in order; with ``probes``, each epoch's probe
+        records (probes.jsonl's lines, by epoch: :func:`probe_scalars` flattens one)."""
 
     @abc.abstractmethod
     def finish(self, handle: Handle, history: Sequence[dict], status: str,
@@ -140,6 +143,38 @@ def epoch_metrics(record: dict) -> dict[str, float]:
     """The numbers of one metrics.jsonl line that trackers plot (epoch is the step)."""
     return {k: float(v) for k, v in record.items()
             if k not in METRIC_SKIP and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def probe_scalars(record: dict) -> dict[str, float]:
+    """One probes.jsonl line (:mod:`normlab.probes`) as named numbers: per probed layer its
+    input's percentiles, mean and std and its first unit's percentiles, per weight its norm,
+    relative update and gradient norm (``probe/<layer or weight>/<quantity>``)."""
+    out: dict[str, float] = {}
+    for layer, stats in record.get("activations", {}).items():
+        for key in ("p15", "p50", "p85", "mean", "std"):
+            out[f"probe/{layer}/{key}"] = float(stats[key])
+        for key, value in stats["unit"].items():
+            out[f"probe/{layer}/unit_{key}"] = float(value)
+    for name, weight in record.get("weights", {}).items():
+        out[f"probe/{name}/norm"] = float(weight["norm"])
+        if weight["update"] is not None:
+            out[f"probe/{name}/update"] = float(weight["update"])
+    for name, norm in record.get("gradients", {}).items():
+        if norm is not None:
+            out[f"probe/{name}/grad_norm"] = float(norm)
+    return out
+
+
+def probes_by_epoch(run_dir: Path, epochs: Iterable[int]) -> dict[int, list[dict]]:
+    """The run's probe records of ``epochs`` (none without probes.jsonl)."""
+    from normlab import probes
+
+    wanted = set(epochs)
+    out: dict[int, list[dict]] = {}
+    for record in probes.read(run_dir):
+        if record["epoch"] in wanted:
+            out.setdefault(record["epoch"], []).append(record)
+    return out
 
 
 def flat_config(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -346,7 +381,8 @@ class Tracking:
             return
 
         def log() -> None:
-            tracker.log_epochs(handle, new)
+            found = probes_by_epoch(handle.run.dir, (int(r["epoch"]) for r in new))
+            tracker.log_epochs(handle, new, found or None)
             handle.logged = int(new[-1]["epoch"])
 
         self._guard(tracker, handle.run.key, log)

@@ -38,6 +38,7 @@ from normlab.tracking.consumer import (
     epoch_metrics,
     final_metrics,
     flat_config,
+    probe_scalars,
     run_config,
 )
 from normlab.training.rundir import RunDir
@@ -238,7 +239,8 @@ class MLflowTracker(Tracker):
         self.count += 1
         return Handle(run, state, logged, finished, run_id)
 
-    def log_epochs(self, handle: Handle, records: list[dict]) -> None:
+    def log_epochs(self, handle: Handle, records: list[dict],
+                   probes: dict[int, list[dict]] | None = None) -> None:
         from mlflow.entities import Metric
 
         # an epoch's time: the run's start plus the seconds of the epochs up to it (the same
@@ -250,6 +252,10 @@ class MLflowTracker(Tracker):
             at[int(r["epoch"])] = start + int(elapsed * 1000)
         metrics = [Metric(key, value, at.get(int(r["epoch"]), now_ms()), int(r["epoch"]))
                    for r in records for key, value in epoch_metrics(r).items()]
+        # a probed run's probes, at the training step each was taken at (their own axis)
+        metrics += [Metric(key, value, at.get(int(r["epoch"]), now_ms()), int(probe["step"]))
+                    for r in records for probe in (probes or {}).get(int(r["epoch"]), [])
+                    for key, value in probe_scalars(probe).items()]
         for i in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics per batch
             self.client().log_batch(handle.obj, metrics=metrics[i:i + 1000], synchronous=True)
 

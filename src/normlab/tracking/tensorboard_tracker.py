@@ -1,7 +1,8 @@
 """TensorBoard: scalars per epoch and the final figures, in the run directory's tensorboard/.
 
 The scalars are those ``--tensorboard`` has always written (loss/train, loss/test,
-accuracy/train, accuracy/test, lr, at step = epoch) plus the epoch's timings; at the end
+accuracy/train, accuracy/test, lr, at step = epoch) plus the epoch's timings, and a probed
+run's probes (``probe/...``, at step = the training step each was taken at); at the end
 the report's misclassified gallery and confusion matrix as images. The epochs logged are
 kept in tracking.json, so a resumed run adds only the epochs after them.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 
-from normlab.tracking.consumer import Handle, RunInfo, Tracker
+from normlab.tracking.consumer import Handle, RunInfo, Tracker, probe_scalars
 
 TIMINGS = ("seconds", "train_seconds", "test_seconds", "images_per_second")
 
@@ -47,9 +48,13 @@ class TensorBoardTracker(Tracker):
         return Handle(run, state, int(state.get("logged", 0)), bool(state.get("finished")),
                       writer)
 
-    def log_epochs(self, handle: Handle, records: list[dict]) -> None:
+    def log_epochs(self, handle: Handle, records: list[dict],
+                   probes: dict[int, list[dict]] | None = None) -> None:
         writer = handle.obj
         for record in records:
+            for probe in (probes or {}).get(int(record["epoch"]), []):  # at training steps
+                for key, value in probe_scalars(probe).items():
+                    writer.add_scalar(key, value, int(probe["step"]))
             epoch = int(record["epoch"])
             for split in ("train", "test"):
                 writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], epoch)

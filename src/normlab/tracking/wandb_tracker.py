@@ -36,6 +36,7 @@ from normlab.tracking.consumer import (
     Tracker,
     epoch_metrics,
     final_metrics,
+    probe_scalars,
     run_config,
 )
 
@@ -90,6 +91,27 @@ def mode() -> str:
     return os.environ.get("WANDB_MODE") or "offline"
 
 
+def probe_row(records: list[dict]) -> dict:
+    """An epoch's probe records as W&B takes them on the epoch axis: the last record's
+    numbers (:func:`probe_scalars`), and histograms across the network over the epoch's
+    probe steps: every weight's relative update, every gradient norm, and every probed
+    layer's median input."""
+    import wandb
+
+    row: dict = dict(probe_scalars(records[-1]))
+    pools = {"probe/hist/update": [w["update"] for r in records
+                                   for w in r.get("weights", {}).values()],
+             "probe/hist/grad_norm": [g for r in records for g in r.get("gradients", {})
+                                      .values()],
+             "probe/hist/input_p50": [a["p50"] for r in records
+                                      for a in r.get("activations", {}).values()]}
+    for key, values in pools.items():
+        values = [v for v in values if v is not None]
+        if values:
+            row[key] = wandb.Histogram(values)
+    return row
+
+
 class WandbTracker(Tracker):
     name = "wandb"
     title = "W&B"
@@ -141,10 +163,15 @@ class WandbTracker(Tracker):
             self.dirs.append(str(wb.settings.sync_dir))
         return Handle(run, state, int(state.get("logged", 0)), bool(state.get("finished")), wb)
 
-    def log_epochs(self, handle: Handle, records: list[dict]) -> None:
+    def log_epochs(self, handle: Handle, records: list[dict],
+                   probes: dict[int, list[dict]] | None = None) -> None:
         for record in records:
             epoch = int(record["epoch"])
-            handle.obj.log({"epoch": epoch, **epoch_metrics(record)}, step=epoch)
+            row = {"epoch": epoch, **epoch_metrics(record)}
+            taken = (probes or {}).get(epoch)
+            if taken:
+                row.update(probe_row(taken))
+            handle.obj.log(row, step=epoch)
             handle.state["logged"] = epoch
 
     def finish(self, handle: Handle, history: Sequence[dict], status: str,
