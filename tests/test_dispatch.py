@@ -244,27 +244,63 @@ def probe_and_test(host: Host, folder: Path) -> tuple[dict, tuple[int, str, floa
     return probe_under(host, folder), run_tests(host, folder / "pytest")
 
 
+def best_aten() -> str:
+    """The capability ATen picks by itself on this CPU (the best it has)."""
+    return next(name for name in reversed(ATEN) if has(ATEN[name][1]))
+
+
+def native_here(host: Host) -> bool:
+    """Whether ``host``'s settings, capped at what this CPU has, are this CPU's own dispatch
+    in all three: ATen at its best, oneDNN capped at or above the CPU's best ISA, the
+    kernels built ``native``. (On an AVX2-only CPU both AVX-512 kinds are: capped, they are
+    the suite's own run.)"""
+    names = list(ONEDNN)
+    above = names[names.index(host.onednn) + 1:] if host.onednn else []
+    return (aten_here(host.aten) in (None, best_aten())
+            and not any(has(ONEDNN[isa][1]) for isa in above)
+            and march_here(host.march) in (None, "native"))
+
+
+# What a probe says of a process's dispatch and paths (not the timings of the verbose log).
+SAME = ("aten", "march", "kernels", "branches", "onednn", "onednn_isa", "fp32", "bf16")
+
+
+def probe_only(host: Host, folder: Path) -> tuple[dict, None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return probe_under(host, folder), None
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> dict:
     """Every host kind's probe and contract tests, two at a time: each runs one thread (its
-    probe and its tests set one), and the machines this runs on have two cores or more."""
+    probe and its tests set one), and the machines this runs on have two cores or more. A
+    kind that is this CPU's own dispatch once capped (:func:`native_here`) runs its probe
+    only, beside a probe of the native process: the suite itself runs the contract tests
+    that way, and the test checks that the two probes agree."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not x86():
         pytest.skip(f"x86-64 hosts' dispatch; this is {platform.machine()}")
     folder = tmp_path_factory.mktemp("dispatch")
     pool = ThreadPoolExecutor(max_workers=2)
-    futures = {host.name: pool.submit(probe_and_test, host, folder / host.name)
-               for host in HOSTS}
+    futures = {host.name: pool.submit(probe_only if native_here(host) else probe_and_test,
+                                      host, folder / host.name) for host in HOSTS}
+    if any(native_here(host) for host in HOSTS):
+        futures[NATIVE.name] = pool.submit(probe_only, NATIVE, folder / NATIVE.name)
     yield futures
     pool.shutdown(wait=True)
 
 
 @pytest.mark.parametrize("host", HOSTS, ids=lambda host: host.name)
 def test_the_fast_paths_keep_their_contract_under_another_cpus_dispatch(host, matrix):
-    seen, (status, summary, _) = matrix[host.name].result()
+    seen, tested = matrix[host.name].result()
     print(json.dumps(seen, indent=1))  # shown with -rP, or when the test fails
     assert not dispatch_problems(host, seen)
+    if tested is None:  # this CPU's own dispatch: the suite's run of the tests is its run
+        native, _ = matrix[NATIVE.name].result()
+        assert {k: seen.get(k) for k in SAME} == {k: native.get(k) for k in SAME}
+        return
+    status, summary, _ = tested
     assert status == 0, f"{host.name} ({host.examples}):\n{summary}"
 
 
@@ -292,6 +328,25 @@ def test_a_setting_the_cpu_cannot_honour_is_capped_and_one_it_can_is_checked(mon
     assert dispatch_problems(avx2, {**capped, "onednn_isa": None, "march": "x86-64-v3"})
     monkeypatch.setattr(sys.modules[__name__], "cpu_flags", lambda: frozenset({"sse4_1"}))
     assert environment(avx512)["ATEN_CPU_CAPABILITY"] == "default"
+
+
+def test_a_kind_is_run_as_this_cpus_own_only_where_it_is(monkeypatch):
+    """On the AVX2-only Zen 3 both AVX-512 kinds, capped, are its own dispatch (their
+    contract tests are the suite's own run); the AVX2 kind is not (its kernels are built
+    for x86-64-v3, not native), nor is the generic one. On an AMX host none is: each caps
+    something below what the CPU has."""
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "cpu_flags", lambda: ZEN3)
+    assert [native_here(h) for h in HOSTS] == [True, True, False, False]
+    amx = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni",
+                  "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
+    monkeypatch.setattr(module, "cpu_flags", lambda: amx)
+    assert best_aten() == "avx512"
+    assert [native_here(h) for h in HOSTS] == [False, False, False, False]
+    no_bf16 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # Skylake-SP
+    monkeypatch.setattr(module, "cpu_flags", lambda: no_bf16)
+    # avx512-bf16 capped is its own; avx512 builds the kernels for x86-64-v4, not native
+    assert [native_here(h) for h in HOSTS] == [True, False, False, False]
 
 
 def test_every_build_of_the_kernels_computes_the_same_numbers(monkeypatch):
