@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from normlab.reports.collect import RunResults, VariantResults
 
+ALPHA = 0.05  # the family-wise error rate a study's verdict holds
+POWER = 0.8  # the power at which :attr:`Comparison.resolvable` is stated
+
 # Test accuracies (%) whose first epoch the summary reports; the curves draw them as lines.
 THRESHOLDS = (99.0, 99.4)
 
@@ -56,6 +59,9 @@ class Paired:
     diffs: list[float]
     mean: float
     half_width: float | None  # None with one seed: no interval is possible
+    p: float | None = None  # the paired t test's two-sided p (None: one seed)
+    p_holm: float | None = None  # set by holm() over the study's family
+    family: int = 1
 
     @property
     def n(self) -> int:
@@ -69,9 +75,20 @@ class Paired:
 
     @property
     def within_noise(self) -> bool | None:
-        """True if the 95% interval includes 0; None when there is no interval."""
-        iv = self.interval
-        return None if iv is None else iv[0] <= 0 <= iv[1]
+        """True if the difference is not resolved: its Holm-adjusted p (once :func:`holm`
+        has seen its family; before, its own p, which is its 95% interval including 0) is
+        0.05 or more. None when there is no interval."""
+        if self.interval is None:
+            return None
+        p = self.p_holm if self.p_holm is not None else self.p
+        return p is None or p >= ALPHA
+
+    @property
+    def direction(self) -> str:
+        """'up', 'down' (resolved, by the sign of the mean), 'none' or 'untested'."""
+        if self.within_noise is None:
+            return "untested"
+        return "none" if self.within_noise else "up" if self.mean > 0 else "down"
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> Paired | None:
@@ -80,16 +97,16 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> Paired | None
     if not seeds:
         return None
     diffs = [a[s] - b[s] for s in seeds]
-    half = None
+    half = p = None
     if len(diffs) > 1:  # scipy's paired t-test: its 95% interval of the mean difference
-        half = 0.0
+        half, p = 0.0, (1.0 if mean(diffs) == 0 else 0.0)
         if sample_std(diffs):  # (identical differences have no spread: a zero-width interval)
             import scipy.stats
 
-            low, high = scipy.stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]
-                                              ).confidence_interval(0.95)
-            half = float(high - low) / 2
-    return Paired(seeds, diffs, mean(diffs), half)
+            result = scipy.stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+            low, high = result.confidence_interval(0.95)
+            half, p = float(high - low) / 2, float(result.pvalue)
+    return Paired(seeds, diffs, mean(diffs), half, p)
 
 
 def epochs_to(run: RunResults, threshold: float) -> int | None:
@@ -141,8 +158,6 @@ def summarise(variant: VariantResults) -> Summary:
 
 # ----------------------------------------------------------------- a family of comparisons
 
-ALPHA = 0.05  # the family-wise error rate a study's verdict holds
-POWER = 0.8  # the power at which :attr:`Comparison.resolvable` is stated
 
 
 @dataclass
@@ -259,12 +274,14 @@ def one_sample(name: str, values: list[float]) -> Comparison:
                       len(values), std / math.sqrt(len(values)), df)
 
 
-def holm(family: list[Comparison]) -> list[Comparison]:
+def holm(family: list) -> list:
     """Holm's step-down adjustment over the tested comparisons of ``family`` (in place;
     returned): sorted by p, the i-th smallest (from 0) is multiplied by m − i, and the
     adjusted values are made non-decreasing. Rejecting where the adjusted p < ALPHA holds
-    the probability of any false finding in the family at ALPHA (Holm 1979)."""
-    tested = sorted((c for c in family if c.tested), key=lambda c: c.p)
+    the probability of any false finding in the family at ALPHA (Holm 1979). Members are
+    :class:`Comparison` or :class:`Paired` (None, and one-seed members, are left out)."""
+    tested = sorted((c for c in family if c is not None and c.p is not None),
+                    key=lambda c: c.p)
     m = len(tested)
     running = 0.0
     for i, c in enumerate(tested):

@@ -26,7 +26,7 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import figure_section, model_label, norm_key, norm_rank
 from normlab.reports.page import Image
-from normlab.reports.stats import Paired, mean, paired_difference, sample_std
+from normlab.reports.stats import ALPHA, Paired, holm, mean, paired_difference, sample_std
 from normlab.training.rundir import CHANCE_ACC
 
 TITLE = "Learning-rate range"
@@ -189,6 +189,7 @@ class Study:
     lrs: list[float]  # every learning rate of the study, ascending
     setting: str  # the protocol in words
     seeds: int  # the most finished seeds of any cell
+    family: dict | None = None  # the verdict's comparisons, Holm-adjusted (on first use)
 
     @property
     def none(self) -> Row | None:
@@ -312,22 +313,37 @@ def lr_range_figure(study: Study) -> Figure:
 # ----------------------------------------------------------------------------- numbers
 
 
-def _compare(study: Study, row: Row) -> Paired | None:
-    """The row's usable-range width minus none's, paired by seed (in grid learning rates)."""
+def _family(study: Study) -> dict[str, Paired | None]:
+    """Each normalized row's usable-range width minus none's, paired by seed (in grid
+    learning rates), Holm-adjusted as one family (the verdict's comparisons), by label."""
     none = study.none
-    if none is None or row is none:
-        return None
-    a = {s: r.width for s, r in row.seed_ranges(study.lrs).items()}
+    if none is None:
+        return {}
     b = {s: r.width for s, r in none.seed_ranges(study.lrs).items()}
-    return paired_difference(a, b)
+    found = {row.label: paired_difference(
+        {s: r.width for s, r in row.seed_ranges(study.lrs).items()}, b)
+        for row in study.normalized}
+    holm(list(found.values()))
+    return found
+
+
+def _compare(study: Study, row: Row) -> Paired | None:
+    """The row's width minus none's, adjusted with the rest of the family (see
+    :func:`_family`; None for none itself)."""
+    if study.none is None or row is study.none:
+        return None
+    if study.family is None:
+        study.family = _family(study)
+    return study.family.get(row.label)
 
 
 def _verdict(p: Paired | None) -> str:
-    """'wider', 'narrower', 'same' (interval includes 0) or 'unknown' (no interval)."""
-    if p is None or p.interval is None:
+    """'wider', 'narrower' (resolved with the family-wise error held by Holm), 'same' (not
+    resolved) or 'unknown' (one seed: no test)."""
+    if p is None:
         return "unknown"
-    lo, hi = p.interval
-    return "wider" if lo > 0 else "narrower" if hi < 0 else "same"
+    return {"up": "wider", "down": "narrower", "none": "same", "untested": "unknown"}[
+        p.direction]
 
 
 def _interval(p: Paired, unit: str = "") -> str:
@@ -370,7 +386,7 @@ def _headline(study: Study) -> str:
                  f"{none_rng.width} learning rate{'s' if none_rng.width != 1 else ''} "
                  f"({none_rng.text()}, best {none_rng.best:.2f}%)")
     wider = [label for label, v in verdicts.items() if v == "wider"]
-    words = {"same": "not distinguishable (interval includes 0)", "narrower": "narrower"}
+    words = {"same": "not distinguishable", "narrower": "narrower"}
     other = [f"{label} {words[v]}" for label, v in verdicts.items() if v != "wider"]
     n = len(normed)
     if len(wider) == n:
@@ -400,10 +416,15 @@ def _row_text(study: Study, row: Row) -> str:
         return what + "."
     if p.interval is None:
         return what + f"; {_pts(p.mean)} learning rates against none, one seed: no interval."
-    words = {"wider": "**wider** than none's (interval excludes 0)",
-             "narrower": "**narrower** than none's (interval excludes 0)",
-             "same": "**not distinguishable** from none's (interval includes 0)"}[_verdict(p)]
-    return what + f"; width minus none's {_pts(p.mean)} ({_interval(p)}): {words}."
+    words = {"wider": "**wider** than none's",
+             "narrower": "**narrower** than none's",
+             "same": "**not distinguishable** from none's"}[_verdict(p)]
+    return what + f"; width minus none's {_pts(p.mean)} ({_interval(p)}, {_holm(p)}): {words}."
+
+
+def _holm(p: Paired) -> str:
+    return ("Holm p < 0.001" if p.p_holm < 0.001 else f"Holm p = {p.p_holm:.3f}") + (
+        f" of {p.family}")
 
 
 def _chance_text(study: Study) -> str:
@@ -479,6 +500,16 @@ def lr_range_blocks(study: Study) -> list[Block]:
     if chance:
         blocks.append(Para(chance))
     blocks += [Heading("Per norm", 3), Bullets([_row_text(study, row) for row in study.rows])]
+    family = [p for p in (study.family or {}).values() if p is not None and p.p is not None]
+    if family:
+        seeds = sorted({p.n for p in family})
+        blocks.append(Para(
+            f"**Statistics.** {len(family)} comparisons in one family (each normalized "
+            "variant's usable-range width minus none's, a paired t over the seeds): a width "
+            "is called wider or narrower only where its Holm-adjusted p is below "
+            f"{ALPHA:g}, which holds the chance of any false call in the family at 5%. "
+            f"Seeds per comparison: {seeds[0] if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'}"
+            "; a difference not resolved here can need more (`--seeds N`, or Ray)."))
     return blocks
 
 
