@@ -219,9 +219,11 @@ def test_the_ghost_batch_study_compares_each_virtual_batch_with_the_whole_batch(
     assert table.rows[0][2] == "-1.90 [-2.15, -1.65]"
     assert table.rows[2][2] == "—"
     assert ("**Yes** for GBN: at a fixed SGD batch of 64, normalising over 2 images instead of "
-            "64 lowers the test accuracy by 1.90 points (95% interval [-2.15, -1.65])") in text
+            "64 lowers the test accuracy by 1.90 points (95% interval [-2.15, -1.65], Holm p "
+            "= 0.002)") in text
     assert ("Final training loss at virtual batch 2 minus at 64: +0.1100 (95% interval "
-            "[+0.1050, +0.1150])") in text
+            "[+0.1050, +0.1150], Holm p < 0.001)") in text
+    assert "**Statistics.** 3 comparisons in one family" in text
     assert "**higher** (the noisier statistics fit the training data less closely)" in text
     assert [i.path.name for i in images] == [ghost.FIGURE]
 
@@ -231,8 +233,8 @@ def test_the_ghost_batch_study_says_when_nothing_moves(tmp_path):
                        {2: 0.09, 8: 0.09, 64: 0.09})
     text = to_markdown(ghost.ghost_batch_parts(load_results(root), tmp_path / "f")[0])
     assert "**No effect shown** for GBN: at a fixed SGD batch of 64" in text
-    assert "within seed noise" in text
-    assert "No virtual batch's test accuracy differs from 64's beyond seed noise." in text
+    assert "not resolved" in text
+    assert "No virtual batch's test accuracy differs resolvably from 64's (Holm-adjusted)." in text
 
 
 # ----------------------------------------------------------------------------- running stats

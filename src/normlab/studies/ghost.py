@@ -25,7 +25,7 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import figure_section, model_label
 from normlab.reports.page import Image
-from normlab.reports.stats import Paired, mean, paired_difference, sample_std, t975
+from normlab.reports.stats import Paired, holm, mean, paired_difference, sample_std, t975
 
 TITLE = "Ghost batch: BatchNorm's statistics over virtual batches"
 FIGURE = "ghost_batch.png"
@@ -73,6 +73,7 @@ class Line:
     label: str
     batch: int  # the optimizer's batch size
     points: list[Point]  # by virtual batch, ascending
+    family: dict | None = None  # (virtual, "acc" | "loss") -> Paired, Holm-adjusted
 
     @property
     def measured(self) -> list[Point]:
@@ -127,11 +128,40 @@ def find_study(suite: SuiteResults) -> list[Line] | None:
 # ----------------------------------------------------------------------------- numbers
 
 
+def adjust(lines: list[Line]) -> None:
+    """Every comparison the study's verdict rests on, Holm-adjusted as one family: each
+    virtual batch's test accuracy minus the whole batch's, and the smallest virtual batch's
+    final training loss minus the whole batch's, in every line."""
+    family = []
+    for line in lines:
+        ref, line.family = line.reference, {}
+        for p in line.measured[:-1]:
+            line.family[(p.virtual, "acc")] = paired_difference(p.acc, ref.acc)
+        if len(line.measured) > 1:
+            small = line.measured[0]
+            line.family[(small.virtual, "loss")] = paired_difference(small.loss, ref.loss)
+        family += list(line.family.values())
+    holm(family)
+
+
+def _pair(line: Line, p: Point, what: str) -> Paired | None:
+    """``p``'s difference from the line's whole batch in ``what`` ("acc" or "loss"), as
+    adjusted by :func:`adjust` (None for the whole batch itself)."""
+    return (line.family or {}).get((p.virtual, what))
+
+
 def _verdict(p: Paired | None, up: str, down: str) -> str:
-    if p is None or p.interval is None:
+    """``up``/``down`` where the Holm-adjusted difference is resolved, 'flat' where it is
+    not, 'unknown' with one seed."""
+    if p is None:
         return "unknown"
-    lo, hi = p.interval
-    return up if lo > 0 else down if hi < 0 else "flat"
+    return {"up": up, "down": down, "none": "flat", "untested": "unknown"}[p.direction]
+
+
+def _holm(p: Paired) -> str:
+    if p.p_holm is None:
+        return ""
+    return ", Holm p < 0.001" if p.p_holm < 0.001 else f", Holm p = {p.p_holm:.3f}"
 
 
 def _interval(p: Paired, digits: int = 2) -> str:
@@ -160,9 +190,10 @@ def _table(line: Line) -> Table:
         rows.append([
             str(p.virtual) + (" (whole batch)" if p.virtual >= line.batch else ""),
             _mean_std(list(p.acc.values())) + done,
-            "—" if same else _diff(paired_difference(p.acc, ref.acc)),
+            "—" if same else _diff(_pair(line, p, "acc")),
             _mean_std(list(p.loss.values()), 4) + done,
-            "—" if same else _diff(paired_difference(p.loss, ref.loss), 4),
+            "—" if same else _diff(_pair(line, p, "loss") or paired_difference(p.loss,
+                                                                                ref.loss), 4),
         ])
     ref_name = f"virtual batch {ref.virtual}" if ref else "the largest virtual batch"
     return Table(["virtual batch", "test accuracy %", f"− {ref_name} [95%]",
@@ -174,8 +205,7 @@ def _line_text(line: Line) -> list[str]:
     if len(pts) < 2:
         return [f"{line.label}: fewer than two virtual batch sizes finished: no comparison yet."]
     small = pts[0]
-    acc = paired_difference(small.acc, ref.acc)
-    loss = paired_difference(small.loss, ref.loss)
+    acc, loss = _pair(line, small, "acc"), _pair(line, small, "loss")
     if acc is None:
         return [f"{line.label}: virtual batch {small.virtual} and {ref.virtual} share no "
                 "finished seed: no paired comparison yet."]
@@ -185,28 +215,29 @@ def _line_text(line: Line) -> list[str]:
             f"({_pts(acc.mean)} points")
     if acc.interval is None:
         return [what + "; one seed: no interval, not evidence either way)."]
-    words = {"higher": "**higher** with the smaller virtual batch (interval excludes 0)",
-             "lower": "**lower** with the smaller virtual batch (interval excludes 0)",
-             "flat": "**no difference** within seed noise (interval includes 0)"}
-    items = [what + f", {_interval(acc)}): {words[_verdict(acc, 'higher', 'lower')]}."]
+    words = {"higher": "**higher** with the smaller virtual batch",
+             "lower": "**lower** with the smaller virtual batch",
+             "flat": "**no difference** resolved"}
+    items = [what + f", {_interval(acc)}{_holm(acc)}): "
+                    f"{words[_verdict(acc, 'higher', 'lower')]}."]
     if loss is not None and loss.interval is not None:
         lw = {"higher": "**higher** (the noisier statistics fit the training data less "
                         "closely)",
-              "lower": "**lower**", "flat": "**no different** within seed noise"}
+              "lower": "**lower**", "flat": "**no difference** resolved"}
         items.append(f"Final training loss at virtual batch {small.virtual} minus at "
-                     f"{ref.virtual}: {loss.mean:+.4f} ({_interval(loss, 4)}): "
+                     f"{ref.virtual}: {loss.mean:+.4f} ({_interval(loss, 4)}{_holm(loss)}): "
                      f"{lw[_verdict(loss, 'higher', 'lower')]}.")
     moved = []
     for p in pts[:-1]:
-        d = paired_difference(p.acc, ref.acc)
-        if d is not None and d.interval is not None and not (d.interval[0] <= 0 <= d.interval[1]):
+        d = _pair(line, p, "acc")
+        if d is not None and d.direction in ("up", "down"):
             moved.append(f"{p.virtual} ({_pts(d.mean)})")
     if moved:
         items.append("Virtual batches whose test accuracy differs from "
-                     f"{ref.virtual}'s beyond seed noise: {', '.join(moved)}.")
+                     f"{ref.virtual}'s, Holm-adjusted: {', '.join(moved)}.")
     else:
-        items.append(f"No virtual batch's test accuracy differs from {ref.virtual}'s beyond "
-                     "seed noise.")
+        items.append(f"No virtual batch's test accuracy differs resolvably from "
+                     f"{ref.virtual}'s (Holm-adjusted).")
     return items
 
 
@@ -216,7 +247,7 @@ def _headline(lines: list[Line]) -> str:
         pts, ref = line.measured, line.reference
         if len(pts) < 2:
             continue
-        acc = paired_difference(pts[0].acc, ref.acc)
+        acc = _pair(line, pts[0], "acc")
         verdicts.append((line, pts[0], ref, acc, _verdict(acc, "higher", "lower")))
     if not verdicts:
         return ""
@@ -230,18 +261,19 @@ def _headline(lines: list[Line]) -> str:
             parts.append(f"**No effect shown** for {line.label}: at a fixed SGD batch of "
                          f"{line.batch}, normalising over {small.virtual} images instead of "
                          f"{ref.virtual} changes the test accuracy by {_pts(acc.mean)} points "
-                         f"({_interval(acc)}), within seed noise.")
+                         f"({_interval(acc)}{_holm(acc)}), not resolved.")
         elif verdict in ("higher", "lower"):
             word = "raises" if verdict == "higher" else "lowers"
             parts.append(f"**Yes** for {line.label}: at a fixed SGD batch of {line.batch}, "
                          f"normalising over {small.virtual} images instead of {ref.virtual} "
                          f"{word} the test accuracy by {abs(acc.mean):.2f} points "
-                         f"({_interval(acc)}): the statistics' noise alone, with the "
+                         f"({_interval(acc)}{_holm(acc)}): the statistics' noise alone, with the "
                          "optimizer's batch unchanged.")
     return " ".join(parts)
 
 
 def ghost_batch_blocks(lines: list[Line]) -> list[Block]:
+    adjust(lines)
     blocks: list[Block] = [Para(
         "Final test accuracy (%) and final training loss at each virtual batch size, mean ± "
         "sample std over the finished seeds (n/N where not all N finished), and the paired "
@@ -257,6 +289,18 @@ def ghost_batch_blocks(lines: list[Line]) -> list[Block]:
         blocks.append(Para(head))
     blocks += [Heading("From the whole batch to the smallest virtual batch", 3),
                Bullets([t for line in lines for t in _line_text(line)])]
+    family = [c for line in lines for c in (line.family or {}).values()
+              if c is not None and c.p is not None]
+    if family:
+        seeds = sorted({c.n for c in family})
+        blocks.append(Para(
+            f"**Statistics.** {len(family)} comparisons in one family (each virtual batch's "
+            "test accuracy minus the whole batch's, and the smallest virtual batch's training "
+            "loss minus the whole batch's; paired t over seeds), Holm-adjusted: a difference "
+            "is called only where its adjusted p is below 0.05, holding the chance of any "
+            "false call at 5%. Seeds per comparison: "
+            f"{seeds[0] if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'}; more with "
+            "`--seeds N` (or Ray) resolve smaller differences."))
     blocks.append(Para(
         "Evaluation: BN statistics in eval mode are the running averages, updated once per "
         "virtual batch in training; the test pass is the same computation at every virtual "
