@@ -64,7 +64,7 @@ from normlab.reports.collect import FINISHED, SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import model_label, norm_key, save
 from normlab.reports.page import Image
-from normlab.reports.stats import Paired, mean, paired_difference, sample_std, t975
+from normlab.reports.stats import Paired, holm, mean, paired_difference, sample_std, t975
 from normlab.studies.precise import _training_forward, stat_modules
 
 TITLE = "Test-batch dependence"
@@ -276,6 +276,7 @@ class Row:
     seconds: list[float] = field(default_factory=list)  # computing time of runs not cached
     cached: int = 0
     left_out: list[str] = field(default_factory=list)  # "seed 2 (diverged)", ...
+    family: dict | None = None  # mode -> its change, Holm-adjusted (adjust())
 
     @property
     def label(self) -> str:
@@ -288,8 +289,23 @@ class Row:
         return {seed: acc[mode] for seed, acc in self.by_seed.items()}
 
     def change(self, mode: str) -> Paired | None:
-        """The paired change from the running-statistics accuracy to ``mode``'s."""
+        """The paired change from the running-statistics accuracy to ``mode``'s; once
+        :func:`adjust` has run, Holm-adjusted with the study's other changes."""
+        if self.family is not None:
+            return self.family.get(mode)
         return paired_difference(self.seeds_of(mode), self.seeds_of("running"))
+
+
+def adjust(rows: list[Row]) -> int:
+    """Every change the verdict rests on (each batch-statistics variant's, in each mode),
+    Holm-adjusted as one family; returns the family's size."""
+    family = []
+    for row in rows:
+        row.family = None
+        row.family = {m: row.change(m) for m in MODES[1:]}
+        family += list(row.family.values())
+    holm(family)
+    return sum(1 for c in family if c is not None and c.p is not None)
 
 
 def collect(suite: SuiteResults, *, test=None, device: str = "cpu",
@@ -476,7 +492,7 @@ def _change_text(change: Paired) -> str:
 
 
 def _moves(change: Paired | None) -> bool | None:
-    """True: the interval excludes 0; False: it includes 0; None: no interval."""
+    """True: resolved (Holm-adjusted); False: not resolved; None: one seed, no test."""
     if change is None or change.interval is None:
         return None
     return not change.within_noise
@@ -487,7 +503,7 @@ def _row_text(row: Row) -> str:
     for m in MODES[1:]:
         change = row.change(m)
         parts.append(f"{MODE_NAMES[m]} {mean(row.values(m)):.2f}% ({_change_text(change)})")
-        parts[-1] += {True: " — moves", False: " — within seed noise", None: ""}[_moves(change)]
+        parts[-1] += {True: " — moves", False: " — not resolved", None: ""}[_moves(change)]
     return "; ".join(parts) + "."
 
 
@@ -520,7 +536,7 @@ def _headline(stats: list[Row], others: list[Row]) -> str:
                 "here depends on the test batch. " + control)
     moved = [_moves(r.change(m)) for r in stats for m in MODES[1:]]
     row, mode, change = _largest(stats, moving_only=any(moved))
-    where = (f"largest change{' beyond seed noise' if any(moved) else ''}: {row.label} over "
+    where = (f"largest change{' resolved' if any(moved) else ''}: {row.label} over "
              f"{MODE_NAMES[mode]}, {mean(row.values('running')):.2f}% → "
              f"{mean(row.values(mode)):.2f}%, {_change_text(change)}")
     if any(moved):
@@ -531,8 +547,8 @@ def _headline(stats: list[Row], others: list[Row]) -> str:
                 "these numbers show the direction, not whether it exceeds seed noise "
                 "(--seeds 3).")
     else:
-        head = ("**No**: every change from the running statistics is within seed noise "
-                f"(95% intervals include 0; {where}).")
+        head = ("**No**: no change from the running statistics is resolved with the "
+                f"family-wise error held by Holm ({where}).")
     return head + " " + control
 
 
@@ -563,6 +579,7 @@ def test_batch_blocks(rows: list[Row]) -> list[Block]:
     measured = [r for r in rows if r.by_seed]
     stats = [r for r in measured if r.batch_stats]
     others = [r for r in measured if not r.batch_stats]
+    tested = adjust(stats)
     header = ["variant", "batch statistics", *(MODE_NAMES[m] for m in MODES), "seeds"]
     table = Table(header, [
         [r.label, "yes" if r.batch_stats else "no", *(_cell(r.values(m)) for m in MODES),
@@ -587,7 +604,9 @@ def test_batch_blocks(rows: list[Row]) -> list[Block]:
         blocks.append(Para(" ".join(notes)))
     blocks.append(Para("Intervals: the paired Student-t 95% interval of the change from the "
                        "running-statistics accuracy, over seeds (each seed's checkpoint is "
-                       "evaluated in every mode, so the differences are paired)."))
+                       "evaluated in every mode, so the differences are paired). A change "
+                       f"is called only where its Holm-adjusted p, over the {tested} changes "
+                       "of the batch-statistics variants as one family, is below 0.05."))
     left = [f"{r.label}: {', '.join(r.left_out)}" for r in rows if r.left_out]
     if left:
         blocks.append(Para("Left out: " + "; ".join(left) + "."))
