@@ -148,7 +148,7 @@ def test_analysis_ranks_and_gives_the_paired_interval(built):
     half = 12.7062 * sample_std([0.1, 0.3]) / math.sqrt(2)
     interval = f"[{0.2 - half:+.2f}, {0.2 + half:+.2f}]"
     assert interval == "[-1.07, +1.47]"
-    assert f"| BN − BN + L1 | 2 | +0.20 | {interval} | within noise" in text
+    assert f"| BN − BN + L1 | 2 | +0.20 | {interval} | not resolved (Holm p = " in text
     assert "identical data order and augmentation for the same seed" in text
     assert "BN + L1 (λ=0.001) vs BN" in text
     assert "No run diverged" in text

@@ -15,7 +15,7 @@ from normlab.reports.collect import (
     VariantResults,
 )
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
-from normlab.reports.stats import Paired, Summary, fmt_mean_std, paired_difference
+from normlab.reports.stats import Paired, Summary, fmt_mean_std, holm, paired_difference
 from normlab.training.config import RunConfig
 from normlab.training.rundir import CHANCE_ACC
 
@@ -42,12 +42,15 @@ def signed(x: float) -> str:
 
 
 def describe_pair(p: Paired, first: str, second: str) -> tuple[str, str]:
-    """(interval text, verdict) for the paired difference first - second, in points."""
+    """(interval text, verdict) for the paired difference first - second, in points: a
+    verdict only where the Holm-adjusted p (over the section's pairs) is below 0.05."""
     if p.half_width is None:
         return "—", "a single observation (one seed), no interval possible"
     lo, hi = p.interval
-    verdict = "within noise (interval includes 0)" if p.within_noise else (
-        f"{first if p.mean > 0 else second} is better (interval excludes 0)")
+    adjusted = p.p_holm if p.p_holm is not None else p.p
+    holm_p = "Holm p < 0.001" if adjusted < 0.001 else f"Holm p = {adjusted:.3f}"
+    verdict = f"not resolved ({holm_p})" if p.within_noise else (
+        f"{first if p.mean > 0 else second} is better ({holm_p})")
     return f"[{signed(lo)}, {signed(hi)}]", verdict
 
 
@@ -103,8 +106,9 @@ def _pairs_section(summaries: list[Summary]) -> list[Block]:
     rows, lead = [], None
     every = len(order) <= ALL_PAIRS_UP_TO
     pairs = combinations(order, 2) if every else pairwise(order)
-    for a, b in pairs:
-        p = paired_difference(a.final_by_seed, b.final_by_seed)
+    found = [(a, b, paired_difference(a.final_by_seed, b.final_by_seed)) for a, b in pairs]
+    holm([p for _, _, p in found])  # every pair of the table, one family
+    for a, b, p in found:
         if p is None:
             rows.append([f"{a.variant.label} − {b.variant.label}", "0", "—", "—", "no common seed"])
             continue
@@ -117,7 +121,9 @@ def _pairs_section(summaries: list[Summary]) -> list[Block]:
         Heading("Paired differences in final test accuracy"),
         Para("Each difference is first minus second, in accuracy points, paired by seed; the "
              "interval is the 95% Student-t interval of the mean paired difference "
-             "(mean ± t(0.975, n−1) · sd / √n); same seed = same data order and augmentation."),
+             "(mean ± t(0.975, n−1) · sd / √n); same seed = same data order and augmentation. "
+             "A pair is called only where its Holm-adjusted p, over every pair of the table "
+             "as one family, is below 0.05: that holds the chance of any false call at 5%."),
         Table(["pair", "seeds", "mean difference", "95% interval", "verdict"], rows, "lrrrl"),
     ]
     if not every:
@@ -132,9 +138,10 @@ def _pairs_section(summaries: list[Summary]) -> list[Block]:
             text = (f"{head}, but on one seed this is a single observation: no interval is "
                     "possible and the ranking is not evidence that one is better.")
         elif p.within_noise:
-            text = f"{head}; the interval includes 0, so this lead is within seed-to-seed noise."
+            text = (f"{head}; with the family-wise error held by Holm this lead is not "
+                    "resolved: it can be seed-to-seed noise.")
         else:
-            text = f"{head}; the interval excludes 0."
+            text = f"{head}, resolved with the family-wise error held by Holm."
         blocks.append(Para(text))
     return blocks
 
@@ -166,7 +173,7 @@ def _l1_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Block]
     l1_variants = [v for v in suite.variants if v.l1 > 0]
     if not l1_variants:
         return []
-    items = []
+    items, compared = [], []
     for v in l1_variants:
         base = next((b for b in suite.variants if b.l1 == 0 and _same_but_l1(b.config, v.config)),
                     None)
@@ -181,6 +188,9 @@ def _l1_section(suite: SuiteResults, by_name: dict[str, Summary]) -> list[Block]
         if p is None:
             items.append(f"{v.label} vs {base.label}: no seed finished for both.")
             continue
+        compared.append((v, base, s, sb, p))
+    holm([c[-1] for c in compared])  # the L1 comparisons, one family
+    for v, base, s, sb, p in compared:
         interval, verdict = describe_pair(p, v.label, base.label)
         where = f" over {p.n} seeds, 95% interval {interval}" if p.n > 1 else ""
         name = v.label if "λ" in v.label or f"{v.l1:g}" in v.label else f"{v.label} (λ={v.l1:g})"
