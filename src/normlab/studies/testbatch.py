@@ -509,7 +509,7 @@ def _row_text(row: Row) -> str:
 
 def _largest(rows: list[Row], moving_only: bool = False) -> tuple[Row, str, Paired] | None:
     """The (row, mode, change) of the largest change from the running statistics (among
-    the changes whose interval excludes 0, with ``moving_only``)."""
+    the resolved changes, with ``moving_only``)."""
     found = [(r, m, c) for r in rows for m in MODES[1:] if (c := r.change(m)) is not None
              and (not moving_only or _moves(c))]
     return max(found, key=lambda t: abs(t[2].mean), default=None)
