@@ -277,3 +277,43 @@ def test_no_probes_no_section(tmp_path):
     suite = load_results(out)
     assert inside.inside_parts(suite, tmp_path) is None
     assert bnpaper.bn_paper_parts(suite, tmp_path) is None  # the study needs the probes
+
+
+def test_the_weight_decay_section_compares_each_regularizer_with_its_norm_alone(tmp_path):
+    """The bundled weight-decay study at a test's size (2 seeds, 2 epochs of 10 steps): its
+    arms, the weights' norm at the
+    last probe by hand from probes.jsonl, the family of 12 comparisons, the verdict's word
+    as its comparisons say."""
+    from normlab.experiments import load_suite, run_suite
+    from normlab.reports import load_results
+    from normlab.reports.doc import to_markdown
+    from normlab.studies import weightdecay
+
+    source = Path(load_suite("weight-decay").source).read_text()
+    text = (source.replace("epochs = 6", "epochs = 2").replace("seeds = 3", "seeds = 2")
+            .replace("subset = 20000", "subset = 640").replace("probe_every = 50",
+                                                                "probe_every = 5"))
+    (tmp_path / "wd.toml").write_text(text)
+    out = tmp_path / "out"
+    run_suite(load_suite(tmp_path / "wd.toml"), out, threads=1, device="cpu", quiet=True,
+              log=lambda _: None)  # the runs alone: the bn-paper test builds a whole report
+    suite = load_results(out)
+    arms = weightdecay.find_study(suite)
+    assert [(a.norm, a.reg) for a in arms] == [("bn", "none"), ("bn", "L2"), ("bn", "L1"),
+                                               ("none", "none"), ("none", "L2"), ("none", "L1")]
+    records = read(out / "bn-l2" / "seed1")
+    last = records[-1]["weights"]
+    assert arms[1].norm_at_end()[1] == pytest.approx(
+        sum(w["norm"] ** 2 for w in last.values()) ** 0.5)
+    found = weightdecay.effects(arms)
+    assert len(found) == 4 and {p.family for e in found
+                                for p in (e.weight_norm, e.update, e.accuracy)} == {12}
+    blocks, images = weightdecay.weight_decay_parts(suite, tmp_path / "figs")
+    md = to_markdown(blocks)
+    assert "**Statistics.** 12 comparisons in one family" in md
+    bn_l2 = found[0]
+    shrinks = bn_l2.weight_norm.direction == "down"
+    faster = bn_l2.update.direction == "up"
+    word = "**Yes**" if shrinks and faster else "**Partly**" if shrinks or faster else "**No**"
+    assert word + ": with BN, L2" in md
+    assert images and images[0].path.name == weightdecay.FIGURE

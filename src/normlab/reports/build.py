@@ -37,7 +37,16 @@ from normlab.reports.normfig import norm_groups_figure
 from normlab.reports.page import Image, Section, blocks_html, figure_html, page_html
 from normlab.reports.stats import summarise
 from normlab.reports.tables import results_csv, summary_csv, summary_table
-from normlab.studies import batchsize, bnpaper, ghost, inside, lrrange, running, testbatch
+from normlab.studies import (
+    batchsize,
+    bnpaper,
+    ghost,
+    inside,
+    lrrange,
+    running,
+    testbatch,
+    weightdecay,
+)
 
 ImageLoader = Callable[[str], tuple[np.ndarray, tuple[str, ...]]]
 WORKBOOK = "normalizations.xlsx"
@@ -61,6 +70,7 @@ def study_parts(suite: SuiteResults, figs: Path) -> list[tuple[str, str, Parts]]
         ("ghost-batch", ghost.TITLE, ghost.ghost_batch_parts),
         ("running-stats", running.TITLE, running.running_stats_parts),
         ("bn-paper", bnpaper.TITLE, bnpaper.bn_paper_parts),
+        ("weight-decay", weightdecay.TITLE, weightdecay.weight_decay_parts),
         ("inside", inside.TITLE, inside.inside_parts),
         ("test-batch", testbatch.TITLE, _test_batch_parts),
     ]
