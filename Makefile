@@ -32,7 +32,7 @@ run: venv
 
 test: venv $(BIN)/pytest system-deps
 	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 clean:
 	rm -rf $(VENV) build *.egg-info
