@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from normlab import probes
 from normlab.reports.collect import SuiteResults, VariantResults
@@ -207,6 +208,8 @@ def bn_paper_figure(study: Study) -> Figure:
             ax.set_ylim(min(limits) - pad, max(limits) + pad)
         ax.grid(True, alpha=0.3)
     ax_a.grid(True, alpha=0.3)
+    for ax in (ax_a, ax_b, ax_c):  # steps in the tens of thousands: few ticks, no overlap
+        ax.xaxis.set_major_locator(MaxNLocator(5))
     fig.suptitle("Ioffe & Szegedy's Figure 1 on normlab's MLP: lines 15th, 50th (solid) and "
                  "85th percentiles", fontsize=11)
     return fig

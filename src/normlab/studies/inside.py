@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from normlab import probes
 from normlab.reports.collect import SuiteResults, VariantResults
@@ -124,6 +125,7 @@ def activations_figure(found: list[Probed]) -> Figure:
             ax.plot(x, y, color=colour, linestyle=style, linewidth=1.4)
         ax.set_title(f"{p.label}\n{layer}, unit 0", fontsize=9.5)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.grid(True, alpha=0.3)
     for ax in axes[len(shown):]:
         ax.set_visible(False)
