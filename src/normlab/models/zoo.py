@@ -50,6 +50,14 @@ def _number(field: str, value, *, low: float, high: float = float("inf"),
     return value
 
 
+def _batchnorm_arguments(num_features, eps, momentum, affine) -> dict:
+    """``nn.BatchNorm2d``'s arguments, checked (the BN subclasses of the zoo take them)."""
+    return {"num_features": _positive_int("num_features", num_features),
+            "eps": _number("eps", eps, low=0.0, low_open=True),
+            "momentum": _number("momentum", momentum, low=0.0, high=1.0),
+            "affine": coerce("affine", affine, bool)}
+
+
 def _instance_std(x: torch.Tensor, eps: float) -> torch.Tensor:
     """sqrt(var + eps) over (H, W) per image and channel: (B, C, H, W) -> (B, C, 1, 1)."""
     return torch.sqrt(x.var(dim=(2, 3), unbiased=False, keepdim=True) + eps)
@@ -96,10 +104,7 @@ class BatchRenorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, r_max: float = 3.0, d_max: float = 5.0,
                  warmup_steps: int = 0) -> None:
-        num_features = _positive_int("num_features", num_features)
-        super().__init__(num_features, eps=_number("eps", eps, low=0.0, low_open=True),
-                         momentum=_number("momentum", momentum, low=0.0, high=1.0),
-                         affine=coerce("affine", affine, bool))
+        super().__init__(**_batchnorm_arguments(num_features, eps, momentum, affine))
         self.r_max = _number("r_max", r_max, low=1.0)
         self.d_max = _number("d_max", d_max, low=0.0)
         self.warmup_steps = coerce("warmup_steps", warmup_steps, int)
@@ -175,10 +180,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, virtual_batch: int = 8, eps: float = 1e-5,
                  momentum: float = 0.1, affine: bool = True) -> None:
-        num_features = _positive_int("num_features", num_features)
-        super().__init__(num_features, eps=_number("eps", eps, low=0.0, low_open=True),
-                         momentum=_number("momentum", momentum, low=0.0, high=1.0),
-                         affine=coerce("affine", affine, bool))
+        super().__init__(**_batchnorm_arguments(num_features, eps, momentum, affine))
         self.virtual_batch = _positive_int("virtual_batch", virtual_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,10 +231,7 @@ class NoisyBatchNorm2d(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  affine: bool = True, shift: float = 0.5, scale: float = 1.5) -> None:
-        num_features = _positive_int("num_features", num_features)
-        super().__init__(num_features, eps=_number("eps", eps, low=0.0, low_open=True),
-                         momentum=_number("momentum", momentum, low=0.0, high=1.0),
-                         affine=coerce("affine", affine, bool))
+        super().__init__(**_batchnorm_arguments(num_features, eps, momentum, affine))
         self.shift = _number("shift", shift, low=0.0)
         self.scale = _number("scale", scale, low=1.0)
         if self.scale >= 2.0:  # s would reach 0 or flip the sign

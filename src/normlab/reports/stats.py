@@ -289,3 +289,19 @@ def holm(family: list) -> list:
         c.p_holm = running
         c.family = m
     return family
+
+
+def family_note(family: list, what: str) -> str | None:
+    """The "**Statistics.**" sentence of a study whose verdict rests on ``family`` (Holm-
+    adjusted :class:`Paired` or :class:`Comparison` members; untested ones not counted),
+    ``what`` saying what each comparison is; None when nothing was tested."""
+    tested = [c for c in family if c is not None and c.p is not None]
+    if not tested:
+        return None
+    seeds = sorted({getattr(c, "n", None) or c.seeds for c in tested})
+    counts = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    return (f"**Statistics.** {len(tested)} comparisons in one family ({what}), "
+            f"Holm-adjusted: a difference is called only where its adjusted p is below "
+            f"{ALPHA:g}, which holds the chance of any false call in the family at 5%. Seeds "
+            f"per comparison: {counts}; more (`--seeds N`, or Ray) resolve smaller "
+            "differences.")

@@ -25,7 +25,15 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import figure_section, model_label
 from normlab.reports.page import Image
-from normlab.reports.stats import Paired, holm, mean, paired_difference, sample_std, t975
+from normlab.reports.stats import (
+    Paired,
+    family_note,
+    holm,
+    mean,
+    paired_difference,
+    sample_std,
+    t975,
+)
 
 TITLE = "Ghost batch: BatchNorm's statistics over virtual batches"
 FIGURE = "ghost_batch.png"
@@ -289,18 +297,12 @@ def ghost_batch_blocks(lines: list[Line]) -> list[Block]:
         blocks.append(Para(head))
     blocks += [Heading("From the whole batch to the smallest virtual batch", 3),
                Bullets([t for line in lines for t in _line_text(line)])]
-    family = [c for line in lines for c in (line.family or {}).values()
-              if c is not None and c.p is not None]
-    if family:
-        seeds = sorted({c.n for c in family})
-        blocks.append(Para(
-            f"**Statistics.** {len(family)} comparisons in one family (each virtual batch's "
-            "test accuracy minus the whole batch's, and the smallest virtual batch's training "
-            "loss minus the whole batch's; paired t over seeds), Holm-adjusted: a difference "
-            "is called only where its adjusted p is below 0.05, holding the chance of any "
-            "false call at 5%. Seeds per comparison: "
-            f"{seeds[0] if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'}; more with "
-            "`--seeds N` (or Ray) resolve smaller differences."))
+    note = family_note([c for line in lines for c in (line.family or {}).values()],
+                       "each virtual batch's test accuracy minus the whole batch's, and the "
+                       "smallest virtual batch's training loss minus the whole batch's; "
+                       "paired t over seeds")
+    if note:
+        blocks.append(Para(note))
     blocks.append(Para(
         "Evaluation: BN statistics in eval mode are the running averages, updated once per "
         "virtual batch in training; the test pass is the same computation at every virtual "

@@ -26,7 +26,14 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import figure_section, model_label, norm_key, norm_rank
 from normlab.reports.page import Image
-from normlab.reports.stats import ALPHA, Paired, holm, mean, paired_difference, sample_std
+from normlab.reports.stats import (
+    Paired,
+    family_note,
+    holm,
+    mean,
+    paired_difference,
+    sample_std,
+)
 from normlab.training.rundir import CHANCE_ACC
 
 TITLE = "Learning-rate range"
@@ -500,16 +507,11 @@ def lr_range_blocks(study: Study) -> list[Block]:
     if chance:
         blocks.append(Para(chance))
     blocks += [Heading("Per norm", 3), Bullets([_row_text(study, row) for row in study.rows])]
-    family = [p for p in (study.family or {}).values() if p is not None and p.p is not None]
-    if family:
-        seeds = sorted({p.n for p in family})
-        blocks.append(Para(
-            f"**Statistics.** {len(family)} comparisons in one family (each normalized "
-            "variant's usable-range width minus none's, a paired t over the seeds): a width "
-            "is called wider or narrower only where its Holm-adjusted p is below "
-            f"{ALPHA:g}, which holds the chance of any false call in the family at 5%. "
-            f"Seeds per comparison: {seeds[0] if len(seeds) == 1 else f'{seeds[0]}–{seeds[-1]}'}"
-            "; a difference not resolved here can need more (`--seeds N`, or Ray)."))
+    note = family_note(list((study.family or {}).values()),
+                       "each normalized variant's usable-range width minus none's, a paired t "
+                       "over the seeds")
+    if note:
+        blocks.append(Para(note))
     return blocks
 
 

@@ -23,7 +23,15 @@ from normlab.reports.collect import RunResults, SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import figure_section, model_label
 from normlab.reports.page import Image
-from normlab.reports.stats import Paired, holm, mean, paired_difference, sample_std, t975
+from normlab.reports.stats import (
+    Paired,
+    family_note,
+    holm,
+    mean,
+    paired_difference,
+    sample_std,
+    t975,
+)
 
 TITLE = "Running statistics against PreciseBN"
 FIGURE = "running_stats.png"
@@ -230,7 +238,7 @@ def _same_weights(lines: list[Line]) -> str:
 
 
 def running_stats_blocks(lines: list[Line]) -> list[Block]:
-    tested = adjust(lines)
+    adjust(lines)
     same = _same_weights(lines)
     return [
         Para("Test accuracy (%) after each epoch, evaluated twice on the same weights: with "
@@ -243,11 +251,10 @@ def running_stats_blocks(lines: list[Line]) -> list[Block]:
         *([Para(same)] if same else []),
         Heading("Per variant", 3),
         Bullets([_line_text(line) for line in lines]),
-        *([Para(f"**Statistics.** {tested} comparisons in one family (each variant's gap per "
-                "epoch, and averaged over the epochs; paired t over seeds), Holm-adjusted: a "
-                "gap is called only where its adjusted p is below 0.05, holding the chance of "
-                "any false call at 5%. More seeds (`--seeds N`, or Ray) resolve smaller "
-                "gaps.")] if tested else []),
+        *([Para(note)] if (note := family_note(
+            [p for line in lines for p in (line.family or {}).values()],
+            "each variant's gap per epoch, and averaged over the epochs; paired t over "
+            "seeds")) else []),
         Para("For reference: Wu & Johnson (2021, \"Rethinking 'Batch' in BatchNorm\", section "
              "3) find that the running averages lag behind the weights when the momentum is "
              "small or the weights change quickly, and that a too large momentum leaves them "
