@@ -213,8 +213,9 @@ def bn_paper_quick(tmp_path_factory):
     from normlab.experiments import load_suite
 
     source = Path(load_suite("bn-paper").source).read_text()
-    text = (source.replace("epochs = 20", "epochs = 2").replace("seeds = 5", "seeds = 2\n"
+    text = (source.replace("epochs = 20", "epochs = 2").replace("seeds = 10", "seeds = 2\n"
             "subset = 3000").replace("probe_every = 50", "probe_every = 10"))
+    assert "seeds = 2" in text and "epochs = 2" in text  # the bundled file's lines, replaced
     folder = tmp_path_factory.mktemp("bn-paper")
     (folder / "bn-paper.toml").write_text(text)
     out = folder / "out"
@@ -293,6 +294,7 @@ def test_the_weight_decay_section_compares_each_regularizer_with_its_norm_alone(
     text = (source.replace("epochs = 6", "epochs = 2").replace("seeds = 3", "seeds = 2")
             .replace("subset = 20000", "subset = 640").replace("probe_every = 50",
                                                                 "probe_every = 5"))
+    assert "seeds = 2" in text and "subset = 640" in text  # the bundled file's lines, replaced
     (tmp_path / "wd.toml").write_text(text)
     out = tmp_path / "out"
     run_suite(load_suite(tmp_path / "wd.toml"), out, threads=1, device="cpu", quiet=True,
