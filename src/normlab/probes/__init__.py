@@ -32,6 +32,7 @@ and so ends with the lines an uninterrupted run writes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,25 @@ class Prober:
     def take(self) -> list[dict]:
         out, self.records = self.records, []
         return out
+
+
+def total_norm(record: dict) -> float | None:
+    """||w|| of all the weights of one probe record together (None without weights)."""
+    weights = record.get("weights")
+    if not weights:
+        return None
+    return math.sqrt(sum(w["norm"] ** 2 for w in weights.values()))
+
+
+def total_update(record: dict) -> float | None:
+    """The relative update of all the weights together: sqrt(sum ||dw||^2) / ||w||."""
+    weights = record.get("weights")
+    if not weights:
+        return None
+    moved = sum((w["update"] * w["norm"]) ** 2 for w in weights.values()
+                if w["update"] is not None)
+    total = total_norm(record)
+    return math.sqrt(moved) / total if total else None
 
 
 # ----------------------------------------------------------------------------- the file

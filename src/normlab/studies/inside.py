@@ -85,24 +85,6 @@ def _unit(layer: str, key: str):
     return value
 
 
-def _total_norm(record: dict) -> float | None:
-    weights = record.get("weights")
-    if not weights:
-        return None
-    return math.sqrt(sum(w["norm"] ** 2 for w in weights.values()))
-
-
-def _update(record: dict) -> float | None:
-    """The relative update of all the weights together: sqrt(sum ||dw||^2) / ||w||."""
-    weights = record.get("weights")
-    if not weights:
-        return None
-    moved = sum((w["update"] * w["norm"]) ** 2 for w in weights.values()
-                if w["update"] is not None)
-    total = _total_norm(record)
-    return math.sqrt(moved) / total if total else None
-
-
 def activations_figure(found: list[Probed]) -> Figure:
     """One panel per variant: the 15/50/85th percentiles of the last probed layer's first
     unit over the training steps (mean over seeds), the 15-85 band shaded."""
@@ -151,8 +133,8 @@ def weights_figure(found: list[Probed]) -> Figure:
         if colour in used:  # two variants of one norm: tell them apart
             colour = next(extra, colour)
         used.add(colour)
-        x, norm = p.series(_total_norm)
-        _, update = p.series(_update)
+        x, norm = p.series(probes.total_norm)
+        _, update = p.series(probes.total_update)
         left.plot(x, norm, color=colour, label=p.label, linewidth=1.6)
         right.plot(x, update, color=colour, label=p.label, linewidth=1.2)
     left.set_ylabel("||w||, all weights together")
@@ -183,8 +165,8 @@ def inside_blocks(found: list[Probed]) -> list[Block]:
             first_last.append((y[0], y[-1]) if len(y) else (math.nan, math.nan))
         band = (" / ".join(_fmt(a) for a, _ in first_last) + " → "
                 + " / ".join(_fmt(b) for _, b in first_last)) if first_last else "—"
-        _, norm = p.series(_total_norm)
-        _, update = p.series(_update)
+        _, norm = p.series(probes.total_norm)
+        _, update = p.series(probes.total_update)
         rows.append([p.label, str(len(p.runs)), f"{steps[0]}–{steps[-1]}" if steps else "—",
                      layer or "—", band,
                      f"{_fmt(norm[0])} → {_fmt(norm[-1])}" if len(norm) else "—",

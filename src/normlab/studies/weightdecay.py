@@ -17,7 +17,6 @@ epoch's probes, and the final test accuracy; all Holm-adjusted as one family.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,29 +70,17 @@ class Arm:
         return self.variant.label
 
     def norm_at_end(self) -> dict[int, float]:
-        return {s: _total(r[-1]) for s, r in self.records.items() if r}
+        return {s: probes.total_norm(r[-1]) for s, r in self.records.items() if r}
 
     def update_late(self) -> dict[int, float]:
         """Mean relative update over the last epoch's probes, per seed."""
         out = {}
         for s, rs in self.records.items():
             last = [r for r in rs if r["epoch"] == rs[-1]["epoch"]]
-            values = [u for r in last if (u := _update(r)) is not None]
+            values = [u for r in last if (u := probes.total_update(r)) is not None]
             if values:
                 out[s] = mean(values)
         return out
-
-
-def _total(record: dict) -> float:
-    return math.sqrt(sum(w["norm"] ** 2 for w in record["weights"].values()))
-
-
-def _update(record: dict) -> float | None:
-    weights = record["weights"]
-    moved = sum((w["update"] * w["norm"]) ** 2 for w in weights.values()
-                if w["update"] is not None)
-    total = _total(record)
-    return math.sqrt(moved) / total if total else None
 
 
 def find_study(suite: SuiteResults) -> list[Arm] | None:
@@ -188,8 +175,8 @@ def weight_decay_figure(arms: list[Arm]) -> Figure:
         if seeds:
             steps = sorted(set.intersection(*({r["step"] for r in a.records[s]} for s in seeds)))
             by_seed = [{r["step"]: r for r in a.records[s]} for s in seeds]
-            norm = [np.mean([_total(d[t]) for d in by_seed]) for t in steps]
-            upd = [np.mean([_update(d[t]) or np.nan for d in by_seed]) for t in steps]
+            norm = [np.mean([probes.total_norm(d[t]) for d in by_seed]) for t in steps]
+            upd = [np.mean([probes.total_update(d[t]) or np.nan for d in by_seed]) for t in steps]
             ax_n.plot(steps, norm, color=colour, linestyle=style, label=a.label)
             ax_u.plot(steps, upd, color=colour, linestyle=style, label=a.label, linewidth=1)
         runs = [r for r in a.variant.finished if r.metrics]
