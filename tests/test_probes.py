@@ -114,7 +114,7 @@ def test_the_records_are_the_quantities_computed_directly():
     prober = Prober(model, KINDS, 1, probe_points(model, norm_classes(mc), "seed"))
     state = [b.clone() for b in model.buffers()]
     rng = torch.get_rng_state()
-    prober.activations(x, 0, 1)
+    prober.before_step(x, torch.arange(16) % 10, 0, 1, 0.1)
     assert all(torch.equal(a, b) for a, b in zip(state, model.buffers(), strict=True))
     assert torch.equal(rng, torch.get_rng_state())  # the step draws its own dropout again
     # the unfused network's first BN input: conv -> ReLU
@@ -149,6 +149,60 @@ def test_the_records_are_the_quantities_computed_directly():
     assert record["weights"]["convblock2.0.weight"]["norm"] == pytest.approx(float(w0.norm()))
     assert "convblock1.2.weight" not in record["weights"]  # a norm's gain is not a weight
     assert prober.take() == []
+
+
+def test_the_landscape_is_the_loss_and_gradient_along_the_gradient_computed_directly():
+    """On the seed's network with BN fused: the loss and gradient at w and at w - eta g
+    equal those of the unfused network computed by hand; Santurkar's three quantities
+    follow from them; the weights, gradients, buffers and random state are put back."""
+    from normlab.accel import accelerated_net
+    from normlab.probes import LANDSCAPE_STEPS, landscape, smoothness
+
+    torch.manual_seed(0)
+    mc = ModelConfig(norms=("bn",), dropout=0.0)
+    model = accelerated_net(mc)
+    model.train()
+    reference = Net.from_config(mc)
+    reference.load_state_dict(model.state_dict())
+    reference.train()
+    x, y = torch.randn(32, 1, 28, 28), torch.arange(32) % 10
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    got = landscape(model, x, y, 0.1)
+    assert all(torch.equal(a, p) and p.grad is None
+               for a, p in zip(before, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(state, model.buffers(), strict=True))
+    assert torch.equal(rng, torch.get_rng_state())
+
+    params = list(reference.parameters())
+
+    def at(delta: float, g0=None):
+        with torch.no_grad():
+            for p, w, g in zip(params, before, g0 or before, strict=True):
+                p.copy_(w - delta * g if g0 else w)
+        loss = F.nll_loss(reference(x), y)
+        return float(loss.detach()), torch.autograd.grad(loss, params)
+
+    loss0, g0 = at(0.0)
+    assert got["etas"] == pytest.approx([m * 0.1 for m in LANDSCAPE_STEPS])
+    assert got["loss0"] == pytest.approx(loss0, rel=1e-5)
+    size = float(torch.cat([g.reshape(-1) for g in g0]).norm())
+    assert got["grad0"] == pytest.approx(size, rel=1e-4)
+    for eta, loss, change in zip(got["etas"], got["loss"], got["grad_change"], strict=True):
+        want_loss, g = at(eta, list(g0))
+        assert loss == pytest.approx(want_loss, rel=1e-4)
+        want = float(torch.cat([(a - b).reshape(-1) for a, b in zip(g, g0, strict=True)]).norm())
+        assert change == pytest.approx(want, rel=1e-3)
+    found = smoothness({"landscape": got})
+    losses = [got["loss0"], *got["loss"]]
+    assert found["loss_range"] == pytest.approx(max(losses) - min(losses))
+    assert found["grad_change"] == max(got["grad_change"])
+    assert found["beta"] == pytest.approx(max(c / (e * got["grad0"]) for c, e in
+                                              zip(got["grad_change"], got["etas"], strict=True)))
+    assert smoothness({"epoch": 1}) is None
+    blown = {**got, "loss": [*got["loss"][:-1], None]}  # a step too far: nan
+    assert smoothness({"landscape": blown})["loss_range"] == float("inf")
 
 
 # ----------------------------------------------------------------------------- resume

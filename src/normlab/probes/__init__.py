@@ -16,13 +16,22 @@ every ``probe_every``-th training step (step 0, the initialised network, include
   (convolutions, linear maps), not the norms' gains and biases.
 - ``gradients``: the norm of each weight's gradient as the optimizer sees it (the loss's,
   with L1's term where there is one; weight decay is the optimizer's own).
+- ``landscape``: the loss and its gradient along the gradient direction (Santurkar, Tsipras,
+  Ilyas & Madry 2018, "How Does Batch Normalization Help Optimization?", Figure 4). On the
+  step's batch, with the same dropout draw, the loss L and gradient g of all parameters at
+  the weights w, then at w - eta g for eta = :data:`LANDSCAPE_STEPS` times the step's
+  learning rate: the loss there and ||g(w - eta g) - g||. From these, per probe step, the
+  loss's range along the direction, the largest gradient change ("gradient
+  predictiveness") and the largest ||g(w - eta g) - g|| / ||eta g|| ("effective
+  beta-smoothness"). It costs a forward and backward per point (benchmarks/README.md).
 
-How it leaves training unchanged: the activations come from a second forward of the same
-batch through the model's own modules in training mode, before the step, with the running
-statistics, the batch counters and the random generator's state put back after, so the step
-itself (by hand, compiled or autograd) draws the same dropout and updates the same
-statistics as without probes. Weights and gradients are read, never written. A run with
-probes trains to the same numbers bit for bit as one without (the tests check it).
+How it leaves training unchanged: the activations and the landscape come from forwards of
+their own on the same batch through the model's own modules in training mode, before the
+step, with the weights, the running statistics, the batch counters and the random
+generator's state put back after, so the step itself (by hand, compiled or autograd) draws
+the same dropout and updates the same statistics as without probes. Weights and gradients
+are otherwise read, never written. A run with probes trains to the same numbers bit for bit
+as one without (the tests check it).
 
 Records go to ``probes.jsonl`` in the run's folder, one line per probe step, written at the
 end of each epoch before its checkpoint; a resumed run drops the lines past its checkpoint
@@ -44,9 +53,10 @@ from torch import nn
 
 from normlab.fields import ConfigError
 
-KINDS = ("activations", "weights", "gradients")
+KINDS = ("activations", "weights", "gradients", "landscape")
 EVERY = 50  # the default interval, in training steps (benchmarks/README.md: its cost)
 PERCENTILES = (15, 50, 85)  # the BN paper's Figure 1(b, c)
+LANDSCAPE_STEPS = (0.5, 1.0, 2.0, 4.0)  # eta along -g, in units of the step's learning rate
 FILE = "probes.jsonl"
 
 
@@ -134,7 +144,7 @@ def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
 @dataclass
 class Prober:
     """Records the probes of one run (see the module). The training loop calls, at a step
-    :meth:`due` says to probe: :meth:`activations` before the step, :meth:`before_update`
+    :meth:`due` says to probe: :meth:`before_step` before the step, :meth:`before_update`
     after the gradients are set and before the optimizer's step, :meth:`after_update` after
     it. :meth:`take` hands the records made since the last call to the run's writer."""
 
@@ -158,13 +168,19 @@ class Prober:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def activations(self, x: torch.Tensor, step: int, epoch: int) -> None:
-        """Start the step's record; with ``activations``, run the model's forward on ``x``
-        in training mode with a hook on every probe point, and put back everything the
-        forward changed (running statistics, counters, the random generator)."""
+    def before_step(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int,
+                    lr: float) -> None:
+        """Start the step's record: with ``activations``, the norms' inputs on the batch
+        ``x``; with ``landscape``, the loss and gradient along the gradient direction on
+        (``x``, ``y``) at steps of the learning rate ``lr``. Everything these forwards
+        change is put back (weights, running statistics, counters, the random generator)."""
         self._pending = {"epoch": epoch, "step": step}
-        if "activations" not in self.kinds or not self.points:
-            return
+        if "activations" in self.kinds and self.points:
+            self._pending["activations"] = self._activations(x)
+        if "landscape" in self.kinds:
+            self._pending["landscape"] = landscape(self.model, x, y, lr)
+
+    def _activations(self, x: torch.Tensor) -> dict[str, dict]:
         from normlab.accel import _keep
 
         seen: dict[str, dict] = {}
@@ -186,7 +202,7 @@ class Prober:
             for handle in handles:
                 handle.remove()
             restore()
-        self._pending["activations"] = {n: seen[n] for n in self.points if n in seen}
+        return {n: seen[n] for n in self.points if n in seen}
 
     def before_update(self) -> None:
         """Read the weights' and gradients' norms; keep the weights for the update's size."""
@@ -215,6 +231,73 @@ class Prober:
     def take(self) -> list[dict]:
         out, self.records = self.records, []
         return out
+
+
+def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict:
+    """The batch loss (NLL) and its gradient g over all trainable parameters at the
+    weights w, then at w - eta g for eta in :data:`LANDSCAPE_STEPS` times ``lr``, each
+    forward in training mode from the same random state (the same dropout draw). Returns
+    ``{"lr", "etas", "loss0", "grad0", "loss": [...], "grad_change": [...]}`` (grad0 =
+    ||g||; grad_change = ||g(w - eta g) - g||); non-finite values as None. The weights,
+    gradients, buffers and random state are put back."""
+    from normlab.accel import _keep
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = [p.detach().clone() for p in params]
+    restore = _keep(model)
+    rng = torch.get_rng_state()
+
+    def loss_and_grad() -> tuple[float, list[torch.Tensor]]:
+        torch.set_rng_state(rng)
+        with torch.enable_grad():
+            loss = F.nll_loss(model(x).float(), y)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return float(loss.detach()), [torch.zeros_like(p) if g is None else g.detach()
+                             for p, g in zip(params, grads, strict=True)]
+
+    etas = [m * lr for m in LANDSCAPE_STEPS]
+    try:
+        loss0, g0 = loss_and_grad()
+        size = math.sqrt(sum(float(g.square().sum()) for g in g0))
+        losses, changes = [], []
+        for eta in etas:
+            with torch.no_grad():
+                for p, w, g in zip(params, weights, g0, strict=True):
+                    torch.add(w, g, alpha=-eta, out=p.data)
+            loss, g = loss_and_grad()
+            losses.append(loss)
+            changes.append(math.sqrt(sum(float((a - b).square().sum())
+                                         for a, b in zip(g, g0, strict=True))))
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, weights, strict=True):
+                p.copy_(w)
+        restore()
+
+    def finite(v: float) -> float | None:
+        return v if math.isfinite(v) else None
+
+    return {"lr": lr, "etas": etas, "loss0": finite(loss0), "grad0": finite(size),
+            "loss": [finite(v) for v in losses], "grad_change": [finite(v) for v in changes]}
+
+
+def smoothness(record: dict) -> dict[str, float] | None:
+    """Santurkar et al.'s three quantities from one probe record's landscape: ``loss_range``
+    (the largest minus the smallest loss along the direction, w itself included),
+    ``grad_change`` (the largest ||g(w - eta g) - g||) and ``beta`` (the largest
+    ||g(w - eta g) - g|| / (eta ||g||)). None without a landscape; inf where a loss or
+    gradient along the direction was not finite."""
+    got = record.get("landscape")
+    if not got:
+        return None
+    losses = [got["loss0"], *got["loss"]]
+    if any(v is None for v in (*losses, *got["grad_change"], got["grad0"])):
+        return {"loss_range": math.inf, "grad_change": math.inf, "beta": math.inf}
+    size = got["grad0"]
+    betas = [c / (eta * size) if size else 0.0
+             for c, eta in zip(got["grad_change"], got["etas"], strict=True)]
+    return {"loss_range": max(losses) - min(losses), "grad_change": max(got["grad_change"]),
+            "beta": max(betas)}
 
 
 def total_norm(record: dict) -> float | None:
@@ -282,7 +365,9 @@ def add_arguments(parser) -> None:
                         help="record inside the network during training, into each run's "
                              f"probes.jsonl: {', '.join(KINDS)} (comma-separated) or all; "
                              "the norms' inputs as percentiles, each weight's norm and "
-                             "relative update, each gradient's norm. It changes no number "
+                             "relative update, each gradient's norm, the loss and its "
+                             "gradient along the gradient direction (landscape: 5 more "
+                             "forward and backward passes per probe). It changes no number "
                              "the run computes (default: no probes)")
     parser.add_argument("--probe-every", metavar="STEPS", type=int, default=None,
                         help=f"the probes' interval in training steps (default: {EVERY}; "

@@ -165,7 +165,8 @@ def train_one_epoch(
         y = data.labels[idx]
         probing = prober is not None and prober.due((epoch - 1) * steps + i)
         if probing:  # a forward of its own, all it changed put back
-            prober.activations(x, (epoch - 1) * steps + i, epoch)
+            prober.before_step(x, y, (epoch - 1) * steps + i, epoch,
+                               optimizer.param_groups[0]["lr"])
         loss, out = step(x, y)  # the forward, the loss and its backward (.grad set)
         total = loss.detach()
         if l1:  # loss + l1 * sum|w|, its gradient added by hand (the same bits, faster)
