@@ -41,6 +41,7 @@ from normlab.studies import (
     batchsize,
     bnpaper,
     ghost,
+    ics,
     inside,
     lrrange,
     running,
@@ -71,6 +72,7 @@ def study_parts(suite: SuiteResults, figs: Path) -> list[tuple[str, str, Parts]]
         ("running-stats", running.TITLE, running.running_stats_parts),
         ("bn-paper", bnpaper.TITLE, bnpaper.bn_paper_parts),
         ("weight-decay", weightdecay.TITLE, weightdecay.weight_decay_parts),
+        ("ics", ics.TITLE, ics.ics_parts),
         ("inside", inside.TITLE, inside.inside_parts),
         ("test-batch", testbatch.TITLE, _test_batch_parts),
     ]
