@@ -6,6 +6,7 @@ images), one or two epochs."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -373,3 +374,53 @@ def test_the_weight_decay_section_compares_each_regularizer_with_its_norm_alone(
     word = "**Yes**" if shrinks and faster else "**Partly**" if shrinks or faster else "**No**"
     assert word + ": with BN, L2" in md
     assert images and images[0].path.name == weightdecay.FIGURE
+
+
+def test_the_ics_section_tests_santurkars_figures_on_the_probes(tmp_path):
+    """The bundled ics study at a test's size (2 seeds, 2 epochs of 10 steps, probes every
+    5): its arms, a seed's landscape median and input movement by hand from probes.jsonl,
+    the family of 6, and each verdict's word as its comparisons say."""
+    import statistics
+
+    from normlab.experiments import load_suite, run_suite
+    from normlab.probes import smoothness
+    from normlab.reports import load_results
+    from normlab.reports.doc import to_markdown
+    from normlab.studies import ics
+
+    source = Path(load_suite("ics").source).read_text()
+    text = (source.replace("epochs = 4", "epochs = 2").replace("seeds = 5", "seeds = 2")
+            .replace("subset = 20000", "subset = 640").replace("probe_every = 50",
+                                                                "probe_every = 5"))
+    assert "seeds = 2" in text and "subset = 640" in text  # the bundled file's lines, replaced
+    (tmp_path / "ics.toml").write_text(text)
+    out = tmp_path / "out"
+    run_suite(load_suite(tmp_path / "ics.toml"), out, threads=1, device="cpu", quiet=True,
+              log=lambda _: None)
+    suite = load_results(out)
+    arms = ics.find_study(suite)
+    assert list(arms) == ["none", "bn", "noisy-bn"]
+    records = read(out / "bn" / "seed1")
+    assert [r["step"] for r in records] == [0, 5, 10, 15]  # 10 steps an epoch
+    late = [smoothness(r)["beta"] for r in records if r["step"] >= 15 / 2]
+    assert arms["bn"].landscape("beta")[1] == pytest.approx(statistics.median(late))
+    layers = list(records[0]["activations"])[1:]  # after the first norm
+    by_hand = statistics.mean(statistics.mean(
+        abs(b["activations"][k]["p50"] - a["activations"][k]["p50"])
+        / (a["activations"][k]["p85"] - a["activations"][k]["p15"])
+        for a, b in itertools.pairwise(records)) for k in layers)
+    assert arms["bn"].movement()[1] == pytest.approx(by_hand)
+    family = ics.comparisons(arms)
+    assert {c.family for c in family.members()} == {6}
+    assert all(c.seeds == 2 for c in family.members())
+    blocks, images = ics.ics_parts(suite, tmp_path / "figs")
+    md = to_markdown(blocks)
+    assert "**Statistics.** 6 comparisons in one family" in md
+    shown = [c.direction == "up" for c in family.smooth]
+    word = "**Yes**" if all(shown) else "**Partly**" if any(shown) else "**No**"
+    assert f"Figure 4, {word}: without BN" in md
+    moves = family.noisy_moves.direction == "up"
+    as_good = family.noisy_acc.direction in ("none", "up")
+    word = "**Yes**" if moves and as_good else "**Partly**" if moves or as_good else "**No**"
+    assert f"Figure 2, {word}: noisy BN's layer inputs" in md
+    assert images and images[0].path.name == ics.FIGURE
