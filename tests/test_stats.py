@@ -66,6 +66,26 @@ def test_the_resolvable_effect_is_found_with_the_stated_power(n, family):
     assert c.resolvable > c.se * math.sqrt(2)  # and more than the noise of one seed pair
 
 
+def test_a_paired_difference_resolves_what_a_one_sample_t_on_its_differences_does():
+    """Paired.resolvable is the one-sample t's on the same differences, at the same family
+    size; the Statistics sentence states the range over a family, per unit."""
+    from normlab.reports.stats import family_note, paired_difference
+
+    a, b = {1: 1.0, 2: 2.5, 3: 0.7, 4: 1.9}, {1: 0.4, 2: 1.1, 3: 0.9, 4: 0.8}
+    p = paired_difference(a, b)
+    c = one_sample("d", [a[s] - b[s] for s in a])
+    holm([p, c])  # a family of two: both at ALPHA / 2 at the strictest
+    assert p.family == c.family == 2
+    assert p.resolvable == pytest.approx(c.resolvable, rel=1e-9)
+    q = paired_difference({1: 5.0, 2: 7.0, 3: 4.0}, {1: 1.0, 2: 2.0, 3: 2.5})
+    holm([p, q])
+    note = family_note([p, q], "two things", lambda x: "points" if x is p else "loss")
+    assert (f"the smallest difference they resolve with 80% power at Holm's strictest "
+            f"level: {p.resolvable:.3g} points; {q.resolvable:.3g} loss") in note
+    assert "Seeds per comparison: 3–4" in note
+    assert paired_difference({1: 1.0}, {1: 0.0}).resolvable is None
+
+
 def test_the_seeds_an_effect_needs_resolve_it():
     c = one_sample("d", [0.1, 0.5, -0.2, 0.3])  # mean 0.175, not significant at 4 seeds
     holm([c])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from normlab.reports.collect import RunResults, VariantResults
 
@@ -89,6 +91,16 @@ class Paired:
         if self.within_noise is None:
             return "untested"
         return "none" if self.within_noise else "up" if self.mean > 0 else "down"
+
+    @property
+    def resolvable(self) -> float | None:
+        """The smallest true difference these seeds find with 80% power at Holm's
+        strictest level (``ALPHA / family``), as :attr:`Comparison.resolvable`; None with
+        one seed."""
+        if self.half_width is None:
+            return None
+        df = self.n - 1
+        return resolvable(self.half_width / t975(df), df, ALPHA / self.family)
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> Paired | None:
@@ -291,17 +303,28 @@ def holm(family: list) -> list:
     return family
 
 
-def family_note(family: list, what: str) -> str | None:
+def family_note(family: list, what: str, unit: str | Callable[[Any], str] = "") -> str | None:
     """The "**Statistics.**" sentence of a study whose verdict rests on ``family`` (Holm-
     adjusted :class:`Paired` or :class:`Comparison` members; untested ones not counted),
-    ``what`` saying what each comparison is; None when nothing was tested."""
+    ``what`` saying what each comparison is, and the smallest difference its seeds resolve
+    (the range over the comparisons, in ``unit``: a word, or a function giving each
+    comparison's, for a family of several kinds); None when nothing was tested."""
     tested = [c for c in family if c is not None and c.p is not None]
     if not tested:
         return None
     seeds = sorted({getattr(c, "n", None) or c.seeds for c in tested})
     counts = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    sizes: dict[str, list[float]] = {}
+    for c in tested:
+        if c.resolvable is not None:
+            sizes.setdefault(unit(c) if callable(unit) else unit, []).append(c.resolvable)
+    resolve = "; ".join(
+        (f"{min(v):.3g}" if min(v) == max(v) else f"{min(v):.3g} to {max(v):.3g}")
+        + (f" {u}" if u else "") for u, v in sizes.items())
     return (f"**Statistics.** {len(tested)} comparisons in one family ({what}), "
             f"Holm-adjusted: a difference is called only where its adjusted p is below "
             f"{ALPHA:g}, which holds the chance of any false call in the family at 5%. Seeds "
-            f"per comparison: {counts}; more (`--seeds N`, or Ray) resolve smaller "
-            "differences.")
+            f"per comparison: {counts}"
+            + (f"; the smallest difference they resolve with {POWER:.0%} power at Holm's "
+               f"strictest level: {resolve}" if resolve else "")
+            + "; more seeds (`--seeds N`, or Ray) resolve smaller differences.")

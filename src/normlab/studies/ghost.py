@@ -297,10 +297,14 @@ def ghost_batch_blocks(lines: list[Line]) -> list[Block]:
         blocks.append(Para(head))
     blocks += [Heading("From the whole batch to the smallest virtual batch", 3),
                Bullets([t for line in lines for t in _line_text(line)])]
+    losses = {id(c) for line in lines for (_, kind), c in (line.family or {}).items()
+              if kind == "loss"}
     note = family_note([c for line in lines for c in (line.family or {}).values()],
                        "each virtual batch's test accuracy minus the whole batch's, and the "
                        "smallest virtual batch's training loss minus the whole batch's; "
-                       "paired t over seeds")
+                       "paired t over seeds",
+                       lambda c: "in training loss" if id(c) in losses else "points of "
+                                                                           "accuracy")
     if note:
         blocks.append(Para(note))
     blocks.append(Para(

@@ -509,7 +509,7 @@ def lr_range_blocks(study: Study) -> list[Block]:
     blocks += [Heading("Per norm", 3), Bullets([_row_text(study, row) for row in study.rows])]
     note = family_note(list((study.family or {}).values()),
                        "each normalized variant's usable-range width minus none's, a paired t "
-                       "over the seeds")
+                       "over the seeds", "learning rates of the grid")
     if note:
         blocks.append(Para(note))
     return blocks

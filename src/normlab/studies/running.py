@@ -254,7 +254,7 @@ def running_stats_blocks(lines: list[Line]) -> list[Block]:
         *([Para(note)] if (note := family_note(
             [p for line in lines for p in (line.family or {}).values()],
             "each variant's gap per epoch, and averaged over the epochs; paired t over "
-            "seeds")) else []),
+            "seeds", "points")) else []),
         Para("For reference: Wu & Johnson (2021, \"Rethinking 'Batch' in BatchNorm\", section "
              "3) find that the running averages lag behind the weights when the momentum is "
              "small or the weights change quickly, and that a too large momentum leaves them "

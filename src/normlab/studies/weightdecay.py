@@ -28,7 +28,7 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import figure_section
 from normlab.reports.page import Image
-from normlab.reports.stats import ALPHA, Paired, holm, mean, paired_difference
+from normlab.reports.stats import ALPHA, POWER, Paired, holm, mean, paired_difference
 
 TITLE = "Weight decay under BatchNorm"
 FIGURE = "weight_decay.png"
@@ -199,6 +199,22 @@ def weight_decay_figure(arms: list[Arm]) -> Figure:
     return fig
 
 
+def _resolution(found: list[Effect]) -> str:
+    """The smallest difference the seeds resolve, per quantity (its range over the arms)."""
+    parts = []
+    for what, get in (("||w||", lambda e: e.weight_norm), ("effective step", lambda e: e.update),
+                      ("test accuracy (points)", lambda e: e.accuracy)):
+        sizes = [r for e in found if (p := get(e)) is not None
+                 and (r := p.resolvable) is not None]
+        if sizes:
+            low, high = min(sizes), max(sizes)
+            parts.append(f"{what} {low:.3g}" + (f" to {high:.3g}" if high > low else ""))
+    if not parts:
+        return ""
+    return (f" The smallest difference these seeds resolve with {POWER:.0%} power at Holm's "
+            f"strictest level: {'; '.join(parts)}.")
+
+
 def weight_decay_blocks(arms: list[Arm]) -> list[Block]:
     found = effects(arms)
     rows = []
@@ -231,7 +247,7 @@ def weight_decay_blocks(arms: list[Arm]) -> list[Block]:
                     f"weights), Holm-adjusted at {ALPHA:.0%}. ||w|| is all the weights "
                     "(convolutions and linear maps) together at the last probe; the effective "
                     "step is their relative update per step, averaged over the last epoch's "
-                    "probes.")]
+                    "probes." + _resolution(found))]
     return blocks
 
 
