@@ -67,7 +67,8 @@ def assert_same_run(a, b) -> None:
     {"norm": "gn", "dropout": 0.0, "accel": "off"},    # autograd with torch's norms
     {"norm": "frn", "dropout": 0.05},                  # the zoo through autograd
     {"norm": "bn", "net": "mlp", "dropout": 0.0},      # the MLP's sigmoids
-], ids=["bn-hand", "gn-off", "frn", "mlp-bn"])
+    {"norm": "bn", "dropout": 0.1, "precision": "bf16"},  # the probes' forwards in bf16 too
+], ids=["bn-hand", "gn-off", "frn", "mlp-bn", "bn-bf16"])
 def test_a_probed_run_trains_to_the_unprobed_runs_numbers(model, small, tmp_path):
     plain = config(**model)
     probed = config(**model, probe="all", probe_every=3)

@@ -152,6 +152,7 @@ class Prober:
     kinds: tuple[str, ...]
     every: int
     points: dict[str, nn.Module] = field(default_factory=dict)
+    precision: str = "fp32"  # the run's: the probes' forwards run as its step's does
     records: list[dict] = field(default_factory=list)
     _pending: dict | None = None
     _before: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -163,7 +164,7 @@ class Prober:
             return None
         points = (probe_points(model, norm_classes(config.model), config.model.net)
                   if "activations" in config.probe else {})
-        return cls(model, config.probe, config.probe_every, points)
+        return cls(model, config.probe, config.probe_every, points, config.precision)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -178,10 +179,10 @@ class Prober:
         if "activations" in self.kinds and self.points:
             self._pending["activations"] = self._activations(x)
         if "landscape" in self.kinds:
-            self._pending["landscape"] = landscape(self.model, x, y, lr)
+            self._pending["landscape"] = landscape(self.model, x, y, lr, self.precision)
 
     def _activations(self, x: torch.Tensor) -> dict[str, dict]:
-        from normlab.accel import _keep
+        from normlab.accel import _keep, autocast
 
         seen: dict[str, dict] = {}
 
@@ -196,7 +197,7 @@ class Prober:
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.points.items()]
         restore = _keep(self.model)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(x.device, self.precision):
                 self.model(x)
         finally:
             for handle in handles:
@@ -233,14 +234,17 @@ class Prober:
         return out
 
 
-def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> dict:
+def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float,
+              precision: str = "fp32") -> dict:
     """The batch loss (NLL) and its gradient g over all trainable parameters at the
     weights w, then at w - eta g for eta in :data:`LANDSCAPE_STEPS` times ``lr``, each
-    forward in training mode from the same random state (the same dropout draw). Returns
+    forward in training mode from the same random state (the same dropout draw), at the
+    run's ``precision`` (bf16: under autocast, as its step; the loss and gradients in fp32
+    as the step's are). Returns
     ``{"lr", "etas", "loss0", "grad0", "loss": [...], "grad_change": [...]}`` (grad0 =
     ||g||; grad_change = ||g(w - eta g) - g||); non-finite values as None. The weights,
     gradients, buffers and random state are put back."""
-    from normlab.accel import _keep
+    from normlab.accel import _keep, autocast
 
     params = [p for p in model.parameters() if p.requires_grad]
     weights = [p.detach().clone() for p in params]
@@ -250,7 +254,9 @@ def landscape(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> 
     def loss_and_grad() -> tuple[float, list[torch.Tensor]]:
         torch.set_rng_state(rng)
         with torch.enable_grad():
-            loss = F.nll_loss(model(x).float(), y)
+            with autocast(x.device, precision):
+                out = model(x)
+            loss = F.nll_loss(out.float(), y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return float(loss.detach()), [torch.zeros_like(p) if g is None else g.detach()
                              for p, g in zip(params, grads, strict=True)]
