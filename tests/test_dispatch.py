@@ -249,16 +249,34 @@ def best_aten() -> str:
     return next(name for name in reversed(ATEN) if has(ATEN[name][1]))
 
 
+# The flag each of kernels.c's instruction-set branches needs.
+BRANCH_FLAGS = {"__AVX__": "avx", "__AVX2__": "avx2", "__AVX512F__": "avx512f",
+                "__AVX512BF16__": "avx512_bf16"}
+
+
+def branches_of(flags: set[str]) -> set[str]:
+    """The branches of kernels.c a build for a CPU with ``flags`` compiles."""
+    return {b for b, flag in BRANCH_FLAGS.items() if flag in flags}
+
+
+def same_kernels(march: str | None) -> bool:
+    """Whether kernels.c built for ``march`` compiles the branches a native build does
+    here: such builds are compared bit for bit on every kernel's inputs by
+    :func:`test_every_build_of_the_kernels_computes_the_same_numbers`."""
+    return march in (None, "native") or branches_of(MARCH[march]) == branches_of(cpu_flags())
+
+
 def native_here(host: Host) -> bool:
     """Whether ``host``'s settings, capped at what this CPU has, are this CPU's own dispatch
     in all three: ATen at its best, oneDNN capped at or above the CPU's best ISA, the
-    kernels built ``native``. (On an AVX2-only CPU both AVX-512 kinds are: capped, they are
-    the suite's own run.)"""
+    kernels built for a level with native's instruction-set branches (:func:`same_kernels`).
+    (On an AVX2-only CPU every kind but the generic one is: capped, they are the suite's
+    own run.)"""
     names = list(ONEDNN)
     above = names[names.index(host.onednn) + 1:] if host.onednn else []
     return (aten_here(host.aten) in (None, best_aten())
             and not any(has(ONEDNN[isa][1]) for isa in above)
-            and march_here(host.march) in (None, "native"))
+            and same_kernels(march_here(host.march)))
 
 
 # What a probe says of a process's dispatch and paths (not the timings of the verbose log).
@@ -332,12 +350,14 @@ def test_a_setting_the_cpu_cannot_honour_is_capped_and_one_it_can_is_checked(mon
 
 def test_a_kind_is_run_as_this_cpus_own_only_where_it_is(monkeypatch):
     """On the AVX2-only Zen 3 both AVX-512 kinds, capped, are its own dispatch (their
-    contract tests are the suite's own run); the AVX2 kind is not (its kernels are built
-    for x86-64-v3, not native), nor is the generic one. On an AMX host none is: each caps
-    something below what the CPU has."""
+    contract tests are the suite's own run), and so is the AVX2 kind: its kernels, built
+    for x86-64-v3, have native's AVX and AVX2 branches (and the builds are compared bit for
+    bit); the generic one is not. On an AMX host none is: each caps something below what
+    the CPU has."""
     module = sys.modules[__name__]
     monkeypatch.setattr(module, "cpu_flags", lambda: ZEN3)
-    assert [native_here(h) for h in HOSTS] == [True, True, False, False]
+    assert [native_here(h) for h in HOSTS] == [True, True, True, False]
+    assert same_kernels("x86-64-v3") and not same_kernels("x86-64")
     amx = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni",
                   "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
     monkeypatch.setattr(module, "cpu_flags", lambda: amx)
@@ -345,8 +365,9 @@ def test_a_kind_is_run_as_this_cpus_own_only_where_it_is(monkeypatch):
     assert [native_here(h) for h in HOSTS] == [False, False, False, False]
     no_bf16 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # Skylake-SP
     monkeypatch.setattr(module, "cpu_flags", lambda: no_bf16)
-    # avx512-bf16 capped is its own; avx512 builds the kernels for x86-64-v4, not native
-    assert [native_here(h) for h in HOSTS] == [True, False, False, False]
+    # avx512-bf16 capped is its own, and avx512: x86-64-v4 has native's AVX-512 branches
+    assert [native_here(h) for h in HOSTS] == [True, True, False, False]
+    assert not same_kernels("x86-64-v3")  # it lacks the AVX-512 branch native has
 
 
 def test_every_build_of_the_kernels_computes_the_same_numbers(monkeypatch):
