@@ -3,13 +3,16 @@ most 5% more).
 
 One process, one thread, 6,400 MNIST images at batch 64 (100 steps per epoch), the seed
 protocol's step with SGD's update. For each case, epochs alternate without probes and with
-``--probe all`` at the interval given, ``--rounds`` times, and the figure is the median
-epoch time with probes over the median without. The probed epoch's extra work: a forward of
-its own at each probe step (with the running statistics and the random generator put back),
-the percentiles of each norm's input, and the weights' and gradients' norms.
+the probes of ``--probe`` (default activations, weights and gradients) at the interval
+given, ``--rounds`` times, and the figure is the median epoch time with probes over the
+median without. The probed epoch's extra work: a forward of its own at each probe step
+(with the running statistics and the random generator put back), the percentiles of each
+norm's input, and the weights' and gradients' norms; with ``landscape``, five forward and
+backward passes more.
 
     python benchmarks/probe_cost.py                      # every case, intervals 25 and 1
     python benchmarks/probe_cost.py --every 25,100 --rounds 9
+    python benchmarks/probe_cost.py --probe landscape --every 50
     python benchmarks/probe_cost.py --isa avx2           # as an AVX2 host (fp32)
 """
 
@@ -29,11 +32,12 @@ CASES = {  # name: RunConfig fields
     "seed + GN (hand step)": {"norm": "gn"},
     "seed + FRN (autograd)": {"norm": "frn", "compile": "off"},
     "MLP + BN (autograd)": {"net": "mlp", "norm": "bn", "dropout": 0.0},
+    "seed, no norm (autograd)": {"norm": "none", "dropout": 0.0},
 }
 
 
 def measure(fields: dict, data, everies: list[int], rounds: int,
-            precision: str | None) -> dict:
+            precision: str | None, kinds: str = "activations,weights,gradients") -> dict:
     """Median epoch seconds of one case without probes (key None) and at each interval."""
     import torch
 
@@ -51,7 +55,7 @@ def measure(fields: dict, data, everies: list[int], rounds: int,
     step = accel.prepare(model, config.model, config.precision, compile=config.compile)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, foreach=True)
     probers = {e: Prober.for_run(model, RunConfig.from_dict(
-        {**config.to_dict(), "probe": "all", "probe_every": e})) for e in everies}
+        {**config.to_dict(), "probe": kinds, "probe_every": e})) for e in everies}
     times: dict = {None: [], **{e: [] for e in everies}}
     epochs = iter(range(1, 10_000))
 
@@ -76,6 +80,9 @@ def main() -> int:
     parser.add_argument("--every", default="25,1",
                         help="probe intervals in steps, comma-separated (default 25,1)")
     parser.add_argument("--rounds", type=int, default=7, help="alternations (default 7)")
+    parser.add_argument("--probe", default="activations,weights,gradients",
+                        help="the probes, as --probe takes them (default "
+                             "activations,weights,gradients)")
     isa.add_arguments(parser)
     args = parser.parse_args()
     precision = isa.apply(args)  # None: normlab's default for this CPU
@@ -90,13 +97,13 @@ def main() -> int:
     data = TensorData(ds.train_images[:6400], ds.train_labels[:6400], ds.mean, ds.std)
     everies = [int(e) for e in args.every.split(",")]
     print(f"host: {isa.dispatch()}; torch {torch.__version__}, 1 thread; "
-          f"{args.rounds} rounds of 100-step epochs, alternating")
+          f"{args.rounds} rounds of 100-step epochs, alternating; probes {args.probe}")
     print()
     print("| case | epoch without probes | " + " | ".join(
         f"with probes every {e} | ratio" for e in everies) + " |")
     print("|---|---:|" + "---:|---:|" * len(everies))
     for name, fields in CASES.items():
-        got = measure(fields, data, everies, args.rounds, precision)
+        got = measure(fields, data, everies, args.rounds, precision, args.probe)
         cells = []
         for e in everies:
             cells += [f"{got[e]:.2f} s", f"{got[e] / got[None]:.3f}"]
