@@ -58,7 +58,8 @@ def names(suite) -> list[str]:
 # Bundled suites added after 0.10.1 (no stored plan): what each is checked by instead.
 ADDED = {"bn-paper": "tests/test_probes.py (its report section at a test's size)",
          "weight-decay": "tests/test_probes.py (its report section at a test's size)",
-         "ics": "tests/test_probes.py (its report section at a test's size)"}
+         "ics": "tests/test_probes.py (its report section at a test's size)",
+         "depth": "tests/test_depth.py (its report section at a test's size)"}
 
 
 def test_every_bundled_suite_has_a_stored_plan():
@@ -106,7 +107,7 @@ def test_bundled_suites_plan_exactly_as_0_10_1(name, as_0_10_1):
 def test_the_study_suites_are_short_grids():
     folder = Path(load_suite("lr-range").source).parent
     for name in ("lr-range", "lr-range-quick", "batch-sizes", "batch-sizes-fashion",
-                 "ghost-batch", "running-stats", "bn-paper", "weight-decay", "ics"):
+                 "ghost-batch", "running-stats", "bn-paper", "weight-decay", "ics", "depth"):
         text = (folder / f"{name}.toml").read_text()
         assert text.count("[[variant]]") == 1 and "axes." in text, name
         assert len(text.splitlines()) < 60, name

@@ -40,6 +40,7 @@ from normlab.reports.tables import results_csv, summary_csv, summary_table
 from normlab.studies import (
     batchsize,
     bnpaper,
+    depth,
     ghost,
     ics,
     inside,
@@ -73,6 +74,7 @@ def study_parts(suite: SuiteResults, figs: Path) -> list[tuple[str, str, Parts]]
         ("bn-paper", bnpaper.TITLE, bnpaper.bn_paper_parts),
         ("weight-decay", weightdecay.TITLE, weightdecay.weight_decay_parts),
         ("ics", ics.TITLE, ics.ics_parts),
+        ("depth", depth.TITLE, depth.depth_parts),
         ("inside", inside.TITLE, inside.inside_parts),
         ("test-batch", testbatch.TITLE, _test_batch_parts),
     ]
