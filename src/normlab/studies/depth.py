@@ -467,7 +467,7 @@ def depth_figure(study: Study) -> Figure:
         ax.set_ylim(0, top * 1.02)
         ax.grid(True, alpha=0.3)
         ax.set_title({"plain": "plain net", "resnet": "ResNet"}[name], fontsize=10.5)
-        ax.legend(fontsize=7.5, frameon=False, loc="upper left", ncol=2)
+        ax.legend(fontsize=8, frameon=False, loc="lower right", ncol=2)  # below the lines
     axes["plain"].set_ylabel("training loss, last epoch (mean over its steps)")
     axes["plain"].annotate("ln 10: chance", (study.depths[-1], CHANCE), fontsize=8,
                            ha="right", va="bottom")
