@@ -379,8 +379,9 @@ def test_the_weight_decay_section_compares_each_regularizer_with_its_norm_alone(
 
 def test_the_ics_section_tests_santurkars_figures_on_the_probes(tmp_path):
     """The bundled ics study at a test's size (2 seeds, 2 epochs of 10 steps, probes every
-    5): its arms, a seed's landscape median and input movement by hand from probes.jsonl,
-    the family of 6, and each verdict's word as its comparisons say."""
+    5): its arms, a seed's landscape median and input movements by hand from probes.jsonl,
+    the family of 7, and each verdict's word as its comparisons say."""
+    import math
     import statistics
 
     from normlab.experiments import load_suite, run_suite
@@ -411,16 +412,20 @@ def test_the_ics_section_tests_santurkars_figures_on_the_probes(tmp_path):
         / (a["activations"][k]["p85"] - a["activations"][k]["p15"])
         for a, b in itertools.pairwise(records)) for k in layers)
     assert arms["bn"].movement()[1] == pytest.approx(by_hand)
+    spread = statistics.mean(statistics.mean(
+        abs(math.log(b["activations"][k]["std"] / a["activations"][k]["std"]))
+        for a, b in itertools.pairwise(records)) for k in layers)
+    assert arms["bn"].movement("spread")[1] == pytest.approx(spread)
     family = ics.comparisons(arms)
-    assert {c.family for c in family.members()} == {6}
+    assert {c.family for c in family.members()} == {7}
     assert all(c.seeds == 2 for c in family.members())
     blocks, images = ics.ics_parts(suite, tmp_path / "figs")
     md = to_markdown(blocks)
-    assert "**Statistics.** 6 comparisons in one family" in md
+    assert "**Statistics.** 7 comparisons in one family" in md
     shown = [c.direction == "up" for c in family.smooth]
     word = "**Yes**" if all(shown) else "**Partly**" if any(shown) else "**No**"
     assert f"Figure 4, {word}: without BN" in md
-    moves = family.noisy_moves.direction == "up"
+    moves = "up" in (family.noisy_moves.direction, family.noisy_spread.direction)
     as_good = family.noisy_acc.direction in ("none", "up")
     word = "**Yes**" if moves and as_good else "**Partly**" if moves or as_good else "**No**"
     assert f"Figure 2, {word}: noisy BN's layer inputs" in md

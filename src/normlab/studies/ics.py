@@ -6,10 +6,11 @@ with noisy BN), alike but for the norm, whose runs recorded ``landscape`` probes
 Figure 2, ``activations``). Per seed (the variants of a seed see the same batches: paired):
 
 - Figure 2: noisy BN's final test accuracy against BN's (the paper: as good), and how much
-  its layers' inputs move between probes against BN's (the paper: far more). The movement
-  of a layer's input is the mean, over consecutive probes, of |change of its median| over
-  its 15-85 percentile width; averaged over the norm layers after the first (the first
-  one's input is the image's convolution, which no noise reaches).
+  its layers' inputs move between probes against BN's (the paper: far more), in mean and
+  in spread: the mean, over consecutive probes, of |change of the input's median| over its
+  15-85 percentile width, and of |change of the log of its standard deviation|; each
+  averaged over the norm layers after the first (the first one's input is the image's
+  convolution, which no noise reaches).
 - Figure 4: without a norm against BN, the loss's range along the gradient direction, the
   largest change of the gradient along it ("gradient predictiveness") and the largest
   gradient change per distance moved ("effective beta-smoothness"), each the median over
@@ -82,29 +83,35 @@ class Arm:
             out[seed] = float(np.median(values))
         return out
 
-    def movement(self) -> dict[int, float]:
+    def movement(self, kind: str = "median") -> dict[int, float]:
         """Per seed, :func:`movement` of its activation records."""
         out = {}
         for seed, records in self.records.items():
-            got = movement(records)
+            got = movement(records, kind)
             if got is not None:
                 out[seed] = got
         return out
 
 
-def movement(records: list[dict]) -> float | None:
-    """How much the norm layers' inputs move between probes: per layer after the first, the
-    mean over consecutive probes of |median change| / the earlier probe's 15-85 width, then
-    the mean over layers (None without two activation records or a second layer)."""
+def movement(records: list[dict], kind: str = "median") -> float | None:
+    """How much the norm layers' inputs move between probes, per layer after the first,
+    averaged over consecutive probes then over layers: ``"median"``, |median change| over
+    the earlier probe's 15-85 width; ``"spread"``, |log(std / earlier std)|. None without
+    two activation records or a second layer."""
     acts = [r["activations"] for r in records if r.get("activations")]
     if len(acts) < 2:
         return None
-    layers = list(acts[0])[1:]
+
+    def change(a: dict, b: dict) -> float | None:
+        if kind == "spread":
+            return abs(math.log(b["std"] / a["std"])) if a["std"] > 0 < b["std"] else None
+        width = a["p85"] - a["p15"]
+        return abs(b["p50"] - a["p50"]) / width if width > 0 else None
+
     per_layer = []
-    for layer in layers:
-        steps = [abs(b[layer]["p50"] - a[layer]["p50"]) / (a[layer]["p85"] - a[layer]["p15"])
-                 for a, b in itertools.pairwise(acts)
-                 if layer in a and layer in b and a[layer]["p85"] > a[layer]["p15"]]
+    for layer in list(acts[0])[1:]:
+        steps = [c for a, b in itertools.pairwise(acts) if layer in a and layer in b
+                 and (c := change(a[layer], b[layer])) is not None]
         if steps:
             per_layer.append(float(np.mean(steps)))
     return float(np.mean(per_layer)) if per_layer else None
@@ -159,13 +166,14 @@ def _paired(name: str, a: dict[int, float], b: dict[int, float], log: bool = Fal
 @dataclass
 class Family:
     noisy_acc: Comparison | None  # noisy-bn − BN, final test accuracy (points)
-    noisy_moves: Comparison | None  # noisy-bn − BN, movement
+    noisy_moves: Comparison | None  # noisy-bn − BN, movement of the median
+    noisy_spread: Comparison | None  # noisy-bn − BN, movement of the spread
     bn_acc: Comparison  # BN − none, final test accuracy
     smooth: list[Comparison]  # log10(none / BN) of each of QUANTITIES
 
     def members(self) -> list[Comparison]:
-        return [c for c in (self.noisy_acc, self.noisy_moves, self.bn_acc, *self.smooth)
-                if c is not None]
+        return [c for c in (self.noisy_acc, self.noisy_moves, self.noisy_spread, self.bn_acc,
+                            *self.smooth) if c is not None]
 
 
 def comparisons(arms: dict[str, Arm]) -> Family:
@@ -173,8 +181,11 @@ def comparisons(arms: dict[str, Arm]) -> Family:
     family = Family(
         _paired("final test accuracy, noisy BN − BN (points)", noisy.final(), bn.final())
         if noisy else None,
-        _paired("layer inputs' movement between probes, noisy BN − BN (15-85 widths)",
+        _paired("layer inputs' median change between probes, noisy BN − BN (15-85 widths)",
                 noisy.movement(), bn.movement()) if noisy and noisy.movement() else None,
+        _paired("layer inputs' spread change between probes, noisy BN − BN (|Δ ln std|)",
+                noisy.movement("spread"), bn.movement("spread"))
+        if noisy and noisy.movement("spread") else None,
         _paired("final test accuracy, BN − none (points)", bn.final(), none.final()),
         [_paired(f"{text}, log10(none / BN)", none.landscape(key), bn.landscape(key),
                  log=True) for key, text in QUANTITIES])
@@ -210,7 +221,11 @@ def verdict(family: Family) -> list[str]:
     """One sentence per figure of the paper."""
     out = []
     if family.noisy_acc is not None:
-        moves = family.noisy_moves is not None and family.noisy_moves.direction == "up"
+        moved = [c for c in (family.noisy_moves, family.noisy_spread)
+                 if c is not None and c.direction == "up"]
+        moves = bool(moved)
+        how = " and ".join("in median" if c is family.noisy_moves else "in spread"
+                           for c in moved)
         as_good = family.noisy_acc.direction in ("none", "up")
         beats = family.bn_acc.direction == "up"
         word = ("**Yes**" if moves and as_good else "**Partly**" if moves or as_good
@@ -219,10 +234,11 @@ def verdict(family: Family) -> list[str]:
         within = f" (these seeds would see a difference of {r:.2f} points)" if r else ""
         accuracy = {"none": "does not differ resolvably from", "up": "is above",
                     "down": "is below"}.get(family.noisy_acc.direction, "is untested against")
+        motion = (f"move more than BN's {how}" if moves
+                  else "do not resolvably move more than BN's")
         out.append(
-            f"Figure 2, {word}: noisy BN's layer inputs "
-            f"{'move more than BN' if moves else 'do not resolvably move more than BN'}'s "
-            f"between probes, and its final test accuracy {accuracy} BN's{within}; BN "
+            f"Figure 2, {word}: noisy BN's layer inputs {motion} between probes, and its "
+            f"final test accuracy {accuracy} BN's{within}; BN "
             f"{'beats' if beats else 'does not resolvably beat'} no norm.")
     shown = [c.direction == "up" for c in family.smooth]
     word = "**Yes**" if all(shown) else "**Partly**" if any(shown) else "**No**"
@@ -290,9 +306,11 @@ def ics_blocks(arms: dict[str, Arm]) -> list[Block]:
     for arm in arms.values():
         final = list(arm.final().values())
         moved = list(arm.movement().values())
+        spread = list(arm.movement("spread").values())
         late = [arm.landscape(key) for key, _ in QUANTITIES]
         rows.append([arm.label, str(len(final)), f"{np.mean(final):.2f}" if final else "—",
                      f"{np.mean(moved):.3f}" if moved else "—",
+                     f"{np.mean(spread):.3f}" if spread else "—",
                      *(f"{np.median(list(v.values())):.3g}" if v else "—" for v in late)])
     config = arms["bn"].variant.config
     members = family.members()
@@ -301,6 +319,8 @@ def ics_blocks(arms: dict[str, Arm]) -> list[Block]:
     items = [_claim(family.noisy_acc, "noisy BN ends higher", "noisy BN ends lower"),
              _claim(family.noisy_moves, "noisy BN's layer inputs move more, as the paper's "
                     "Figure 2", "they move less than BN's", digits=3),
+             _claim(family.noisy_spread, "noisy BN's layer inputs change their spread more, "
+                    "as the paper's Figure 2", "they change it less than BN's", digits=3),
              _claim(family.bn_acc, "BN ends higher", "BN ends lower"),
              *(_claim(c, yes, "smaller without BN: the opposite of the paper", ratio=True)
                for c, yes in smooth)]
@@ -311,8 +331,9 @@ def ics_blocks(arms: dict[str, Arm]) -> list[Block]:
              f"{config.probe_every} steps; the landscape at η = "
              f"{', '.join(f'{k:g}' for k in probes.LANDSCAPE_STEPS)} × lr along −g on the "
              "step's own batch."),
-        Table(["variant", "seeds", "final test acc. %", "inputs' movement",
-               *(f"{text} (2nd half, median)" for _, text in QUANTITIES)], rows, "lrrrrrr"),
+        Table(["variant", "seeds", "final test acc. %", "inputs' median change",
+               "inputs' |Δ ln std|", *(f"{text} (2nd half, median)" for _, text in QUANTITIES)],
+              rows, "lrrrrrrr"),
         *(Para(v) for v in verdict(family)),
         Heading("The paper's claims, tested", 3),
         Bullets([i for i in items if i != "not measured"]),
