@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from normlab import probes
 from normlab.reports.collect import SuiteResults, VariantResults
@@ -72,9 +73,13 @@ class Arm:
 
     def landscape(self, key: str) -> dict[int, float]:
         """Per seed, the median of ``key`` (:func:`normlab.probes.smoothness`) over the
-        probes of the second half of training."""
+        probes of the second half of training; the seeds that trained every epoch only (a
+        diverged run's probes end where it stopped)."""
         out = {}
+        whole = set(_whole(self))
         for seed, records in self.records.items():
+            if seed not in whole:
+                continue
             late = [r for r in records if r.get("landscape")]
             if not late:
                 continue
@@ -254,9 +259,16 @@ def verdict(family: Family) -> list[str]:
 # ----------------------------------------------------------------------------- figure
 
 
+def _whole(arm: Arm) -> list[int]:
+    """The seeds whose runs trained every epoch (a diverged run stops early)."""
+    longest = max((len(m) for m in arm.metrics.values()), default=0)
+    return sorted(s for s, m in arm.metrics.items() if len(m) == longest)
+
+
 def _by_step(arm: Arm, key: str) -> tuple[list[int], list[float]]:
-    """Probe steps every seed has, and the geometric mean over seeds of ``key`` there."""
-    seeds = [s for s in arm.records if any(r.get("landscape") for r in arm.records[s])]
+    """Probe steps every seed that trained every epoch has, and the geometric mean over
+    those seeds of ``key`` there."""
+    seeds = [s for s in _whole(arm) if any(r.get("landscape") for r in arm.records.get(s, []))]
     if not seeds:
         return [], []
     tables = [{r["step"]: probes.smoothness(r)[key] for r in arm.records[s]
@@ -274,18 +286,21 @@ def ics_figure(arms: dict[str, Arm]) -> Figure:
     axes = fig.subplots(1, 4)
     for norm, arm in arms.items():
         colour = NORM_COLOURS.get(norm, "#e377c2")
-        seeds = sorted(arm.metrics)
+        seeds = _whole(arm)
         if seeds:
-            epochs = min(len(arm.metrics[s]) for s in seeds)
+            epochs = len(arm.metrics[seeds[0]])
             acc = [np.mean([arm.metrics[s][e]["test_acc"] for s in seeds])
                    for e in range(epochs)]
+            left = len(arm.metrics) - len(seeds)
+            label = arm.label + (f" ({left} diverged, left out)" if left else "")
             axes[0].plot(range(1, epochs + 1), acc, color=colour, marker="o", markersize=3,
-                         label=arm.label)
+                         label=label)
         for ax, (key, _) in zip(axes[1:], QUANTITIES, strict=True):
             steps, values = _by_step(arm, key)
             ax.plot(steps, values, color=colour, linewidth=1.2, label=arm.label)
-    axes[0].set_title("test accuracy % (mean over seeds)", fontsize=10)
+    axes[0].set_title("test accuracy % (mean over the seeds that trained)", fontsize=10)
     axes[0].set_xlabel("epoch")
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].legend(fontsize=8, frameon=False, loc="lower right")
     titles = ("loss range along -g", "max ||g(w - ηg) - g||", "max ||Δg|| / ||ηg|| (β)")
     for ax, title in zip(axes[1:], titles, strict=True):
@@ -345,8 +360,24 @@ def ics_blocks(arms: dict[str, Arm]) -> list[Block]:
                  f"{c.name} ×{10 ** c.resolvable:.2f}" if c in family.smooth else
                  f"{c.name} {c.resolvable:.3g}" for c in members if c.resolvable is not None)
              + ". Without BN the network is slower to leave its first steps, so its "
-               "landscape is compared over the second half of training."),
+               "landscape is compared over the second half of training." + _diverged(arms)),
     ]
+
+
+def _diverged(arms: dict[str, Arm]) -> str:
+    """Which runs stopped early (normlab's divergence rule), in words; '' when none did."""
+    parts = []
+    for arm in arms.values():
+        early = sorted(set(arm.metrics) - set(_whole(arm)))
+        if early:
+            parts.append(f"{arm.label} on seed{'s' if len(early) > 1 else ''} "
+                         f"{', '.join(map(str, early))}")
+    if not parts:
+        return ""
+    return (f" Diverged (stopped early, at chance or not finite): {'; '.join(parts)}. Their "
+            "final accuracy counts in the accuracy comparisons; their landscape, which "
+            "ends where they stopped, is left out of the log ratios. A variant without a "
+            "norm layer has no norm input to probe (—).")
 
 
 def ics_parts(suite: SuiteResults, figs_dir: str | Path
@@ -360,4 +391,5 @@ def ics_parts(suite: SuiteResults, figs_dir: str | Path
         Path(figs_dir) / FIGURE, "Santurkar et al.'s Figures 2 and 4",
         "Test accuracy per epoch, and along the gradient direction at each probe: the "
         "loss's range, the largest gradient change and the effective β-smoothness, for no "
-        "norm, BN and noisy BN (geometric means over seeds, log scale).")
+        "norm, BN and noisy BN (geometric means over the seeds that trained every epoch, "
+        "log scale).")
