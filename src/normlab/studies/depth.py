@@ -328,12 +328,11 @@ def he_verdict(found: Tests) -> str:
     r_up = [_norm_of(res[k]) for k in keys if res[k].comparison.direction == "up"]
     r_down = [_norm_of(res[k]) for k in keys if res[k].comparison.direction == "down"]
     r_flat = [_norm_of(res[k]) for k in keys if res[k].comparison.direction == "none"]
-    parts = [f"from depth {t0.low} to {t0.high} the plain net's training loss rises "
-             f"resolvably with {_names(rises)}"]
+    parts = [f"rises resolvably with {_names(rises)}"] if rises else []
     if flat:
-        parts.append(f"not resolvably with {_names(flat)}")
+        parts.append(f"does not change resolvably with {_names(flat)}")
     if falls:
-        parts.append(f"and falls with {_names(falls)}")
+        parts.append(f"falls with {_names(falls)}")
     res_parts = []
     if r_down:
         res_parts.append(f"falls with {_names(r_down)}")
@@ -342,7 +341,8 @@ def he_verdict(found: Tests) -> str:
     if r_up:
         res_parts.append(f"rises with {_names(r_up)}, against the claim")
     return (f"{word} (He et al.'s degradation, shown with {len(shows)} of {len(keys)} norms): "
-            + "; ".join(parts) + ". The ResNet's " + "; it ".join(res_parts) + ".")
+            + f"from depth {t0.low} to {t0.high} the plain net's training loss "
+            + "; it ".join(parts) + ". The ResNet's " + "; it ".join(res_parts) + ".")
 
 
 def de_smith_verdict(study: Study, found: Tests) -> str:
