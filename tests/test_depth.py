@@ -111,6 +111,13 @@ def test_the_depth_section_tests_degradation_and_the_normalizer_free_nets(depth_
     trains = [x for x in inits if x.trainable_depth() == 14]
     assert (("**No** (De & Smith)" in md) == (not trains))
     assert "trainable to" in md and "**Trainable depth**" in md
+    # lines that do not train even at the shallowest depth are named: the budget, not depth
+    short = [x.label for x in study.lines
+             if not all(x.points[min(x.points)].trains().values())]
+    assert (f"**The budget is too short for {len(short)} of {len(study.lines)} lines:**"
+            in md) == bool(short)
+    if short:
+        assert "; ".join(short) in md
     assert images and images[0].path.name == depth.FIGURE and images[0].path.stat().st_size
 
 

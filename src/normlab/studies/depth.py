@@ -392,9 +392,19 @@ def _trainable_text(study: Study) -> str:
     for x in study.lines:
         d = x.trainable_depth()
         parts.append(f"{x.label} {d if d is not None else 'none'}")
-    return ("**Trainable depth** (the deepest at which every seed's last-epoch training loss "
+    text = ("**Trainable depth** (the deepest at which every seed's last-epoch training loss "
             f"is below {TRAINS_BELOW:.2f}, 0.5 under chance's ln 10, without diverging, every "
             "shallower depth too): " + "; ".join(parts) + ".")
+    short = [x.label for x in study.lines if x.points and not all(
+        x.points[min(x.points)].trains().values())]
+    if short:
+        text += (f" **The budget is too short for {len(short)} of {len(study.lines)} lines:** "
+                 f"{'; '.join(short)} do not train on every seed even at the shallowest "
+                 "depth, "
+                 "so what their deeper runs show is the budget, not depth. Train longer "
+                 "(a copy of the suite file with more epochs or a larger subset) before "
+                 "reading their verdicts.")
+    return text
 
 
 def _statistics_text(found: Tests) -> str:
