@@ -236,7 +236,8 @@ def verdict(family: Family) -> list[str]:
         word = ("**Yes**" if moves and as_good else "**Partly**" if moves or as_good
                 else "**No**")
         r = family.noisy_acc.resolvable
-        within = f" (these seeds would see a difference of {r:.2f} points)" if r else ""
+        within = (f" (these seeds would see a difference of {r:.2f} points)"
+                  if r and family.noisy_acc.direction == "none" else "")
         accuracy = {"none": "does not differ resolvably from", "up": "is above",
                     "down": "is below"}.get(family.noisy_acc.direction, "is untested against")
         motion = (f"move more than BN's {how}" if moves
