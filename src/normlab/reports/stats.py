@@ -231,6 +231,30 @@ class Comparison:
         return None
 
 
+def holm_text(c: Comparison) -> str:
+    """``Holm p = 0.012`` (or ``< 0.001``) of a tested comparison."""
+    return "Holm p < 0.001" if c.p_holm < 0.001 else f"Holm p = {c.p_holm:.3f}"
+
+
+def claim_text(c: Comparison, yes: str, opposite: str,
+               value: Callable[[float], str] = lambda x: f"{x:+.2f}") -> str:
+    """A paper's claim tested: ``c``'s estimate over its seeds with its 95% interval and
+    Holm p, then **yes** (resolved up), **opposite** (resolved down) or **not resolved**
+    with the smallest difference its seeds resolve; each number written by ``value``."""
+    if not c.tested:
+        return f"{c.name}: {value(c.estimate)} on one seed, not tested (--seeds 3 or more)."
+    lo, hi = c.interval
+    head = (f"{c.name}: {value(c.estimate)} over {c.seeds} seeds (95% interval "
+            f"[{value(lo)}, {value(hi)}], {holm_text(c)}")
+    if c.direction == "up":
+        return head + f"): **{yes}**."
+    if c.direction == "down":
+        return head + f"): **{opposite}**."
+    r = c.resolvable
+    size = f"; these seeds resolve {value(r).lstrip('+')} or more" if r is not None else ""
+    return head + f"{size}): **not resolved**."
+
+
 def resolvable(se: float, df: float, level: float, power: float = POWER) -> float:
     """The true difference a two-sided t test at ``level`` (standard error ``se``, ``df``
     degrees of freedom) finds with ``power``: solved on the noncentral t's power, exact at

@@ -29,7 +29,7 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import NORM_COLOURS, figure_section
 from normlab.reports.page import Image
-from normlab.reports.stats import ALPHA, POWER, Comparison, holm, one_sample
+from normlab.reports.stats import ALPHA, POWER, Comparison, claim_text, holm, one_sample
 
 TITLE = "The BN paper's Figure 1"
 FIGURE = "bn_paper.png"
@@ -122,29 +122,6 @@ def comparisons(study: Study) -> list[Comparison]:
     moved = [b - a for a, b in moved if a is not None and b is not None]
     family.append(one_sample("median's drift in 15-85 widths, none − BN", moved))
     return holm(family)
-
-
-def _pts(x: float) -> str:
-    return f"{x:+.2f}"
-
-
-def _p(c: Comparison) -> str:
-    return "Holm p < 0.001" if c.p_holm < 0.001 else f"Holm p = {c.p_holm:.3f}"
-
-
-def _claim(c: Comparison, yes: str, no: str) -> str:
-    if not c.tested:
-        return f"{c.name}: {_pts(c.estimate)} on one seed, not tested (--seeds 3 or more)."
-    lo, hi = c.interval
-    head = (f"{c.name}: {_pts(c.estimate)} over {c.seeds} seeds (95% interval "
-            f"[{_pts(lo)}, {_pts(hi)}], {_p(c)}")
-    if c.direction == "up":
-        return head + f"): **{yes}**."
-    if c.direction == "down":
-        return head + f"): **the opposite**: {no}."
-    r = c.resolvable
-    resolvable = f"; these seeds resolve {r:.2f} or more" if r is not None else ""
-    return head + f"{resolvable}): **not resolved**."
 
 
 def verdict(family: list[Comparison]) -> str:
@@ -243,12 +220,12 @@ def bn_paper_blocks(study: Study) -> list[Block]:
         Para(verdict(family)),
         Heading("The paper's claims, tested", 3),
         Bullets([
-            _claim(family[0], "BN ends higher, as the paper found",
-                   "BN ends lower than no norm"),
-            _claim(family[1], "BN is ahead early: it trains faster, as the paper found",
-                   "BN is behind early"),
-            _claim(family[2], "the sigmoid input moves less with BN, as the paper's (b, c)",
-                   "it moves more with BN"),
+            claim_text(family[0], "BN ends higher, as the paper found",
+                       "the opposite: BN ends lower than no norm"),
+            claim_text(family[1], "BN is ahead early: it trains faster, as the paper found",
+                       "the opposite: BN is behind early"),
+            claim_text(family[2], "the sigmoid input moves less with BN, as the paper's "
+                       "(b, c)", "the opposite: it moves more with BN"),
         ]),
         Para(f"**Statistics.** {m} comparisons in one family, each a one-sample t on the "
              "per-seed differences (BN and no norm share a seed's batches and initial "

@@ -37,7 +37,7 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import NORM_COLOURS, figure_section
 from normlab.reports.page import Image
-from normlab.reports.stats import ALPHA, POWER, Comparison, holm, one_sample
+from normlab.reports.stats import ALPHA, POWER, Comparison, claim_text, holm, one_sample
 
 TITLE = "Internal covariate shift and smoothness (Santurkar et al.)"
 FIGURE = "ics.png"
@@ -198,28 +198,12 @@ def comparisons(arms: dict[str, Arm]) -> Family:
     return family
 
 
-def _p(c: Comparison) -> str:
-    return "Holm p < 0.001" if c.p_holm < 0.001 else f"Holm p = {c.p_holm:.3f}"
-
-
 def _claim(c: Comparison | None, yes: str, opposite: str, digits: int = 2,
            ratio: bool = False) -> str:
     if c is None:
         return "not measured"
-    value = (lambda x: f"×{10 ** x:.2f}") if ratio else (lambda x: f"{x:+.{digits}f}")
-    if not c.tested:
-        return f"{c.name}: {value(c.estimate)} on one seed, not tested (--seeds 3 or more)."
-    lo, hi = c.interval
-    head = (f"{c.name}: {value(c.estimate)} over {c.seeds} seeds (95% interval "
-            f"[{value(lo)}, {value(hi)}], {_p(c)}")
-    if c.direction == "up":
-        return head + f"): **{yes}**."
-    if c.direction == "down":
-        return head + f"): **{opposite}**."
-    r = c.resolvable
-    size = ((f"; these seeds resolve a ratio of ×{10 ** r:.2f} or more" if ratio else
-             f"; these seeds resolve {r:.{digits}f} or more") if r is not None else "")
-    return head + f"{size}): **not resolved**."
+    return claim_text(c, yes, opposite, (lambda x: f"×{10 ** x:.2f}") if ratio
+                      else (lambda x: f"{x:+.{digits}f}"))
 
 
 def verdict(family: Family) -> list[str]:
