@@ -336,25 +336,38 @@ def test_no_probes_no_section(tmp_path):
     assert bnpaper.bn_paper_parts(suite, tmp_path) is None  # the study needs the probes
 
 
+def quick_study(tmp_path, name: str, changes: dict[str, str]) -> Path:
+    """The bundled suite ``name`` with each line of ``changes`` replaced (each checked to
+    be there), its runs trained in this process; not its report (whose test-batch section
+    evaluates every checkpoint): the tests build the sections they check."""
+    import normlab.reports
+    from normlab.experiments import load_suite, run_suite
+
+    text = Path(load_suite(name).source).read_text()
+    for old, new in changes.items():
+        assert old in text, old  # the bundled file's line
+        text = text.replace(old, new)
+    (tmp_path / f"{name}.toml").write_text(text)
+    out = tmp_path / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
+        run_suite(load_suite(tmp_path / f"{name}.toml"), out, threads=1, device="cpu",
+                  quiet=True, log=lambda _: None)
+    return out
+
+
 def test_the_weight_decay_section_compares_each_regularizer_with_its_norm_alone(tmp_path):
     """The bundled weight-decay study at a test's size (2 seeds, 2 epochs of 10 steps): its
     arms, the weights' norm at the
     last probe by hand from probes.jsonl, the family of 12 comparisons, the verdict's word
     as its comparisons say."""
-    from normlab.experiments import load_suite, run_suite
     from normlab.reports import load_results
     from normlab.reports.doc import to_markdown
     from normlab.studies import weightdecay
 
-    source = Path(load_suite("weight-decay").source).read_text()
-    text = (source.replace("epochs = 6", "epochs = 2").replace("seeds = 6", "seeds = 2")
-            .replace("subset = 20000", "subset = 640").replace("probe_every = 50",
-                                                                "probe_every = 5"))
-    assert "seeds = 2" in text and "subset = 640" in text  # the bundled file's lines, replaced
-    (tmp_path / "wd.toml").write_text(text)
-    out = tmp_path / "out"
-    run_suite(load_suite(tmp_path / "wd.toml"), out, threads=1, device="cpu", quiet=True,
-              log=lambda _: None)  # the runs alone: the bn-paper test builds a whole report
+    out = quick_study(tmp_path, "weight-decay", {
+        "epochs = 6": "epochs = 2", "seeds = 6": "seeds = 2", "subset = 20000": "subset = 640",
+        "probe_every = 50": "probe_every = 5"})
     suite = load_results(out)
     arms = weightdecay.find_study(suite)
     assert [(a.norm, a.reg) for a in arms] == [("bn", "none"), ("bn", "L2"), ("bn", "L1"),
@@ -384,21 +397,14 @@ def test_the_ics_section_tests_santurkars_figures_on_the_probes(tmp_path):
     import math
     import statistics
 
-    from normlab.experiments import load_suite, run_suite
     from normlab.probes import smoothness
     from normlab.reports import load_results
     from normlab.reports.doc import to_markdown
     from normlab.studies import ics
 
-    source = Path(load_suite("ics").source).read_text()
-    text = (source.replace("epochs = 4", "epochs = 2").replace("seeds = 10", "seeds = 2")
-            .replace("subset = 20000", "subset = 640").replace("probe_every = 50",
-                                                                "probe_every = 5"))
-    assert "seeds = 2" in text and "subset = 640" in text  # the bundled file's lines, replaced
-    (tmp_path / "ics.toml").write_text(text)
-    out = tmp_path / "out"
-    run_suite(load_suite(tmp_path / "ics.toml"), out, threads=1, device="cpu", quiet=True,
-              log=lambda _: None)
+    out = quick_study(tmp_path, "ics", {
+        "epochs = 4": "epochs = 2", "seeds = 10": "seeds = 2", "subset = 20000": "subset = 640",
+        "probe_every = 50": "probe_every = 5"})
     suite = load_results(out)
     arms = ics.find_study(suite)
     assert list(arms) == ["none", "bn", "noisy-bn"]
