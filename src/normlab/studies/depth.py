@@ -438,7 +438,7 @@ def _style(x: Line) -> tuple[str, str, str]:
 
 
 def depth_figure(study: Study) -> Figure:
-    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    fig = Figure(figsize=(13, 5.6), layout="constrained")
     axes = dict(zip(("plain", "resnet"), fig.subplots(1, 2, sharey=True), strict=True))
     top = CHANCE * 1.12
     for x in study.lines:
@@ -477,7 +477,8 @@ def depth_figure(study: Study) -> Figure:
         ax.set_ylim(0, top * 1.02)
         ax.grid(True, alpha=0.3)
         ax.set_title({"plain": "plain net", "resnet": "ResNet"}[name], fontsize=10.5)
-        ax.legend(fontsize=8, frameon=False, loc="lower right", ncol=2)  # below the lines
+        ax.legend(fontsize=8, frameon=False, loc="upper center", ncol=3,
+                  bbox_to_anchor=(0.5, -0.16))  # under the axes: lines run everywhere
     axes["plain"].set_ylabel("training loss, last epoch (mean over its steps)")
     axes["plain"].annotate("ln 10: chance", (study.depths[-1], CHANCE), fontsize=8,
                            ha="right", va="bottom")
