@@ -237,22 +237,23 @@ def holm_text(c: Comparison) -> str:
 
 
 def claim_text(c: Comparison, yes: str, opposite: str,
-               value: Callable[[float], str] = lambda x: f"{x:+.2f}") -> str:
+               value: Callable[[float], str] = lambda x: f"{x:+.2f}", note: str = "") -> str:
     """A paper's claim tested: ``c``'s estimate over its seeds with its 95% interval and
     Holm p, then **yes** (resolved up), **opposite** (resolved down) or **not resolved**
-    with the smallest difference its seeds resolve; each number written by ``value``."""
+    with the smallest difference its seeds resolve; each number written by ``value``,
+    ``note`` (``"; ..."``) closing the parenthesis."""
     if not c.tested:
         return f"{c.name}: {value(c.estimate)} on one seed, not tested (--seeds 3 or more)."
     lo, hi = c.interval
     head = (f"{c.name}: {value(c.estimate)} over {c.seeds} seeds (95% interval "
             f"[{value(lo)}, {value(hi)}], {holm_text(c)}")
     if c.direction == "up":
-        return head + f"): **{yes}**."
+        return head + f"{note}): **{yes}**."
     if c.direction == "down":
-        return head + f"): **{opposite}**."
+        return head + f"{note}): **{opposite}**."
     r = c.resolvable
     size = f"; these seeds resolve {value(r).lstrip('+')} or more" if r is not None else ""
-    return head + f"{size}): **not resolved**."
+    return head + f"{size}{note}): **not resolved**."
 
 
 def resolvable(se: float, df: float, level: float, power: float = POWER) -> float:

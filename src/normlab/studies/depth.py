@@ -40,7 +40,7 @@ from normlab.reports.collect import SuiteResults, VariantResults
 from normlab.reports.doc import Block, Bullets, Heading, Para, Table
 from normlab.reports.figures import EXTRA_COLOURS, NORM_COLOURS, NORM_ORDER, figure_section
 from normlab.reports.page import Image
-from normlab.reports.stats import Comparison, family_note, holm, one_sample
+from normlab.reports.stats import Comparison, claim_text, family_note, holm, one_sample
 
 TITLE = "Depth: how deep each norm trains"
 FIGURE = "depth.png"
@@ -276,10 +276,6 @@ def _pts(x: float) -> str:
     return f"{x:+.2f}"
 
 
-def _p(c: Comparison) -> str:
-    return "Holm p < 0.001" if c.p_holm < 0.001 else f"Holm p = {c.p_holm:.3f}"
-
-
 def _names(items: list[str]) -> str:
     if not items:
         return "none"
@@ -294,13 +290,7 @@ def _test_text(t: Test, up: str, down: str) -> str:
         return f"{t.line.label}: not tested, every run's loss at an end is nan/inf (diverged)."
     if not c.tested:
         return f"{c.name}: {_pts(c.estimate)} on one seed{dropped}: no interval, not tested."
-    lo, hi = c.interval
-    word = {"up": f"**{up}**", "down": f"**{down}**", "none": "**not resolved**"}[c.direction]
-    extra = ""
-    if c.direction == "none" and c.resolvable is not None:
-        extra = f"; these seeds resolve {c.resolvable:.2f} or more"
-    return (f"{c.name}: {_pts(c.estimate)} over {c.seeds} seeds (95% interval "
-            f"[{_pts(lo)}, {_pts(hi)}], {_p(c)}{extra}{dropped}): {word}.")
+    return claim_text(c, up, down, _pts, dropped)
 
 
 def _norm_of(t: Test) -> str:
