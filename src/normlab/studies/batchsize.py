@@ -286,8 +286,6 @@ def tests(study: Study) -> Tests:
             if ref.norm in REFERENCES and (i := interaction(bn, ref)) is not None:
                 found.append(i)
     result = Tests(trends, found)
-    for c in result.family:
-        c.p_holm = None
     holm(result.family)
     return result
 

@@ -263,8 +263,6 @@ def tests(study: Study) -> Tests:
         free = [t for x in study.lines if x.norm == "none" and x.arch != "plain"
                 and (t := against_bn(x, bn)) is not None]
     found = Tests(deg, free)
-    for c in found.family:
-        c.p_holm = None
     holm(found.family)
     return found
 
