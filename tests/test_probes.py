@@ -99,19 +99,24 @@ def test_a_probed_run_trains_to_the_unprobed_runs_numbers(model, small, tmp_path
 # ----------------------------------------------------------------------------- the numbers
 
 
+def fused_and_reference(mc: ModelConfig):
+    """The seed's network of ``mc`` with normlab's fused modules (seed 0), and the plain
+    :class:`Net` with the same weights, both in training mode."""
+    from normlab.accel import accelerated_net
+
+    torch.manual_seed(0)
+    model = accelerated_net(mc)
+    reference = Net.from_config(mc)
+    reference.load_state_dict(model.state_dict())
+    return model.train(), reference.train()
+
+
 def test_the_records_are_the_quantities_computed_directly():
     """On the seed's network with BN fused (ReLU folded into the norm): each norm's input
     is the ReLU's output, its percentiles torch.quantile's; the gradient norms are .grad's;
     the relative update is ||w' - w|| / ||w||; the forward changed nothing it touched."""
-    from normlab.accel import accelerated_net
-
-    torch.manual_seed(0)
     mc = ModelConfig(norms=("bn",), dropout=0.1)
-    model = accelerated_net(mc)
-    model.train()
-    reference = Net.from_config(mc)
-    reference.load_state_dict(model.state_dict())
-    reference.train()
+    model, reference = fused_and_reference(mc)
     x = torch.randn(16, 1, 28, 28)
     prober = Prober(model, KINDS, 1, probe_points(model, norm_classes(mc), "seed"))
     state = [b.clone() for b in model.buffers()]
@@ -157,16 +162,9 @@ def test_the_landscape_is_the_loss_and_gradient_along_the_gradient_computed_dire
     """On the seed's network with BN fused: the loss and gradient at w and at w - eta g
     equal those of the unfused network computed by hand; Santurkar's three quantities
     follow from them; the weights, gradients, buffers and random state are put back."""
-    from normlab.accel import accelerated_net
     from normlab.probes import LANDSCAPE_STEPS, landscape, smoothness
 
-    torch.manual_seed(0)
-    mc = ModelConfig(norms=("bn",), dropout=0.0)
-    model = accelerated_net(mc)
-    model.train()
-    reference = Net.from_config(mc)
-    reference.load_state_dict(model.state_dict())
-    reference.train()
+    model, reference = fused_and_reference(ModelConfig(norms=("bn",), dropout=0.0))
     x, y = torch.randn(32, 1, 28, 28), torch.arange(32) % 10
     before = [p.detach().clone() for p in model.parameters()]
     state = [b.clone() for b in model.buffers()]
