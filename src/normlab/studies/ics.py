@@ -199,9 +199,10 @@ def comparisons(arms: dict[str, Arm]) -> Family:
 
 
 def _claim(c: Comparison | None, yes: str, opposite: str, digits: int = 2,
-           ratio: bool = False) -> str:
+           ratio: bool = False) -> str | None:
+    """``c``'s claim_text (None where ``c`` was not measured: no noisy BN variant)."""
     if c is None:
-        return "not measured"
+        return None
     return claim_text(c, yes, opposite, (lambda x: f"×{10 ** x:.2f}") if ratio
                       else (lambda x: f"{x:+.{digits}f}"))
 
@@ -336,7 +337,7 @@ def ics_blocks(arms: dict[str, Arm]) -> list[Block]:
               rows, "lrrrrrrr"),
         *(Para(v) for v in verdict(family)),
         Heading("The paper's claims, tested", 3),
-        Bullets([i for i in items if i != "not measured"]),
+        Bullets([i for i in items if i is not None]),
         Para(f"**Statistics.** {m} comparisons in one family, each a one-sample t on the "
              "per-seed differences (the variants of a seed share its batches and initial "
              f"weights; the landscape as log10 ratios); the family-wise error held at "
