@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from conftest import suite_toml
 from normlab import accel
 from normlab.accel.normdrop import BatchNormDropout
 from normlab.models import ModelConfig, Net
@@ -315,6 +316,38 @@ def test_the_report_section(suite_dir, small, tmp_path):
     unfinished = tmp_path / "unfinished"
     train(config(epochs=2), unfinished / "bn/seed1", data=small, until=1)
     assert tb.test_batch_parts(load_results(unfinished), tmp_path / "f2", test=small[1]) is None
+
+
+def test_a_suite_that_leaves_the_section_out_gets_a_sentence_and_nothing_computed(
+        suite_dir, small, tmp_path):
+    """``test_batch = false`` in a suite's file goes into suite.json, and the report's
+    section then says how to add it instead of evaluating any checkpoint."""
+    import shutil
+
+    from normlab.experiments import load_suite
+    from normlab.experiments.plan import manifest
+
+    root = tmp_path / "copy"
+    shutil.copytree(suite_dir, root)
+    for cache in root.rglob(tb.CACHE):
+        cache.unlink()
+    text = suite_toml(("bn", {"norm": "bn"}), ("gn", {"norm": "gn"}), ("ln", {"norm": "ln"}),
+                      seeds="[1, 2]")
+    path = tmp_path / "study.toml"
+    for flag, written in (("", None), ("test_batch = true\n", None),
+                          ("test_batch = false\n", False)):
+        path.write_text(flag + text)
+        data = manifest(load_suite(path), [1, 2])
+        assert data.get("test_batch") is written
+    (root / "suite.json").write_text(json.dumps(data))
+    suite = load_results(root)
+    assert suite.test_batch is False
+    blocks, images = tb.test_batch_parts(suite, tmp_path / "figs", test=small[1],
+                                         progress=None)
+    assert images == [] and "sets test_batch = false" in to_markdown(blocks)
+    assert not list(root.rglob(tb.CACHE)) and not (tmp_path / "figs").exists()
+    (root / "suite.json").write_text(json.dumps({**data, "test_batch": True}))
+    assert load_results(root).test_batch is True
 
 
 def test_the_cache_is_used_and_a_changed_run_is_computed_again(suite_dir, small):

@@ -321,6 +321,8 @@ BAD = [
     (("l1 = 0.0001", "l1 = 0.0001\nl1_scope = \"bias\""), 23,
      ["l1_scope must be one of all, conv"]),
     (("label = \"BN\"", "label = \"BN {lambda}\""), 15, ["bad placeholder", "{l1}"]),
+    (("subset = 300", "subset = 300\ntest_batch = \"no\""), 6,
+     ["test_batch must be true or false, got 'no'"]),
 ]
 
 

@@ -105,8 +105,9 @@ def config_entry(config: RunConfig) -> dict[str, Any]:
 
 
 def manifest(suite: Suite, seeds: list[int] | tuple[int, ...]) -> dict[str, Any]:
-    """The content of suite.json for ``seeds`` (the schema the report reads)."""
-    return {
+    """The content of suite.json for ``seeds`` (the schema the report reads); its
+    ``test_batch`` is written only where the suite leaves that section out."""
+    out = {
         "name": suite.name,
         "description": suite.description,
         "source": str(suite.source),
@@ -120,6 +121,9 @@ def manifest(suite: Suite, seeds: list[int] | tuple[int, ...]) -> dict[str, Any]
             {"variant": v.name, "seed": s, "dir": run_dir(v.name, s)} for v, s in suite.runs(seeds)
         ],
     }
+    if not suite.test_batch:
+        out["test_batch"] = False
+    return out
 
 
 def _canonical(entry: dict[str, Any]) -> dict[str, Any]:

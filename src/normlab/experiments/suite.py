@@ -14,6 +14,8 @@ A suite is a TOML file::
     precise_bn = true                # optional: also evaluate with PreciseBN statistics
     compile = "off"                  # optional: autograd for the steps normlab would compile
                                      # (the zoo, other nets: inductor where g++ is found)
+    test_batch = false               # optional: leave the report's test-batch section out
+                                     # (it evaluates every checkpoint in five modes)
 
     [protocol]
     name = "seed"                    # a named protocol (normlab.training.PROTOCOLS)
@@ -102,7 +104,7 @@ from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precisi
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "augment",
-            "compile", "precise_bn", "probe", "probe_every", "protocol", "variant")
+            "compile", "precise_bn", "probe", "probe_every", "protocol", "test_batch", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
 VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "probe",
                 "probe_every", "protocol", *GRID_KEYS)
@@ -138,6 +140,7 @@ class Suite:
     seeds: tuple[int, ...]
     subset: int | None
     variants: tuple[Variant, ...]
+    test_batch: bool = True  # the report's test-batch section (suite.json says when False)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -229,6 +232,9 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     if not isinstance(description, str):
         fail(f"description must be a string, got {description!r}", "description")
     seeds = parse_seeds(data.get("seeds", [1]), lambda msg: fail(msg, "seeds"))
+    test_batch = data.get("test_batch", True)
+    if not isinstance(test_batch, bool):
+        fail(f"test_batch must be true or false, got {test_batch!r}", "test_batch")
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
               "precision": data.get("precision") or default_precision(), "protocol": protocol}
@@ -262,7 +268,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     return Suite(
         name=name, description=description.strip(), source=path.resolve(),
         dataset=shared["dataset"], protocol=protocol, seeds=tuple(seeds),
-        subset=shared["subset"], variants=tuple(variants),
+        subset=shared["subset"], variants=tuple(variants), test_batch=test_batch,
     )
 
 

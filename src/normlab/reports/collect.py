@@ -125,6 +125,7 @@ class SuiteResults:
     dataset: str
     seeds: list[int]
     variants: list[VariantResults]
+    test_batch: bool = True  # False: the suite leaves the test-batch section out
 
     @property
     def runs(self) -> list[RunResults]:
@@ -171,6 +172,7 @@ def _from_manifest(root: Path, manifest: dict[str, Any]) -> SuiteResults:
         dataset=manifest.get("dataset") or _first_dataset(variants.values()),
         seeds=[int(s) for s in manifest.get("seeds", [])],
         variants=list(variants.values()),
+        test_batch=manifest.get("test_batch", True) is not False,
     )
 
 

@@ -29,8 +29,11 @@ Cost: batches of 2 would be 5,000 forward passes of the network over MNIST's tes
 Instead the batches are packed into passes of about 1000 images (:func:`packs`) and only
 the batch-statistics norms compute batch by batch (:func:`per_batch`): every other layer
 computes each image by itself anyway. Five passes over the test set, in the model's
-training layout and precision: about 3.5-5 s per run on one thread of a loaded 2-core
-host (the batch-of-2 mode about 0.4 s more than the batch-of-1000 one). Each run's numbers
+training layout and precision, on one thread, with the allocator training gets
+(:mod:`normlab.memory`: each layer's pass allocates megabytes, which glibc's defaults page
+in afresh): 8.5 s per seed-net BN run and 3.1 s per GN run on a 2-core Zen 3, 29 and 10 s
+for ResNet-8 (``benchmarks/testbatch_cost.py``; 1.5-2x faster than glibc's defaults). A
+suite of many deep networks can leave the section out (``test_batch = false``). Each run's numbers
 are cached beside its checkpoint (:data:`CACHE`), keyed by the checkpoint's epoch, the
 run's config, the test images and :data:`VERSION`, so a report built again costs nothing
 and a retrained or extended run is computed again; a line per run computed goes to
@@ -244,8 +247,10 @@ def run_accuracies(run, config, test, *, epoch: int, device: torch.device | str 
     the number of test images when ``test`` is a subset; None: the whole test split).
     Returns ``{"accuracy": {mode: %}, "seconds": s}``."""
     from normlab.files import write_json
+    from normlab.memory import keep_freed_memory
     from normlab.training.engine import memory_format
 
+    keep_freed_memory()  # as training does: five passes allocate megabyte blocks each layer
     start = time.perf_counter()
     device = torch.device(device)
     ckpt = run.load_checkpoint(device)
@@ -347,9 +352,12 @@ def collect(suite: SuiteResults, *, test=None, device: str = "cpu",
 
     workers = workers or os.cpu_count() or 1
     if test is None and str(device) == "cpu" and workers > 1 and len(todo) >= POOL_FROM:
+        from normlab.memory import workers_preloaded
+
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                 initializer=_one_thread) as pool:
+        with workers_preloaded(), ProcessPoolExecutor(  # tcmalloc, as suite workers have
+                max_workers=min(workers, len(todo)), mp_context=ctx,
+                initializer=_one_thread) as pool:
             futures = {pool.submit(_computed, str(r.run.path), r.config.to_dict(),
                                    len(r.metrics), suite.dataset): (row, r)
                        for row, r in todo}
@@ -628,7 +636,14 @@ def test_batch_parts(suite: SuiteResults, figs_dir: str | Path, *, test=None,
     """The report's test-batch section (blocks to render under :data:`TITLE`, and the
     figure, written into ``figs_dir``), or None when no run of ``suite`` has finished.
     ``test`` replaces the dataset's test split (tests use a subset); ``progress`` gets a
-    line per checkpoint computed (not cached)."""
+    line per checkpoint computed (not cached). A suite whose file sets ``test_batch =
+    false`` gets a sentence saying so instead, and nothing is computed."""
+    if not suite.test_batch:
+        return [Para("Not computed: this suite's file sets test_batch = false (the section "
+                     "evaluates every finished checkpoint in five modes, which for a suite "
+                     "of many or deep networks is the slow part of the report). To add it, "
+                     "delete that line from the file and run the suite again into the same "
+                     "folder: its runs are finished, so only the report is built.")], []
     rows = collect(suite, test=test, device=device, progress=progress)
     if not any(r.by_seed for r in rows):
         return None
