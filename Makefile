@@ -5,19 +5,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 SEEDS  ?= 5
 BIN    := $(VENV)/bin
+# pip's --no-compile: writing bytecode for every file of torch, Ray, MLflow and the rest was
+# most of the set-up (the test requirements: 246 s with it, 70 s without, one machine, one
+# sitting); Python compiles the modules a process imports, once, when it first imports them.
 
 .PHONY: run test venv system-deps clean
 
 $(BIN)/normlab: pyproject.toml requirements-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements-cpu.txt
+	$(BIN)/python -m pip install -q --no-compile -r requirements-cpu.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 $(BIN)/pytest: $(BIN)/normlab requirements-test.txt
-	$(BIN)/python -m pip install -q -r requirements-test.txt
-	$(BIN)/python -m pip install -q --no-deps timm==1.0.29
+	$(BIN)/python -m pip install -q --no-compile -r requirements-test.txt
+	$(BIN)/python -m pip install -q --no-compile --no-deps timm==1.0.29
 	touch $@
 
 venv: $(BIN)/normlab
