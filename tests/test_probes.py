@@ -357,6 +357,25 @@ def quick_study(tmp_path, name: str, changes: dict[str, str]) -> Path:
     return out
 
 
+def test_a_diverged_run_is_left_out_of_the_weight_measures_not_the_accuracy():
+    """A diverged run stops early with its weights blown up: its last probe is no end of
+    training to compare, so the weights' norm and effective step leave it out."""
+    from normlab.studies import weightdecay
+
+    def record(epoch: int, norm: float, update: float) -> dict:
+        return {"epoch": epoch, "step": epoch * 10, "weights": {
+            "conv1.weight": {"norm": norm, "update": update}}}
+
+    arm = weightdecay.Arm(variant=None, norm="none", reg="none", acc={1: 93.0, 2: 9.8},
+                          records={1: [record(1, 3.0, 0.02), record(2, 4.0, 0.01)],
+                                   2: [record(1, 1750.0, 0.5)]},
+                          diverged=frozenset({2}))
+    assert arm.norm_at_end() == {1: 4.0}
+    assert arm.update_late() == {1: pytest.approx(0.01)}
+    assert arm.acc == {1: 93.0, 2: 9.8}
+    assert set(weightdecay.Arm(None, "none", "none", {}, arm.records).norm_at_end()) == {1, 2}
+
+
 def test_the_weight_decay_section_compares_each_regularizer_with_its_norm_alone(tmp_path):
     """The bundled weight-decay study at a test's size (2 seeds, 2 epochs of 10 steps): its
     arms, the weights' norm at the

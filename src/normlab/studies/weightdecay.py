@@ -11,7 +11,8 @@ A suite is this study when it has variants with BN and without a norm, each with
 regularizer and with L2 (``weight_decay``) and/or L1, otherwise alike, whose runs recorded
 ``weights`` probes. Per norm and regularizer, paired by seed against the same norm without
 one: the weights' total norm at the last probe, the mean relative update over the last
-epoch's probes, and the final test accuracy; all Holm-adjusted as one family.
+epoch's probes (both over the runs that did not diverge), and the final test accuracy; all
+Holm-adjusted as one family.
 """
 
 from __future__ import annotations
@@ -57,25 +58,32 @@ def _key(v: VariantResults) -> str:
 
 @dataclass
 class Arm:
-    """One norm with one regularizer: per seed, its final test accuracy and probes."""
+    """One norm with one regularizer: per seed, its final test accuracy and probes, and
+    which seeds diverged (their weights stop where the run stopped, often blown up: the
+    weight measures and the figure leave them out; their accuracy is their outcome)."""
 
     variant: VariantResults
     norm: str
     reg: str
     acc: dict[int, float]
     records: dict[int, list[dict]]
+    diverged: frozenset[int] = frozenset()
+
+    def trained(self) -> dict[int, list[dict]]:
+        """The probe records of the seeds that did not diverge."""
+        return {s: r for s, r in self.records.items() if s not in self.diverged}
 
     @property
     def label(self) -> str:
         return self.variant.label
 
     def norm_at_end(self) -> dict[int, float]:
-        return {s: probes.total_norm(r[-1]) for s, r in self.records.items() if r}
+        return {s: probes.total_norm(r[-1]) for s, r in self.trained().items() if r}
 
     def update_late(self) -> dict[int, float]:
         """Mean relative update over the last epoch's probes, per seed."""
         out = {}
-        for s, rs in self.records.items():
+        for s, rs in self.trained().items():
             last = [r for r in rs if r["epoch"] == rs[-1]["epoch"]]
             values = [u for r in last if (u := probes.total_update(r)) is not None]
             if values:
@@ -100,7 +108,8 @@ def find_study(suite: SuiteResults) -> list[Arm] | None:
                 arms.append(Arm(v, v.config.model.norms[0], _reg(v),
                                 {r.seed: r.final["test_acc"] for r in done},
                                 {r.seed: got for r in done
-                                 if (got := [x for x in probes.read(r.dir) if x.get("weights")])}))
+                                 if (got := [x for x in probes.read(r.dir) if x.get("weights")])},
+                                frozenset(r.seed for r in done if r.diverged)))
             order = {("bn", "none"): 0, ("bn", "L2"): 1, ("bn", "L1"): 2, ("none", "none"): 3,
                      ("none", "L2"): 4, ("none", "L1"): 5}
             arms.sort(key=lambda a: order.get((a.norm, a.reg), 9))
@@ -171,20 +180,22 @@ def weight_decay_figure(arms: list[Arm]) -> Figure:
     for a in arms:
         colour = colours.get((a.norm, a.reg), "#e377c2")
         style = "-" if a.norm == "bn" else "--"
-        seeds = sorted(a.records)
+        trained = a.trained()
+        seeds = sorted(trained)
+        left = f" ({len(a.diverged)} diverged, left out)" if a.diverged else ""
         if seeds:
-            steps = sorted(set.intersection(*({r["step"] for r in a.records[s]} for s in seeds)))
-            by_seed = [{r["step"]: r for r in a.records[s]} for s in seeds]
+            steps = sorted(set.intersection(*({r["step"] for r in trained[s]} for s in seeds)))
+            by_seed = [{r["step"]: r for r in trained[s]} for s in seeds]
             norm = [np.mean([probes.total_norm(d[t]) for d in by_seed]) for t in steps]
             upd = [np.mean([probes.total_update(d[t]) or np.nan for d in by_seed]) for t in steps]
             ax_n.plot(steps, norm, color=colour, linestyle=style, label=a.label)
             ax_u.plot(steps, upd, color=colour, linestyle=style, label=a.label, linewidth=1)
-        runs = [r for r in a.variant.finished if r.metrics]
+        runs = [r for r in a.variant.finished if r.metrics and r.seed not in a.diverged]
         if runs:
             epochs = min(len(r.metrics) for r in runs)
             acc = [np.mean([r.metrics[e]["test_acc"] for r in runs]) for e in range(epochs)]
             ax_a.plot(range(1, epochs + 1), acc, color=colour, linestyle=style, marker="o",
-                      markersize=3, label=a.label)
+                      markersize=3, label=a.label + left)
     ax_n.set_title("||w||, all weights together", fontsize=10)
     ax_u.set_title("effective step ||Δw|| / ||w||", fontsize=10)
     ax_u.set_yscale("log")
@@ -247,7 +258,9 @@ def weight_decay_blocks(arms: list[Arm]) -> list[Block]:
                     f"weights), Holm-adjusted at {ALPHA:.0%}. ||w|| is all the weights "
                     "(convolutions and linear maps) together at the last probe; the effective "
                     "step is their relative update per step, averaged over the last epoch's "
-                    "probes." + _resolution(found))]
+                    "probes. A run that diverged stopped early, its weights often blown up: it "
+                    "is left out of those two measures and of the figure's curves, and counts "
+                    "in the accuracy at its last epoch." + _resolution(found))]
     return blocks
 
 
