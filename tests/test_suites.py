@@ -326,6 +326,18 @@ BAD = [
 ]
 
 
+def test_a_suite_sets_stop_at_chance_for_all_or_one_variant(tmp_path):
+    text = SMALL.replace("subset = 300\n", "subset = 300\nstop_at_chance = false\n", 1)
+    suite = load_suite(write(tmp_path, text))
+    assert [v.config.stop_at_chance for v in suite.variants] == [False, False]
+    one = SMALL.replace('label = "BN"\n', 'label = "BN"\nstop_at_chance = false\n', 1)
+    assert [v.config.stop_at_chance for v in load_suite(write(tmp_path, one)).variants] == [
+        False, True]
+    with pytest.raises(ValueError, match="stop_at_chance"):
+        load_suite(write(tmp_path, SMALL.replace("subset = 300\n",
+                                                 'subset = 300\nstop_at_chance = "no"\n', 1)))
+
+
 @pytest.mark.parametrize(("change", "line", "words"), BAD, ids=[b[0][1][:18] for b in BAD])
 def test_bad_suite_files_name_file_line_and_choices(tmp_path, change, line, words):
     old, new = change

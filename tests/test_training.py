@@ -26,6 +26,7 @@ from normlab.training import (
     train,
 )
 from normlab.training.augment import rotate, to_input
+from normlab.training.config import from_stored
 from normlab.training.engine import (
     add_l1_gradient,
     epoch_generator,
@@ -235,6 +236,20 @@ def test_chance_accuracy_is_flagged(small, tmp_path, monkeypatch):
     result = train(config(epochs=3, l1=5.0), tmp_path / "l1", data=small)
     assert result.status == "diverged" and "at chance level after epoch 1" in result.message
     assert len(result.history) == 1
+    # stop_at_chance off (a trainability study): every epoch trains, none is "diverged"
+    kept = dataclasses.replace(config(epochs=3, l1=5.0), stop_at_chance=False)
+    assert kept.to_dict()["stop_at_chance"] is False
+    assert "stop_at_chance" not in config(epochs=3, l1=5.0).to_dict()  # 0.14's format
+    assert from_stored(kept.to_dict()) == kept
+    result = train(kept, tmp_path / "l1-on", data=small)
+    assert result.status == "ok" and len(result.history) == 3
+    assert all(r["test_acc"] < 15 and r["status"] == "ok" for r in result.history)
+    # a nan loss stops such a run all the same
+    record = {"epoch": 1, "first_bad_step": 7, "train_loss": float("nan"), "test_loss": 1.0,
+              "test_acc": 9.8}
+    assert run_mod.divergence(record, 100, at_chance=False).startswith("diverged: loss")
+    assert run_mod.divergence({**record, "first_bad_step": -1, "train_loss": 2.3}, 100,
+                              at_chance=False) == ""
 
 
 def test_rotation_by_zero_is_identity(mnist):

@@ -11,7 +11,7 @@ The notebook API lives at the top of the package (imported on first use, so that
 See :mod:`normlab.notebook`.
 """
 
-__version__ = "0.14.0"
+__version__ = "0.15.0"
 
 _NOTEBOOK = ("NotebookProgress", "Results", "Run", "load_results", "run_suite", "train")
 __all__ = ["__version__", *_NOTEBOOK]

@@ -14,6 +14,8 @@ A suite is a TOML file::
     precise_bn = true                # optional: also evaluate with PreciseBN statistics
     compile = "off"                  # optional: autograd for the steps normlab would compile
                                      # (the zoo, other nets: inductor where g++ is found)
+    stop_at_chance = false           # optional: a run at chance after an epoch trains on
+                                     # (default: it stops as diverged); nan always stops
     test_batch = false               # optional: leave the report's test-batch section out
                                      # (it evaluates every checkpoint in five modes)
 
@@ -104,16 +106,17 @@ from normlab.training.config import REGULARIZER_KEYS, RunConfig, default_precisi
 from normlab.training.protocols import Protocol, protocol_fields, resolve_protocol
 
 TOP_KEYS = ("name", "description", "dataset", "seeds", "subset", "precision", "augment",
-            "compile", "precise_bn", "probe", "probe_every", "protocol", "test_batch", "variant")
+            "compile", "precise_bn", "probe", "probe_every", "protocol", "stop_at_chance",
+            "test_batch", "variant")
 PROTOCOL_KEYS = ("name", "overrides")
 VARIANT_KEYS = ("name", "label", *MODEL_KEYS, *REGULARIZER_KEYS, "precise_bn", "probe",
-                "probe_every", "protocol", *GRID_KEYS)
+                "probe_every", "stop_at_chance", "protocol", *GRID_KEYS)
 PROTOCOL_FIELDS = tuple(f.name for f in protocol_fields())
 # what an axis, a derive or an exclude rule may name: every variant field and protocol
 # field, flat, and each option of an option table (norm_options.momentum)
 _OPTION_TABLES = tuple(k for k in MODEL_KEYS if k.endswith("_options"))
 FIELDS = Fields(plain=(*(k for k in MODEL_KEYS if k not in _OPTION_TABLES), *REGULARIZER_KEYS,
-                       "precise_bn", *PROTOCOL_FIELDS),
+                       "precise_bn", "stop_at_chance", *PROTOCOL_FIELDS),
                 protocol=PROTOCOL_FIELDS, tables=_OPTION_TABLES)
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -238,7 +241,7 @@ def parse_suite(data: dict[str, Any], text: str, path: Path) -> Suite:
     protocol = _parse_protocol(data.get("protocol", "seed"), fail)
     shared = {"dataset": data.get("dataset", "mnist"), "subset": data.get("subset"),
               "precision": data.get("precision") or default_precision(), "protocol": protocol}
-    for key in ("augment", "precise_bn", "compile", "probe", "probe_every"):
+    for key in ("augment", "precise_bn", "compile", "probe", "probe_every", "stop_at_chance"):
         if key in data:
             shared[key] = data[key]
     try:  # the suite-wide options, checked once before the variants

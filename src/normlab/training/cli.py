@@ -106,6 +106,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "running statistics recalibrated on training batches "
                              "(PreciseBN): metrics.jsonl gets test_acc_precise and "
                              "test_loss_precise; the ordinary metrics are unchanged")
+    parser.add_argument("--train-at-chance", dest="stop_at_chance", action="store_false",
+                        default=None,
+                        help="keep training a run whose test accuracy is at chance after an "
+                             "epoch (by default it stops as diverged; a nan loss stops it "
+                             "either way): for trainability studies, where a slow start "
+                             "must get its whole budget")
     reg = parser.add_argument_group("regularizers")
     reg.add_argument("--l1", type=float, default=0.0,
                      help="L1 lambda: loss + lambda * sum|w|, added once per step")
@@ -136,7 +142,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             options[f.name] = getattr(args, f"p_{f.name}")
     run_options = ("dataset", *MODEL_KEYS, "l1", "l1_scope", "weight_decay", "seed", "subset",
                    "precision", "augment", "accel", "precise_bn", "compile", "probe",
-                   "probe_every")
+                   "probe_every", "stop_at_chance")
     given = {key: getattr(args, key, None) for key in run_options}
     given["norm_options"] = norm_options_from_args(args)  # --norm-option pairs as a dict
     given["net_options"] = norm_options_from_args(args, "net_options")

@@ -70,6 +70,12 @@ class RunConfig:
     # config without them (0.12 and before) reads as none.
     probe: tuple[str, ...] = ()
     probe_every: int = PROBE_EVERY
+    # stop the run as diverged when its test accuracy is at chance after an epoch (once
+    # CHANCE_MIN_STEPS steps are done): right for a study of accuracy, wrong for one of
+    # trainability, where a slow starter must get its whole budget. A nan or inf loss
+    # stops a run either way. Written only when off: a stored config without it (0.14 and
+    # before) reads as on.
+    stop_at_chance: bool = True
 
     def __post_init__(self) -> None:
         from normlab.accel import left_to_autograd
@@ -108,6 +114,7 @@ class RunConfig:
             raise ConfigError("precision", f"precision must be one of {', '.join(PRECISIONS)}, "
                                            f"got {self.precision!r}")
         coerce("precise_bn", self.precise_bn, bool)
+        coerce("stop_at_chance", self.stop_at_chance, bool)
         object.__setattr__(self, "probe", parse_probes(self.probe))
         every = coerce("probe_every", self.probe_every, int)
         if every < 1:
@@ -137,6 +144,8 @@ class RunConfig:
             del data["precise_bn"]
         if self.compile == "off":  # written only when on: the format 0.11 and before wrote
             del data["compile"]
+        if self.stop_at_chance:  # written only when off: the format 0.14 and before wrote
+            del data["stop_at_chance"]
         if self.probe:  # written only when set: the format 0.12 and before wrote
             data["probe"] = list(self.probe)
         else:
@@ -169,7 +178,7 @@ class RunConfig:
         ``normlab.train`` take them: the run's fields (``norm``, ``groups``, ``dropout``,
         ``dropout_draw``, ``kernels``, ``dataset``, ``l1``, ``l1_scope``, ``weight_decay``,
         ``seed``, ``subset``, ``precision``, ``augment``, ``accel``, ``precise_bn``,
-        ``compile``, ``probe``, ``probe_every``) and any
+        ``compile``, ``probe``, ``probe_every``, ``stop_at_chance``) and any
         field of the named ``protocol`` (``epochs``, ``lr``, ...). An option given as None
         keeps its default."""
         run_keys = [*MODEL_KEYS, *(f.name for f in dataclasses.fields(cls)

@@ -80,8 +80,9 @@ def read_metrics(out: str | Path) -> list[dict]:
     return RunDir(out).metrics()
 
 
-def divergence(record: dict, steps_done: int) -> str:
-    """Why a run must stop after ``record`` (a nan/inf loss, accuracy at chance), or ""."""
+def divergence(record: dict, steps_done: int, at_chance: bool = True) -> str:
+    """Why a run must stop after ``record`` (a nan/inf loss; with ``at_chance``, test
+    accuracy at chance), or ""."""
     if record["first_bad_step"] >= 0 or not (
         math.isfinite(record["train_loss"]) and math.isfinite(record["test_loss"])
     ):
@@ -91,7 +92,7 @@ def divergence(record: dict, steps_done: int) -> str:
             f"diverged: loss became nan/inf at epoch {record['epoch']}{where}; "
             "try a smaller learning rate or L1 lambda"
         )
-    if steps_done >= CHANCE_MIN_STEPS and record["test_acc"] < CHANCE_ACC:
+    if at_chance and steps_done >= CHANCE_MIN_STEPS and record["test_acc"] < CHANCE_ACC:
         return (
             f"diverged: test accuracy {record['test_acc']:.2f}% is at chance level after "
             f"epoch {record['epoch']}; try a smaller learning rate or L1 lambda"
@@ -240,7 +241,7 @@ def _train_locked(config, run: RunDir, dev, data, listener, name, until) -> RunR
             record.update(precise_evaluate(
                 model, train_data, test_data, batch_size=p.batch_size, seed=config.seed,
                 eval_batch_size=p.eval_batch_size, precision=config.precision))
-        message = divergence(record, epoch * steps_per_epoch)
+        message = divergence(record, epoch * steps_per_epoch, config.stop_at_chance)
         status = "diverged" if message else "ok"
         record["status"] = status
         if message:
