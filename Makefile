@@ -5,9 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 SEEDS  ?= 5
 BIN    := $(VENV)/bin
-# pip's --no-compile: writing bytecode for every file of torch, Ray, MLflow and the rest was
-# most of the set-up (the test requirements: 246 s with it, 70 s without, one machine, one
-# sitting); Python compiles the modules a process imports, once, when it first imports them.
+# Bytecode: pip writes it file by file, which was most of the set-up (the test requirements:
+# 246 s with it, 70 s with --no-compile); compileall then writes the same on every core
+# (71 s for the whole venv on 2). Without it every process would compile what it imports,
+# each time, where PYTHONDONTWRITEBYTECODE is set (CI here: the tests took 21 min, not 14).
+# A few packages ship files that are not Python 3, which compileall reports and pip skips.
+COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 
 .PHONY: run test venv system-deps clean
 
@@ -16,11 +19,13 @@ $(BIN)/normlab: pyproject.toml requirements-cpu.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -r requirements-cpu.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	$(COMPILE)
 	touch $@
 
 $(BIN)/pytest: $(BIN)/normlab requirements-test.txt
 	$(BIN)/python -m pip install -q --no-compile -r requirements-test.txt
 	$(BIN)/python -m pip install -q --no-compile --no-deps timm==1.0.29
+	$(COMPILE)
 	touch $@
 
 venv: $(BIN)/normlab
