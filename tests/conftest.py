@@ -39,6 +39,15 @@ def set_ray_environment(setenv) -> None:
         setenv(key, value)
 
 
+def no_report(patch: pytest.MonkeyPatch) -> None:
+    """Suites run by the test (under ``patch``: the monkeypatch fixture or a
+    ``MonkeyPatch.context()``) write no report: the report has tests of its own, and its
+    test-batch section alone evaluates every checkpoint."""
+    import normlab.reports
+
+    patch.setattr(normlab.reports, "build_report", lambda root: Path(root) / "report.html")
+
+
 def require_tool(available: bool, what: str) -> None:
     """Skip when a test's tool is missing, except under CI, where that is a failure:
     a skipped browser or spreadsheet test is a check that cannot fail."""

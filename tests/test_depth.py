@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import normlab.reports
+from conftest import no_report
 from normlab.experiments import load_suite, run_suite
 from normlab.reports import load_results
 from normlab.reports.doc import to_markdown
@@ -47,7 +47,7 @@ def depth_quick(tmp_path_factory) -> Path:
     out = folder / "out"
     with pytest.MonkeyPatch.context() as patch:  # the runs alone, not the whole report (its
         # test-batch section evaluates every checkpoint): the section is built below
-        patch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
+        no_report(patch)
         run_suite(load_suite(folder / "depth.toml"), out, threads=1, device="cpu",
                   quiet=True, log=lambda _: None)
     return out

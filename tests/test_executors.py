@@ -7,8 +7,7 @@ import itertools
 import random
 import textwrap
 
-import normlab.reports
-from conftest import suite_toml
+from conftest import no_report, suite_toml
 from normlab.experiments import comparable_metrics, load_suite, run_suite
 from normlab.experiments.executors import split_plan
 from normlab.experiments.progress import ConsoleProgress
@@ -90,7 +89,7 @@ SPLIT = suite_toml(("bn", {"norm": "bn"}), ("gn", {"norm": "gn", "groups": 2}),
 def test_a_run_split_between_workers_equals_the_serial_run(mnist, tmp_path, monkeypatch):
     """Three runs of two epochs on two workers: gn is split (epoch 1 first in one worker,
     epoch 2 last in the other), and every run's metrics equal the serial suite's."""
-    monkeypatch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
+    no_report(monkeypatch)
     path = tmp_path / "split.toml"
     path.write_text(textwrap.dedent(SPLIT))
     suite = load_suite(path)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import require_tool, set_ray_environment, suite_toml
+from conftest import no_report, require_tool, set_ray_environment, suite_toml
 from normlab.cli import main
 from normlab.experiments.suite import default_label
 from normlab.fields import ConfigError
@@ -375,7 +375,7 @@ def write(folder: Path, text: str, name: str) -> Path:
 def test_a_net_by_import_path_trains_in_a_jobs_2_suite(importable, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(importable), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setattr("normlab.reports.build_report", lambda root: root / "report.html")
+    no_report(monkeypatch)
     path = write(tmp_path, SUITE, "user.toml")
     out = tmp_path / "out"
     assert main(["suite", str(path), "--jobs", "2", "--threads", "1", "--device", "cpu",
@@ -393,7 +393,7 @@ def test_a_net_by_import_path_trains_on_ray(importable, tmp_path, monkeypatch):
     set_ray_environment(monkeypatch.setenv)
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("normlab.reports.build_report", lambda root: root / "report.html")
+    no_report(monkeypatch)
     path = write(tmp_path, SUITE, "user.toml")
     out = tmp_path / "out"
     assert main(["suite", str(path), "--executor", "ray", "--cpus-per-run", "1",

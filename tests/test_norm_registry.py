@@ -23,7 +23,7 @@ import torch
 from openpyxl import load_workbook
 from torch import nn
 
-from conftest import require_tool, set_ray_environment, suite_toml
+from conftest import no_report, require_tool, set_ray_environment, suite_toml
 from normlab import accel
 from normlab.cli import main
 from normlab.experiments import load_suite, run_suite
@@ -377,7 +377,7 @@ def test_a_norm_by_import_path_trains_in_a_jobs_2_suite(importable, tmp_path, mo
     test-batch study alone takes minutes on two cores)."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(importable), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setattr("normlab.reports.build_report", lambda root: root / "report.html")
+    no_report(monkeypatch)
     path = write(tmp_path, SUITE, "user.toml")
     out = tmp_path / "out"
     assert main(["suite", str(path), "--jobs", "2", "--threads", "1", "--device", "cpu",
@@ -408,7 +408,7 @@ def test_a_norm_by_import_path_trains_on_ray(importable, tmp_path, ray_environme
     monkeypatch.chdir(tmp_path)
     path = write(tmp_path, SUITE, "user.toml")
     out = tmp_path / "out"
-    monkeypatch.setattr("normlab.reports.build_report", lambda root: root / "report.html")
+    no_report(monkeypatch)
     assert main(["suite", str(path), "--executor", "ray", "--cpus-per-run", "1",
                  "--device", "cpu", "--quiet", "--out", str(out)]) == 0
     assert not sys.modules["ray"].is_initialized()

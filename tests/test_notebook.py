@@ -25,7 +25,7 @@ from tqdm.std import tqdm
 import normlab
 import normlab.notebook as nb_api
 import normlab.notebook.display as nb_display
-from conftest import require_tool, suite_toml
+from conftest import no_report, require_tool, suite_toml
 from normlab.experiments import load_suite
 from normlab.reports import build_report
 from normlab.reports.figures import png_bytes
@@ -54,11 +54,9 @@ def mixed(tmp_path) -> Path:
 
 
 @pytest.fixture()
-def no_report(monkeypatch):
+def reportless(monkeypatch):
     """The report is checked elsewhere; here it only costs time."""
-    import normlab.reports
-
-    monkeypatch.setattr(normlab.reports, "build_report", lambda root: Path(root) / "report.html")
+    no_report(monkeypatch)
 
 
 # ----------------------------------------------------------------------------- the API
@@ -231,7 +229,7 @@ def test_progress_bars_follow_the_events():
 
 
 def test_interrupt_mid_suite_keeps_finished_epochs_and_the_cell_continues(
-        mnist, tmp_path, monkeypatch, capsys, no_report):
+        mnist, tmp_path, monkeypatch, capsys, reportless):
     """Ctrl-C (a kernel interrupt) in the second run's second epoch: the first run and the
     second run's first epoch are kept; running again trains only what is left."""
     path = tmp_path / "two.toml"

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import no_report
 from normlab.cli import main
 from normlab.fields import ConfigError
 from normlab.models import ModelConfig, Net
@@ -320,12 +321,10 @@ def test_the_bn_paper_section_tests_the_papers_claims_on_the_probes(bn_paper_qui
 
 
 def test_no_probes_no_section(tmp_path, monkeypatch):
-    import normlab.reports
     from normlab.reports import load_results
     from normlab.studies import bnpaper, inside
 
-    # the sections are built here from the runs; the whole report is not needed
-    monkeypatch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
+    no_report(monkeypatch)  # the sections are built here from the runs
     out = tmp_path / "s"
     toml = tmp_path / "s.toml"
     toml.write_text('dataset = "mnist"\nseeds = 1\nsubset = 300\n[protocol]\nname = "seed"\n'
@@ -341,7 +340,6 @@ def quick_study(tmp_path, name: str, changes: dict[str, str]) -> Path:
     """The bundled suite ``name`` with each line of ``changes`` replaced (each checked to
     be there), its runs trained in this process; not its report (whose test-batch section
     evaluates every checkpoint): the tests build the sections they check."""
-    import normlab.reports
     from normlab.experiments import load_suite, run_suite
 
     text = Path(load_suite(name).source).read_text()
@@ -351,7 +349,7 @@ def quick_study(tmp_path, name: str, changes: dict[str, str]) -> Path:
     (tmp_path / f"{name}.toml").write_text(text)
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
+        no_report(patch)
         run_suite(load_suite(tmp_path / f"{name}.toml"), out, threads=1, device="cpu",
                   quiet=True, log=lambda _: None)
     return out

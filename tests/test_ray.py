@@ -30,8 +30,7 @@ from pathlib import Path
 
 import pytest
 
-import normlab.reports
-from conftest import require_tool, set_ray_environment, suite_toml
+from conftest import no_report, require_tool, set_ray_environment, suite_toml
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, run_suite
 from normlab.experiments.ray_executor import LOOPBACK_ENV, RayExecutor
@@ -179,7 +178,7 @@ def free_port() -> int:
 
 def test_a_local_ray_instance_gives_the_serial_results(tiny, serial, tmp_path, monkeypatch):
     need_ray()
-    monkeypatch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
+    no_report(monkeypatch)
     events: list = []
     out = tmp_path / "tiny"
     run_suite(tiny, out, executor=RayExecutor(num_cpus=2, threads=1, device="cpu"),

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import normlab.reports
 import normlab.training.engine as engine
-from conftest import suite_toml
+from conftest import no_report, suite_toml
 from normlab import memory
 from normlab.accel import kernels
 from normlab.cli import main
@@ -39,11 +38,6 @@ from normlab.training.events import (
 SMALL = "# a two-variant, two-seed suite for the tests\n" + suite_toml(
     ("bn", {"label": "BN", "norm": "bn"}), ("gn-l1", {"norm": "gn", "groups": 2, "l1": 1e-4}),
     seeds="[1, 2]", description="BN against GN on 300 images")
-
-
-def no_report(monkeypatch):
-    """For tests of the runner alone: the report is checked once, on the uninterrupted suite."""
-    monkeypatch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
 
 
 def write(tmp_path, text, name="study.toml"):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import normlab.reports
+from conftest import no_report
 from normlab.cli import main
 from normlab.experiments import comparable_metrics, load_suite, manifest
 from normlab.experiments.sweep import split_values
@@ -74,10 +74,6 @@ def plan_lines(capsys, argv) -> list[str]:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("suite study  (")
     return lines[1:]  # the first line names the source file
-
-
-def no_report(monkeypatch):
-    monkeypatch.setattr(normlab.reports, "build_report", lambda root: root / "report.html")
 
 
 # ----------------------------------------------------------------------------- the TOML writer

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import normlab.reports
-from conftest import require_tool, suite_toml
+from conftest import no_report, require_tool, suite_toml
 from normlab.cli import build_parser, main
 from normlab.experiments import load_suite, run_suite
 from normlab.tracking import Tracking
@@ -165,7 +164,7 @@ def tracked(mnist, tmp_path_factory):
     log: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # MLflow's default store is in the current folder
-        mp.setattr(normlab.reports, "build_report", lambda folder: folder / "report.html")
+        no_report(mp)
         run_suite(load_suite(path), out, jobs=2, threads=1, quiet=True, log=log.append,
                   track=["wandb", "mlflow"])
     uri = "sqlite:///" + str(root / "mlflow.db")
